@@ -196,6 +196,7 @@ class QueptBatch:
         self._last: list[int] = []
         self._cancelled: set[int] = set()
         self._started = False
+        self.last_logits: torch.Tensor | None = None  # float32 [live rows, vocab] of the latest step
         device = engine.device
         max_len = max(n + m for n, m in zip(self._lengths, self._max_new))
         self._cache = KVCache(dims, len(requests), min(max_len, dims.max_positions), device, engine.dtype)
@@ -234,6 +235,7 @@ class QueptBatch:
             tokens = torch.tensor(self._last, device=device)
             logits = model.decode(tokens, positions, self._cache, span, mask)
             self._positions = [p + 1 for p in self._positions]
+        self.last_logits = logits
         chosen = self._sampler(logits)
         events, finished = [], []
         for row, (seq, token) in enumerate(zip(self._seqs, chosen)):
