@@ -85,27 +85,34 @@ def _dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, gr
 
 
 class DenseWeight(PackedWeight):
-    """An unquantized weight in the compute dtype (the `fp` plan)."""
+    """An unquantized weight (the `fp` plan).
+
+    On CPU a float32 weight is kept as it is, by reference (no copy), and multiplied in float32:
+    float32 matrix-vector products beat bf16 ones on CPUs (69 µs against 175 µs for 1536 x 576 on
+    the development machine). Elsewhere it is converted to the compute dtype.
+    """
 
     def __init__(self, weight: torch.Tensor, dtype: torch.dtype):
-        self.weight = weight.detach().to(dtype).contiguous()
+        weight = weight.detach()
+        keep = weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.is_contiguous()
+        self.weight = weight if keep else weight.to(dtype).contiguous()
         self.out_features, self.in_features = self.weight.shape
         self.dtype = dtype
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight)
+        return F.linear(x.to(self.weight.dtype), self.weight).to(x.dtype)
 
     def dense(self) -> torch.Tensor:
-        return self.weight
+        return self.weight.to(self.dtype)
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(ids, self.weight)
+        return F.embedding(ids, self.weight).to(self.dtype)
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.weight]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight)
+        return self.linear(x)
 
 
 class Int4Packed(PackedWeight):
@@ -150,7 +157,9 @@ class Int4Packed(PackedWeight):
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def dense(self) -> torch.Tensor:
-        codes = self._codes(torch.arange(self.out_features, device=self.packed.device))
+        # Whole blocks unpack with a reshape: [blocks, k, 32] bytes -> [blocks, 64 rows, k] codes.
+        blocks = self.packed.reshape(self.out_features // _INT4_BLOCK_N, self.in_features, _INT4_BLOCK_N // 2)
+        codes = torch.cat([blocks & 15, blocks >> 4], dim=2).transpose(1, 2).reshape(self.out_features, -1)
         return self._dequant(codes, torch.arange(self.out_features, device=self.packed.device))
 
     def _dequant(self, codes: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -297,7 +306,7 @@ def relative_error(out: torch.Tensor, reference: torch.Tensor) -> float:
 
 
 def _seconds(fn: Callable[[], torch.Tensor], device: torch.device, repeats: int = 5) -> float:
-    """The best of a few timed calls (after a warm-up call)."""
+    """The best of a few timed calls (after a warm-up call): the minimum shrugs off other load."""
     fn()
     best = float("inf")
     for _ in range(repeats):
@@ -337,8 +346,8 @@ def _choose(qw: QuantizedWeight, dtype: torch.dtype, candidates: list[type[Packe
     if best is None:
         return DenseWeight(qw.dequantize(), dtype)
     pack = best[1]
-    packed = _seconds(lambda: pack.linear(x), device, repeats=2)
-    dense = _seconds(lambda: F.linear(x, pack.dense()), device, repeats=2)
+    packed = _seconds(lambda: pack.linear(x), device, repeats=3)
+    dense = _seconds(lambda: F.linear(x, pack.dense()), device, repeats=3)
     pack.prefill_dense = dense < packed
     return pack
 

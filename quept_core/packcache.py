@@ -32,6 +32,14 @@ class PackCache:
     def keys(self) -> list[Hashable]:
         return list(self._packs)
 
+    def nbytes(self, key: Hashable) -> int:
+        return self._packs[key].nbytes
+
+    def touch(self, keys: list[Hashable]) -> None:
+        """Mark resident packs as just used (they become the last to be evicted)."""
+        for key in keys:
+            self._packs.move_to_end(key)
+
     def ensure(self, keys: list[Hashable]) -> list[PackedWeight]:
         """Return the packs for `keys`, building the missing ones and evicting least recently used others."""
         wanted = set(keys)

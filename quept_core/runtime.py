@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import torch
 
@@ -27,6 +28,16 @@ from quept_core.sampling import RequestError, Sampler, check_sampling
 
 HEAD = "lm_head"
 PackKey = tuple[str, int | None]  # (slot name, bits); None: full precision
+# Plans whose slot assignments are remembered for pointer-swap switching.
+MAX_BOUND_PLANS = 32
+
+
+@dataclass
+class _Bound:
+    plan: Plan
+    generation: int  # the pack cache's generation the assignment is valid for
+    keys: list[PackKey]
+    assignment: list[tuple[Slot, PackedWeight | None]]
 # The output head (a fifth of the model's weights) runs at 8 bits in quantized plans unless a plan says otherwise.
 DEFAULT_HEAD_BITS = 8
 
@@ -86,6 +97,9 @@ class QueptEngine:
         self.eos_ids = _eos_ids(loaded)
         self.current_plan: Plan | None = None
         self._generation = -1
+        self._all_slots = [getattr(block, attr) for block in self.model.blocks for attr in (*FUSED, *LINEARS)]
+        self._all_slots.append(self.model.head)
+        self._bound: dict[int, _Bound] = {}
 
     @classmethod
     def from_calibrated(cls, calibrated, **kwargs) -> QueptEngine:
@@ -126,7 +140,8 @@ class QueptEngine:
             for fused, members in FUSED.items():
                 slots = [getattr(block, m) for m in members]
                 bits = {plan.layer_bits[slot.name] for slot in slots}
-                if len(bits) == 1:
+                # Full precision runs the float32 masters by reference, which cannot be fused without a copy.
+                if len(bits) == 1 and None not in bits:
                     bindings.append((getattr(block, fused), (getattr(block, fused).name, bits.pop())))
                 else:
                     bindings.extend((slot, (slot.name, plan.layer_bits[slot.name])) for slot in slots)
@@ -136,23 +151,40 @@ class QueptEngine:
         bindings.append((self.model.head, (HEAD, plan.lm_head_bits)))
         return bindings
 
+    def pack_keys(self, plan: Plan) -> list[PackKey]:
+        """The (slot name, bits) packs a plan runs on."""
+        return [key for _, key in self._bindings(plan)]
+
     def set_plan(self, plan: Plan) -> None:
-        """Make `plan` current: build its missing packs, then swap every slot's reference."""
+        """Make `plan` current: build its missing packs, then swap every slot's reference.
+
+        Between resident plans this is a pointer swap: the slot assignments of recently used plans
+        are kept while no pack has been evicted since.
+        """
         if plan is self.current_plan and self._generation == self.cache.generation:
             return
-        bindings = self._bindings(plan)
-        packs = self.cache.ensure([key for _, key in bindings])
-        for block in self.model.blocks:
-            for attr in (*FUSED, *LINEARS):
-                getattr(block, attr).pack = None
-        for (slot, _), pack in zip(bindings, packs):
+        bound = self._bound.get(id(plan))
+        if bound is not None and bound.plan is plan and bound.generation == self.cache.generation:
+            self.cache.touch(bound.keys)
+        else:
+            bindings = self._bindings(plan)
+            keys = [key for _, key in bindings]
+            packs = self.cache.ensure(keys)
+            assignment = dict.fromkeys(self._all_slots)
+            assignment.update((slot, pack) for (slot, _), pack in zip(bindings, packs))
+            bound = _Bound(plan, self.cache.generation, keys, list(assignment.items()))
+            self._bound.pop(id(plan), None)
+            self._bound[id(plan)] = bound
+            while len(self._bound) > MAX_BOUND_PLANS:
+                del self._bound[next(iter(self._bound))]
+        for slot, pack in bound.assignment:
             slot.pack = pack
         self.current_plan = plan
         self._generation = self.cache.generation
 
     def weight_bytes(self, plan: Plan) -> int:
         """Resident bytes of the weights a plan runs on: its packs plus the norms."""
-        packs = self.cache.ensure([key for _, key in self._bindings(plan)])
+        packs = self.cache.ensure(self.pack_keys(plan))
         norms = sum(b.attn_norm.numel() + b.mlp_norm.numel() for b in self.model.blocks) + self.model.final_norm.numel()
         embedding = self.model.embedding.nbytes if self.model.embedding is not None else 0
         return sum(p.nbytes for p in packs) + norms * self.model.final_norm.element_size() + embedding
@@ -176,7 +208,8 @@ class QueptEngine:
                 return pack_weight(quantize(weight, bits, self.bit_config.group_size_for(bits)), self.dtype)
             linears = [self.elastic[source] for source in self._source(name)]
             if bits is None:
-                return DenseWeight(torch.cat([linear.weight for linear in linears]).to(self.device), self.dtype)
+                weight = linears[0].weight if len(linears) == 1 else torch.cat([linear.weight for linear in linears])
+                return DenseWeight(weight.to(self.device), self.dtype)
             parts = [linear.quantize(bits) for linear in linears]
             qw = QuantizedWeight(
                 codes=torch.cat([q.codes for q in parts]).to(self.device),
