@@ -47,7 +47,7 @@ def require_pip_tool(name: str) -> str:
     path = find_tool(name)
     if path:
         return path
-    pytest.fail(f"{name} not found: {INSTALL_HINT} (pip install -r tests/deploy/requirements.txt)")
+    pytest.fail(f"{name} not found: {INSTALL_HINT} (pip install -e '.[test]')")
 
 
 def require_module(module: str) -> Any:
@@ -55,7 +55,7 @@ def require_module(module: str) -> Any:
         return importlib.import_module(module)
     except ImportError as exc:
         pytest.fail(f"cannot import {module} ({exc}): {INSTALL_HINT} "
-                    "(pip install -r tests/deploy/requirements.txt)")
+                    "(pip install -e '.[test]')")
 
 
 def load_yaml(path: Path) -> Any:
