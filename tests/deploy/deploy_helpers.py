@@ -19,7 +19,7 @@ DEPLOY = REPO_ROOT / "deploy"
 K8S = DEPLOY / "k8s"
 INSTALL_HINT = "run deploy/install-test-tools.sh"
 
-# The documented container command (deploy/README.md, deploy/OPERATE_SECTION.md).
+# The documented container command (README.md's Operate section, deploy/README.md).
 SERVE_COMMAND = ["quept", "serve", "--host", "0.0.0.0", "--port", "8000"]
 SERVE_PORT = 8000
 
