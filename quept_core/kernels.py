@@ -22,7 +22,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from quept_core.native import planes_gemv
+from quept_core.native import planes_dequant, planes_gemv
 from quept_core.quantizer import QuantizedWeight
 
 log = logging.getLogger(__name__)
@@ -223,14 +223,16 @@ def pack_planes(codes: torch.Tensor, bits: int) -> list[torch.Tensor]:
     over contiguous bytes, which vectorizes.
     """
     n, k = codes.shape
-    chunks = codes.to(torch.int32).reshape(n, k // CHUNK, CHUNK)
+    chunks = codes.to(torch.uint8).reshape(n, k // CHUNK, CHUNK)
     planes, low = [], 0
     for width in PLANES[bits]:
         values = (chunks >> low) & ((1 << width) - 1)
         per_byte = 8 // width
         parts = values.reshape(n, k // CHUNK, per_byte, CHUNK // per_byte)
-        shifts = (torch.arange(per_byte, device=codes.device) * width).reshape(1, 1, per_byte, 1)
-        planes.append((parts << shifts).sum(dim=2).to(torch.uint8).reshape(n, -1).contiguous())
+        plane = parts[:, :, 0].clone()
+        for t in range(1, per_byte):
+            plane |= parts[:, :, t] << (width * t)
+        planes.append(plane.reshape(n, -1).contiguous())
         low += width
     return planes
 
@@ -267,7 +269,9 @@ class BitPlanes(PackedWeight):
         self.zero = qw.zero.to(torch.int16).contiguous()
         if not torch.equal(self.zero.float(), qw.zero):
             raise ValueError("zero-points do not fit int16")
-        self._native = planes_gemv() if qw.codes.device.type == "cpu" else None
+        on_cpu = qw.codes.device.type == "cpu"
+        self._native = planes_gemv() if on_cpu else None
+        self._native_dequant = planes_dequant() if on_cpu else None
 
     @staticmethod
     def supports(qw: QuantizedWeight, device: torch.device) -> bool:
@@ -287,6 +291,9 @@ class BitPlanes(PackedWeight):
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def dense(self) -> torch.Tensor:
+        if self._native_dequant is not None:
+            weight = self._native_dequant(self.planes, self.bits, self.scale, self.zero, self.group, self.in_features)
+            return weight.to(self.dtype)
         return _dequantize(self.codes(), self.scale, self.zero, self.group, self.dtype)
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
