@@ -52,7 +52,8 @@ class PackedWeight:
     # Whether calls with many rows dequantize and run one dense matmul (else they take `linear`).
     prefill_dense: bool = True
 
-    def linear(self, x: torch.Tensor) -> torch.Tensor:
+    def linear(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """x [..., in] -> [..., out] in `out_dtype` (default: x's); the output head asks for float32 logits."""
         raise NotImplementedError
 
     def dense(self) -> torch.Tensor:
@@ -99,8 +100,8 @@ class DenseWeight(PackedWeight):
         self.out_features, self.in_features = self.weight.shape
         self.dtype = dtype
 
-    def linear(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x.to(self.weight.dtype), self.weight).to(x.dtype)
+    def linear(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        return F.linear(x.to(self.weight.dtype), self.weight).to(out_dtype or x.dtype)
 
     def dense(self) -> torch.Tensor:
         return self.weight.to(self.dtype)
@@ -151,10 +152,10 @@ class Int4Packed(PackedWeight):
         zero = 8 - self.scale_zero[:, ids, 1].float().T / scale
         return scale, zero
 
-    def linear(self, x: torch.Tensor) -> torch.Tensor:
+    def linear(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
         out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, self.group, self.scale_zero)
-        return out.reshape(*x.shape[:-1], self.out_features)
+        return out.reshape(*x.shape[:-1], self.out_features).to(out_dtype or x.dtype)
 
     def dense(self) -> torch.Tensor:
         # Whole blocks unpack with a reshape: [blocks, k, 32] bytes -> [blocks, 64 rows, k] codes.
@@ -198,10 +199,10 @@ class Int8Channel(PackedWeight):
         # 8 bits only: fewer bits per channel belong in dense bit planes.
         return qw.bits == 8 and (qw.group_size == -1 or qw.group_size >= qw.codes.shape[1])
 
-    def linear(self, x: torch.Tensor) -> torch.Tensor:
+    def linear(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
         out = torch.ops.aten._weight_int8pack_mm(flat, self.codes, self.scale)
-        out = (out.float() + flat.float().sum(-1, keepdim=True) * self.offset).to(x.dtype)
+        out = (out.float() + flat.float().sum(-1, keepdim=True) * self.offset).to(out_dtype or x.dtype)
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def dense(self) -> torch.Tensor:
@@ -283,11 +284,12 @@ class BitPlanes(PackedWeight):
         planes = self.planes if ids is None else [p[ids] for p in self.planes]
         return unpack_planes(planes, self.bits, self.in_features)
 
-    def linear(self, x: torch.Tensor) -> torch.Tensor:
+    def linear(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
         if self._native is None:
-            return F.linear(x, self.dense())
+            return F.linear(x, self.dense()).to(out_dtype or x.dtype)
         flat = x.reshape(-1, self.in_features)
-        out = self._native(flat, self.planes, self.bits, self.scale, self.zero, self.group)
+        # The kernel returns the activations' dtype, accumulating in float32 either way.
+        out = self._native(flat.to(out_dtype or x.dtype), self.planes, self.bits, self.scale, self.zero, self.group)
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def dense(self) -> torch.Tensor:

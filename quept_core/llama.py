@@ -186,6 +186,7 @@ class CompactLlama:
             x = self._finish_block(block, x, attn.transpose(1, 2).reshape(batch, seq, -1))
         if last is not None:
             x = x[torch.arange(batch, device=self.device), last]
+            return self.head.pack.linear(rms_norm(x, self.final_norm, self.dims.eps), torch.float32)
         return self.head(rms_norm(x, self.final_norm, self.dims.eps)).float()
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, span: int,
@@ -218,4 +219,4 @@ class CompactLlama:
                 scores = scores + mask
             attn = torch.matmul(scores.softmax(-1).to(self.dtype), values[:, :, :span])
             x = self._finish_block(block, x, attn.reshape(batch, 1, -1))
-        return self.head(rms_norm(x[:, 0], self.final_norm, self.dims.eps)).float()
+        return self.head.pack.linear(rms_norm(x[:, 0], self.final_norm, self.dims.eps), torch.float32)

@@ -55,20 +55,21 @@ def test_packed_plan_matches_fake_quantized_transformers(setup, bits):
     assert kl < 0.05 and agreement > 0.9
 
 
-def test_batched_generation_matches_single_sequences(setup):
+def test_batched_prompts_match_single_prompts(setup):
     loaded, elastic, _ = setup
     engine = QueptEngine(loaded, elastic, device="cpu")
     plan = engine.plan("w4")
     prompts = [loaded.tokenizer(t).input_ids for t in ("The capital of France is", "One, two, three, four,",
                                                        "def fibonacci(n):")]
-    sampling = SamplingParams(max_new_tokens=8)
-    singles = [engine.generate(p, plan, sampling) for p in prompts]
+    sampling = SamplingParams(max_new_tokens=4)
     batch = engine.start_batch([SequenceRequest(p, sampling) for p in prompts], plan)
-    together: dict[int, list[int]] = {}
-    while not batch.done:
-        for event in batch.step():
-            together.setdefault(event.seq, []).append(event.token_id)
-    # Greedy tokens agree except where bf16 rounding flips a near-tie; the first ones must agree.
-    for single, batched in zip(singles, [together[i] for i in range(3)]):
-        assert single[:3] == batched[:3]
-    assert "Paris" in loaded.tokenizer.decode(singles[0])
+    batch.step()
+    batched = batch.last_logits
+    for row, prompt in enumerate(prompts):
+        single = engine.start_batch([SequenceRequest(prompt, sampling)], plan)
+        single.step()
+        # Padding and batching change only rounding (bf16 kernels take other paths for more rows).
+        kl = torch.nn.functional.kl_div(batched[row].log_softmax(-1), single.last_logits[0].log_softmax(-1),
+                                        log_target=True, reduction="sum")
+        assert kl < 0.02
+    assert "Paris" in loaded.tokenizer.decode(engine.generate(prompts[0], plan, sampling))
