@@ -11,11 +11,12 @@ import math
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, astuple, dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from quept_core import llamacpp
 from quept_core.generation import SamplingParams, SequenceRequest
@@ -34,6 +35,7 @@ class BenchConfig:
     ppl_tokens: int = 4096
     seqlen: int = 512
     switches: int = 200
+    repeats: int = 1  # rounds over every row; each row keeps its best
 
 
 @dataclass
@@ -94,35 +96,48 @@ def perplexity(window_logits: Callable[[torch.Tensor], torch.Tensor], tokens: to
     return math.exp(total / predicted)
 
 
+@dataclass
+class Speed:
+    prefill_tok_s: float | None = None
+    decode_tok_s_b1: float | None = None
+    decode_tok_s_b8: float | None = None
+
+    def best(self, other: Speed) -> Speed:
+        """The faster of two measurements, figure by figure (other load on the machine only slows)."""
+        pick = [None if a is None and b is None else max(x for x in (a, b) if x is not None)
+                for a, b in zip(astuple(self), astuple(other))]
+        return Speed(*pick)
+
+
 # transformers -------------------------------------------------------------------------------------
 
-def _best_of(fn: Callable[[], object], repeats: int = 2) -> float:
-    return min(_timed(fn) for _ in range(repeats))
+class _StepClock(LogitsProcessor):
+    """Timestamps every generation step: the first comes right after the prefill forward pass."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self.times.append(time.perf_counter())
+        return scores
+
+
+def _hf_generate(model, prompts: torch.Tensor, new_tokens: int) -> tuple[float, float]:
+    """(prefill seconds, decode tokens per second) of transformers' `generate`, greedy, fixed length."""
+    clock = _StepClock()
+    start = time.perf_counter()
+    model.generate(prompts, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                   eos_token_id=None, pad_token_id=0, logits_processor=LogitsProcessorList([clock]))
+    decode = (len(clock.times) - 1) * prompts.shape[0] / max(clock.times[-1] - clock.times[0], 1e-9)
+    return clock.times[0] - start, decode
 
 
 @torch.inference_mode()
-def measure_hf(model, prompts: torch.Tensor, config: BenchConfig, ppl_tokens: torch.Tensor | None) -> BenchRow:
-    """transformers' own forward and `generate` in full precision (the baseline).
-
-    Decode speed is (n - 1) tokens over the time `generate` takes for n tokens minus its time for one.
-    """
-    one = prompts[:1]
-    model(one)  # warm-up
-    greedy = {"do_sample": False, "eos_token_id": None, "pad_token_id": 0}
-
-    def generate(inputs: torch.Tensor, count: int) -> float:
-        return _best_of(lambda: model.generate(inputs, max_new_tokens=count, min_new_tokens=count, **greedy))
-
-    steps = config.new_tokens - 1
-    return BenchRow(
-        engine="hf",
-        precision="fp",
-        prefill_tok_s=one.numel() / _best_of(lambda: model(one)),
-        decode_tok_s_b1=steps / max(generate(one, config.new_tokens) - generate(one, 1), 1e-6),
-        decode_tok_s_b8=steps * prompts.shape[0] / max(generate(prompts, config.new_tokens) - generate(prompts, 1), 1e-6),
-        weight_bytes=sum(p.numel() * p.element_size() for p in model.parameters()),
-        ppl=None if ppl_tokens is None else perplexity(lambda w: model(w).logits, ppl_tokens, config.seqlen),
-    )
+def hf_speed(model, prompts: torch.Tensor, config: BenchConfig) -> Speed:
+    """transformers' `generate` in full precision (the baseline)."""
+    prefill, decode_b1 = _hf_generate(model, prompts[:1], config.new_tokens)
+    _, decode_b8 = _hf_generate(model, prompts, config.new_tokens)
+    return Speed(prompts.shape[1] / prefill, decode_b1, decode_b8)
 
 
 # the runtime --------------------------------------------------------------------------------------
@@ -138,22 +153,15 @@ def _generate_timed(engine: QueptEngine, prompts: torch.Tensor, plan: Plan, new_
     return prefill, tokens / max(time.perf_counter() - start, 1e-9)
 
 
-def measure_engine(engine: QueptEngine, plan: Plan, prompts: torch.Tensor, config: BenchConfig,
-                   ppl_tokens: torch.Tensor | None) -> BenchRow:
+def engine_speed(engine: QueptEngine, plan: Plan, prompts: torch.Tensor, config: BenchConfig) -> Speed:
     eos_ids = engine.eos_ids
     engine.eos_ids = frozenset()  # throughput is measured over a fixed number of tokens
     try:
-        engine.set_plan(plan)
-        _generate_timed(engine, prompts[:1, :32], plan, 4)  # warm-up: kernel choice, allocation
         prefill, decode_b1 = _generate_timed(engine, prompts[:1], plan, config.new_tokens)
         _, decode_b8 = _generate_timed(engine, prompts, plan, config.new_tokens)
     finally:
         engine.eos_ids = eos_ids
-    ppl = None
-    if ppl_tokens is not None:
-        ppl = perplexity(lambda w: engine.logits(w, plan), ppl_tokens, config.seqlen)
-    return BenchRow("quept", plan.name, prompts.shape[1] / prefill, decode_b1, decode_b8,
-                    engine.weight_bytes(plan), ppl)
+    return Speed(prompts.shape[1] / prefill, decode_b1, decode_b8)
 
 
 def switch_latency(engine: QueptEngine, plans: list[Plan], switches: int) -> dict[str, float]:
@@ -193,17 +201,40 @@ def run_bench(
         ppl_tokens = tokens[: config.ppl_tokens]
     prompts = tokens[:needed].view(config.batch, config.prompt_tokens)
 
-    rows = []
     reload_s = _timed(lambda: load_model(model_spec))
     baseline = load_model(model_spec).model
     fp32_bytes = sum(p.numel() for p in baseline.parameters()) * 4
-    rows.append(measure_hf(baseline, prompts, config, ppl_tokens))
-    del baseline
-
     plans = [engine.plan(p) for p in precisions]
-    for plan in plans:
-        log.info("benchmarking %s", plan.name)
-        rows.append(measure_engine(engine, plan, prompts, config, ppl_tokens))
+    rows = [BenchRow("hf", "fp", weight_bytes=sum(p.numel() * p.element_size() for p in baseline.parameters()))]
+    rows += [BenchRow("quept", plan.name, weight_bytes=engine.weight_bytes(plan)) for plan in plans]
+    measures: list[Callable[[], Speed]] = [lambda: hf_speed(baseline, prompts, config)]
+    measures += [lambda plan=plan: engine_speed(engine, plan, prompts, config) for plan in plans]
+    peer = None
+    if gguf is None:
+        notes.append("llama.cpp: the model is not a GGUF file")
+    elif not llamacpp.available():
+        notes.append("llama.cpp: not installed (pip install 'quept-serve[bench]' adds llama-cpp-python)")
+    else:
+        peer = llamacpp.LlamaCppPeer(gguf, config.prompt_tokens, config.new_tokens)
+        rows.append(BenchRow("llama.cpp", peer.precision, weight_bytes=gguf.stat().st_size))
+        measures.append(lambda: peer.speed(prompts, config.new_tokens))
+    for plan in plans:  # warm-up: kernel choice, packing, allocation
+        _generate_timed(engine, prompts[:1, :32], plan, 4)
+    # Rounds over every row, keeping each row's best: load from other processes only slows a row down.
+    speeds = [Speed() for _ in measures]
+    for round_index in range(config.repeats):
+        for index, measure in enumerate(measures):
+            log.info("round %d: %s %s", round_index + 1, rows[index].engine, rows[index].precision)
+            speeds[index] = speeds[index].best(measure())
+    for row, speed in zip(rows, speeds):
+        row.prefill_tok_s, row.decode_tok_s_b1, row.decode_tok_s_b8 = astuple(speed)
+    if ppl_tokens is not None:
+        with torch.inference_mode():
+            rows[0].ppl = perplexity(lambda w: baseline(w).logits, ppl_tokens, config.seqlen)
+        for row, plan in zip(rows[1:], plans):
+            row.ppl = perplexity(lambda w, plan=plan: engine.logits(w, plan), ppl_tokens, config.seqlen)
+        if peer is not None:
+            rows[-1].ppl = peer.perplexity(ppl_tokens, config.seqlen)
 
     uniform = [engine.plan(f"w{b}") for b in engine.bit_config.bits]
     engine.cache.limit_bytes = None
@@ -212,14 +243,6 @@ def run_bench(
     uniform_keys = {key for plan in uniform for key in engine.pack_keys(plan)}
     uniform_bytes = sum(engine.cache.nbytes(key) for key in uniform_keys)
     switch_ms = switch_latency(engine, uniform + plans, config.switches)
-
-    if gguf is None:
-        notes.append("llama.cpp: the model is not a GGUF file")
-    elif not llamacpp.available():
-        notes.append("llama.cpp: not installed (pip install 'quept-serve[bench]' adds llama-cpp-python)")
-    else:
-        rows.append(llamacpp.measure(gguf, prompts, config, ppl_tokens))
-
     settings = {**asdict(config), "threads": torch.get_num_threads(), "device": str(engine.device),
                 "dtype": str(engine.dtype).removeprefix("torch."), "head_bits": engine.head_bits}
     return BenchResult(rows, switch_ms, reload_s, uniform_bytes, fp32_bytes, notes, settings)

@@ -48,6 +48,7 @@ def bench(
     ppl_tokens: Annotated[int, typer.Option(min=2)] = 4096,
     seqlen: Annotated[int, typer.Option(min=2)] = 512,
     threads: Annotated[int, typer.Option(min=1, help="CPU threads")] = 2,
+    repeats: Annotated[int, typer.Option(min=1, help="rounds over every row; each row keeps its best")] = 1,
     write_docs: Annotated[bool, typer.Option(help="update docs/benchmarks.md and its plot")] = False,
 ) -> None:
     """Speed, memory, switching and perplexity: HF generate, our runtime per plan, llama.cpp."""
@@ -65,9 +66,10 @@ def bench(
     from quept_core.runtime import QueptEngine
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("quept_core.bench").setLevel(logging.INFO)  # progress on stderr
     torch.set_num_threads(threads)
     config = runner.BenchConfig(prompt_tokens=prompt_tokens, new_tokens=new_tokens, ppl_tokens=ppl_tokens,
-                                seqlen=seqlen)
+                                seqlen=seqlen, repeats=repeats)
 
     def make_engine(loaded):
         engine = QueptEngine(loaded, make_elastic(loaded.model, BitConfig()))

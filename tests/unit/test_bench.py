@@ -6,11 +6,11 @@ import pytest
 import torch
 from tiny_llama import tiny_elastic, tiny_loaded
 
-from quept_core.bench import BenchConfig, BenchResult, BenchRow, perplexity, run_bench, switch_latency
+from quept_core.bench import BenchConfig, BenchResult, BenchRow, Speed, perplexity, run_bench, switch_latency
 from quept_core.bench_report import SECTION_BEGIN, SECTION_END, markdown, text_table, update_docs
 from quept_core.runtime import QueptEngine
 
-CONFIG = BenchConfig(prompt_tokens=16, new_tokens=4, batch=8, ppl_tokens=64, seqlen=32, switches=20)
+CONFIG = BenchConfig(prompt_tokens=16, new_tokens=4, batch=8, ppl_tokens=64, seqlen=32, switches=20, repeats=2)
 
 
 @pytest.fixture(scope="module")
@@ -94,3 +94,8 @@ def test_docs_update_replaces_only_its_own_section(tmp_path):
     text = doc.read_text()
     assert "other colleague's table" in text and "second" in text and "first" not in text
     assert text.count(SECTION_BEGIN) == 1 and text.count(SECTION_END) == 1
+
+
+def test_rounds_keep_each_figure_at_its_best():
+    best = Speed(10.0, 5.0, None).best(Speed(8.0, 7.0, None))
+    assert best == Speed(10.0, 7.0, None)
