@@ -7,7 +7,7 @@ from tiny_llama import tiny_elastic, tiny_loaded
 from quept_core.generation import SamplingParams, SequenceRequest
 from quept_core.packcache import MemoryLimitError
 from quept_core.plans import Plan, PrecisionError
-from quept_core.runtime import QueptEngine
+from quept_core.runtime import QueptEngine, memory_limit_from_env
 from quept_core.sampling import RequestError
 
 PROMPTS = [[5, 9, 17, 3, 44, 12], [7, 8, 200], [100, 101, 102, 103]]
@@ -196,3 +196,16 @@ def test_plan_with_a_bit_width_outside_the_bit_set_is_rejected(engine):
     bad = Plan("w2", {name: 2 for name in engine.linear_names}, None)
     with pytest.raises(PrecisionError, match="allowed"):
         engine.set_plan(bad)
+
+
+@pytest.mark.parametrize(("value", "expected"), [("64", 64 * 2**20), ("0.5", 2**19), ("", None)])
+def test_memory_limit_from_the_environment(monkeypatch, value, expected):
+    monkeypatch.setenv("QUEPT_MEMORY_LIMIT_MB", value)
+    assert memory_limit_from_env() == expected
+
+
+@pytest.mark.parametrize("value", ["lots", "-3", "0"])
+def test_bad_memory_limit_names_the_variable(monkeypatch, value):
+    monkeypatch.setenv("QUEPT_MEMORY_LIMIT_MB", value)
+    with pytest.raises(ValueError, match="QUEPT_MEMORY_LIMIT_MB"):
+        memory_limit_from_env()
