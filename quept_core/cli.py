@@ -29,3 +29,22 @@ def prepare(model: str = typer.Option(DEFAULT_MODEL, help="model name, .gguf fil
     except ModelError as error:
         fail(str(error))
     typer.echo(f"{loaded.name}: {loaded.folder} (sha256 {loaded.checksum[:12]}) in {time.perf_counter() - start:.1f} s")
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []})
+def serve(ctx: typer.Context) -> None:
+    """Serve the model over HTTP: load, ensure the artifact, warm up, then turn ready.
+
+    Every setting is a QUEPT_* environment variable and a flag (`quept serve --help` lists them).
+    """
+    # The service depends on quept_core, never the reverse at import time.
+    from service.serve import run_server
+    from service.settings import SettingsError, load_settings
+
+    try:
+        settings = load_settings(ctx.args)
+    except SettingsError as error:
+        fail(str(error))
+    failure = run_server(settings)
+    if failure:
+        fail(failure)
