@@ -1,0 +1,294 @@
+"""The elastic runtime: one model, packed weights per (layer, bits), plans switched by pointer swaps.
+
+    engine = QueptEngine(loaded, elastic)            # elastic: dict[name, ElasticLinear]
+    plan = engine.plan("w4")
+    tokens = engine.generate(prompt_ids, plan, SamplingParams(max_new_tokens=32))
+
+The service drives `start_batch(requests, plan)` / `step()` (quept_core/generation.py).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+
+import torch
+
+from quept_core.bitconfig import BitConfig
+from quept_core.elastic_linear import ElasticLinear
+from quept_core.generation import SamplingParams, SequenceRequest, TokenEvent
+from quept_core.kernels import DenseWeight, PackedWeight, pack_weight
+from quept_core.llama import CompactLlama, KVCache
+from quept_core.models import LoadedModel
+from quept_core.packcache import PackCache
+from quept_core.plans import Plan, PrecisionError, parse_precision, uniform_plan
+from quept_core.quantizer import quantize
+from quept_core.sampling import RequestError, Sampler, check_sampling
+
+HEAD = "lm_head"
+# The output head (a fifth of the model's weights) runs at 8 bits in quantized plans unless a plan says otherwise.
+DEFAULT_HEAD_BITS = 8
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def memory_limit_from_env() -> int | None:
+    value = os.environ.get("QUEPT_MEMORY_LIMIT_MB")
+    if not value:
+        return None
+    try:
+        megabytes = float(value)
+    except ValueError:
+        raise ValueError(f"QUEPT_MEMORY_LIMIT_MB must be a number of megabytes, got '{value}'") from None
+    if megabytes <= 0:
+        raise ValueError(f"QUEPT_MEMORY_LIMIT_MB must be > 0, got '{value}'")
+    return int(megabytes * 2**20)
+
+
+class QueptEngine:
+    """Runs a LLaMA model at any plan of an elastic (QuEPT) model; implements generation.Engine."""
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        elastic: Mapping[str, ElasticLinear],
+        bit_config: BitConfig | None = None,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.bfloat16,
+        memory_limit_bytes: int | None = None,
+        head_bits: int | None = DEFAULT_HEAD_BITS,
+        mixed_resolver: Callable[[float], Plan] | None = None,
+    ):
+        self.model_name = loaded.name
+        self.tokenizer = loaded.tokenizer
+        self.device = torch.device(device) if device is not None else default_device()
+        self.dtype = dtype
+        self.elastic = dict(elastic)
+        self.bit_config = bit_config or next(iter(self.elastic.values())).bit_config
+        if head_bits is not None and head_bits not in self.bit_config.bits:
+            raise ValueError(f"head_bits must be one of {self.bit_config.bits} or None, got {head_bits}")
+        self.head_bits = head_bits
+        self.mixed_resolver = mixed_resolver
+        with torch.no_grad():
+            self.model = CompactLlama(loaded.model, self.device, dtype)
+        self._head_weight = loaded.model.lm_head.weight.detach()
+        self._slots = {slot.name: slot for slot in self.model.linear_slots()}
+        missing = [name for name in self._slots if name not in self.elastic]
+        if missing:
+            raise ValueError(f"no elastic linear for {len(missing)} layers, e.g. '{missing[0]}'")
+        self.linear_names = list(self._slots)
+        self._slots[HEAD] = self.model.head
+        if memory_limit_bytes is None:
+            memory_limit_bytes = memory_limit_from_env()
+        self.cache = PackCache(self._build_pack, memory_limit_bytes)
+        self.eos_ids = _eos_ids(loaded)
+        self.current_plan: Plan | None = None
+        self._generation = -1
+
+    @classmethod
+    def from_calibrated(cls, calibrated, **kwargs) -> QueptEngine:
+        """From a calibrated artifact (anything with .loaded, .elastic and .bit_config)."""
+        return cls(calibrated.loaded, calibrated.elastic, calibrated.bit_config, **kwargs)
+
+    # Plans -----------------------------------------------------------------------------------------
+
+    def plan(self, precision: str) -> Plan:
+        """The plan for `fp`, `w<b>` or `mixed:<avg bits>`."""
+        spec = parse_precision(precision, self.bit_config.bits)
+        if spec.kind == "fp":
+            return uniform_plan(self.linear_names, None, None)
+        if spec.kind == "uniform":
+            return uniform_plan(self.linear_names, int(spec.bits), self.head_bits)
+        if spec.kind == "mixed":
+            if self.mixed_resolver is None:
+                raise PrecisionError(f"precision '{precision}' needs a calibrated artifact with a mixed-precision front")
+            return self.mixed_resolver(spec.bits)
+        raise PrecisionError(f"precision '{precision}' must be resolved to a concrete plan before it reaches the engine")
+
+    def _plan_keys(self, plan: Plan) -> list[tuple[str, int | None]]:
+        keys = []
+        allowed = self.bit_config.bits
+        for name in self.linear_names:
+            if name not in plan.layer_bits:
+                raise PrecisionError(f"plan '{plan.name}' has no bit-width for layer '{name}'")
+            bits = plan.layer_bits[name]
+            if bits is not None and bits not in allowed:
+                raise PrecisionError(f"plan '{plan.name}': layer '{name}' has bits {bits}; allowed: {allowed} or fp")
+            keys.append((name, bits))
+        if plan.lm_head_bits is not None and plan.lm_head_bits not in allowed:
+            raise PrecisionError(f"plan '{plan.name}': lm_head_bits {plan.lm_head_bits}; allowed: {allowed} or fp")
+        keys.append((HEAD, plan.lm_head_bits))
+        return keys
+
+    def set_plan(self, plan: Plan) -> None:
+        """Make `plan` current: build its missing packs, then swap every slot's reference."""
+        if plan is self.current_plan and self._generation == self.cache.generation:
+            return
+        keys = self._plan_keys(plan)
+        packs = self.cache.ensure(keys)
+        for (name, _), pack in zip(keys, packs):
+            self._slots[name].pack = pack
+        self.current_plan = plan
+        self._generation = self.cache.generation
+
+    def weight_bytes(self, plan: Plan) -> int:
+        """Resident bytes of the weights a plan runs on: its packs plus the norms."""
+        packs = self.cache.ensure(self._plan_keys(plan))
+        norms = sum(b.attn_norm.numel() + b.mlp_norm.numel() for b in self.model.blocks) + self.model.final_norm.numel()
+        embedding = self.model.embedding.nbytes if self.model.embedding is not None else 0
+        return sum(p.nbytes for p in packs) + norms * self.model.final_norm.element_size() + embedding
+
+    def _build_pack(self, key: tuple[str, int | None]) -> PackedWeight:
+        name, bits = key
+        with torch.no_grad():
+            if name == HEAD:
+                weight = self._head_weight
+                if bits is None:
+                    return DenseWeight(weight.to(self.device), self.dtype)
+                qw = quantize(weight.to(self.device), bits, self.bit_config.group_size_for(bits))
+                return pack_weight(qw, self.dtype)
+            linear = self.elastic[name]
+            if bits is None:
+                return DenseWeight(linear.weight.to(self.device), self.dtype)
+            qw = linear.quantize(bits)
+            qw.codes, qw.scale, qw.zero = qw.codes.to(self.device), qw.scale.to(self.device), qw.zero.to(self.device)
+            return pack_weight(qw, self.dtype)
+
+    # Generation ------------------------------------------------------------------------------------
+
+    def start_batch(self, requests: list[SequenceRequest], plan: Plan) -> QueptBatch:
+        return QueptBatch(self, requests, plan)
+
+    def generate(self, prompt_ids: list[int], plan: Plan, sampling: SamplingParams | None = None) -> list[int]:
+        """Generate for one prompt; returns the new token ids (an end-of-sequence token included)."""
+        batch = self.start_batch([SequenceRequest(prompt_ids, sampling or SamplingParams())], plan)
+        tokens = []
+        while not batch.done:
+            tokens.extend(event.token_id for event in batch.step())
+        return tokens
+
+    @torch.inference_mode()
+    def logits(self, tokens: torch.Tensor, plan: Plan) -> torch.Tensor:
+        """Float32 logits at every position of `tokens` [batch, seq] (no cache): for perplexity."""
+        self.set_plan(plan)
+        return self.model.prefill(tokens.to(self.device), None, None)
+
+
+class QueptBatch:
+    """Sequences generated together under one plan; implements generation.GenerationBatch."""
+
+    def __init__(self, engine: QueptEngine, requests: list[SequenceRequest], plan: Plan):
+        if not requests:
+            raise RequestError("requests must hold at least one sequence")
+        dims = engine.model.dims
+        for index, request in enumerate(requests):
+            _check_request(index, request, dims.vocab, dims.max_positions)
+        self.engine = engine
+        self.plan = plan
+        self._lengths = [len(r.prompt_ids) for r in requests]
+        self._max_new = [r.sampling.max_new_tokens for r in requests]
+        self._seqs = list(range(len(requests)))  # batch row -> sequence index
+        self._positions: list[int] = []
+        self._generated = [0] * len(requests)
+        self._last: list[int] = []
+        self._cancelled: set[int] = set()
+        self._started = False
+        self.last_logits: torch.Tensor | None = None  # float32 [live rows, vocab] of the latest step
+        device = engine.device
+        max_len = max(n + m for n, m in zip(self._lengths, self._max_new))
+        self._cache = KVCache(dims, len(requests), min(max_len, dims.max_positions), device, engine.dtype)
+        self._sampler = Sampler([r.sampling for r in requests], [r.prompt_ids for r in requests], dims.vocab, device)
+        self._prompts = [r.prompt_ids for r in requests]
+
+    @property
+    def done(self) -> bool:
+        return not [s for s in self._seqs if s not in self._cancelled]
+
+    def cancel(self, seq: int) -> None:
+        if seq in self._seqs:
+            self._cancelled.add(seq)
+
+    @torch.inference_mode()
+    def step(self) -> list[TokenEvent]:
+        self._drop([row for row, seq in enumerate(self._seqs) if seq in self._cancelled])
+        if not self._seqs:
+            return []
+        engine, model, device = self.engine, self.engine.model, self.engine.device
+        engine.set_plan(self.plan)
+        if not self._started:
+            width = max(self._lengths)
+            padded = [p + [0] * (width - len(p)) for p in self._prompts]
+            tokens = torch.tensor(padded, device=device)
+            last = torch.tensor([n - 1 for n in self._lengths], device=device)
+            logits = model.prefill(tokens, self._cache, last)
+            self._positions = list(self._lengths)
+            self._started = True
+        else:
+            positions = torch.tensor(self._positions, device=device)
+            span = max(self._positions) + 1
+            mask = None
+            if min(self._positions) != max(self._positions):
+                mask = (torch.arange(span, device=device) <= positions.unsqueeze(1)).view(len(self._seqs), 1, 1, span)
+            tokens = torch.tensor(self._last, device=device)
+            logits = model.decode(tokens, positions, self._cache, span, mask)
+            self._positions = [p + 1 for p in self._positions]
+        self.last_logits = logits
+        chosen = self._sampler(logits)
+        events, finished = [], []
+        for row, (seq, token) in enumerate(zip(self._seqs, chosen)):
+            self._generated[seq] += 1
+            reason = None
+            if token in engine.eos_ids:
+                reason = "eos"
+            elif self._generated[seq] >= self._max_new[seq] or self._positions[row] >= self._cache.max_len:
+                reason = "length"
+            events.append(TokenEvent(seq, token, reason))
+            if reason is not None:
+                finished.append(row)
+        self._last = chosen
+        self._drop(finished)
+        return events
+
+    def _drop(self, rows: list[int]) -> None:
+        """Free the KV slots of finished or cancelled sequences."""
+        if not rows:
+            return
+        keep = [r for r in range(len(self._seqs)) if r not in rows]
+        self._seqs = [self._seqs[r] for r in keep]
+        if not keep:
+            return
+        if self._started:
+            self._positions = [self._positions[r] for r in keep]
+            self._last = [self._last[r] for r in keep]
+        else:
+            self._lengths = [self._lengths[r] for r in keep]
+            self._prompts = [self._prompts[r] for r in keep]
+        self._cache.keep_rows(keep)
+        self._sampler.keep_rows(keep)
+
+
+def _check_request(index: int, request: SequenceRequest, vocab: int, max_positions: int) -> None:
+    prompt = request.prompt_ids
+    if not prompt:
+        raise RequestError(f"requests[{index}].prompt_ids must not be empty")
+    bad = [t for t in prompt if not 0 <= t < vocab]
+    if bad:
+        raise RequestError(f"requests[{index}].prompt_ids: token id {bad[0]} is outside 0..{vocab - 1}")
+    if len(prompt) >= max_positions:
+        raise RequestError(f"requests[{index}].prompt_ids has {len(prompt)} tokens; the model allows {max_positions - 1}")
+    check_sampling(request.sampling)
+
+
+def _eos_ids(loaded: LoadedModel) -> frozenset[int]:
+    ids = set()
+    if loaded.tokenizer.eos_token_id is not None:
+        ids.add(loaded.tokenizer.eos_token_id)
+    configured = getattr(loaded.model.generation_config, "eos_token_id", None)
+    if isinstance(configured, int):
+        ids.add(configured)
+    elif configured:
+        ids.update(configured)
+    return frozenset(ids)

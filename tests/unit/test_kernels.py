@@ -1,0 +1,105 @@
+"""Packed formats against the fake-quantized reference, per bit-width and per path."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from quept_core.bitconfig import BitConfig
+from quept_core.elastic_linear import ElasticLinear
+from quept_core.kernels import (
+    BitPlanes,
+    DenseWeight,
+    Int4Packed,
+    Int8Channel,
+    pack_planes,
+    pack_weight,
+    unpack_planes,
+)
+from quept_core.quantizer import QuantizedWeight, quantize
+
+BITS = BitConfig().bits
+# bf16 activations and bf16 scales: relative error of a 128..256-term dot product stays under 2 %.
+REL_TOL = 0.02
+
+
+def elastic_linear(out_features: int, in_features: int, seed: int = 0) -> ElasticLinear:
+    generator = torch.Generator().manual_seed(seed)
+    linear = torch.nn.Linear(in_features, out_features, bias=False)
+    linear.weight.data = torch.randn(out_features, in_features, generator=generator) * 0.05
+    elastic = ElasticLinear(linear, BitConfig(), generator)
+    elastic.lora_B.data.normal_(0, 0.01, generator=generator)
+    return elastic
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.float() - ref).norm() / ref.norm()).item()
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("rows", [1, 5, 40])
+def test_packed_output_matches_fake_quant(bits, rows):
+    elastic = elastic_linear(192, 256, seed=bits)
+    reference_weight = elastic.fake_quant_weight(bits).detach()
+    pack = pack_weight(elastic.quantize(bits), torch.bfloat16)
+    assert not isinstance(pack, DenseWeight)
+    x = torch.randn(rows, 256)
+    ref = F.linear(x.bfloat16().float(), reference_weight)
+    assert relative_error(pack(x.bfloat16()), ref) < REL_TOL
+
+
+@pytest.mark.parametrize("fmt", [Int4Packed, Int8Channel, BitPlanes])
+@pytest.mark.parametrize("bits", BITS)
+def test_every_format_agrees_with_reference(fmt, bits):
+    qw = quantize(torch.randn(128, 256) * 0.05, bits, BitConfig().group_size_for(bits))
+    if not fmt.supports(qw, torch.device("cpu")):
+        pytest.skip(f"{fmt.__name__} does not hold {bits}-bit weights with group {qw.group_size}")
+    pack = fmt(qw, torch.bfloat16)
+    reference = qw.dequantize()
+    x = torch.randn(3, 256)
+    assert relative_error(pack.linear(x.bfloat16()), x.bfloat16().float() @ reference.T) < REL_TOL
+    assert relative_error(pack.dense(), reference) < 0.01
+    ids = torch.tensor([[0, 127], [64, 5]])
+    assert relative_error(pack.rows(ids), reference[ids]) < 0.01
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7, 8])
+def test_bit_planes_round_trip_and_size(bits):
+    codes = torch.randint(0, 2**bits, (8, 192), dtype=torch.uint8)
+    planes = pack_planes(codes, bits)
+    assert sum(p.numel() for p in planes) * 8 == codes.numel() * bits
+    assert torch.equal(unpack_planes(planes, bits, 192), codes)
+
+
+def test_int4_layout_unpacks_exact_codes():
+    qw = quantize(torch.randn(192, 128), 4, 64)
+    pack = Int4Packed(qw, torch.bfloat16)
+    ids = torch.tensor([0, 31, 32, 63, 64, 191])
+    assert torch.equal(pack._codes(ids), qw.codes[ids])
+
+
+def exact_quantized(bits: int, group: int, out_features: int = 128, in_features: int = 128) -> QuantizedWeight:
+    """Codes, power-of-two scales and integer zero-points: every dequantized value is exact in bf16."""
+    generator = torch.Generator().manual_seed(bits)
+    groups = 1 if group == -1 else in_features // group
+    codes = torch.randint(0, 2**bits, (out_features, in_features), generator=generator, dtype=torch.uint8)
+    scale = 2.0 ** -torch.randint(3, 9, (out_features, groups), generator=generator).float()
+    zero = torch.randint(0, 2**bits, (out_features, groups), generator=generator).float()
+    return QuantizedWeight(codes, scale, zero, bits, group)
+
+
+@pytest.mark.parametrize(("fmt", "bits", "group"), [(Int4Packed, 4, 64), (Int4Packed, 3, 32), (Int8Channel, 8, -1),
+                                                   (Int8Channel, 6, -1), (BitPlanes, 5, 64), (BitPlanes, 7, 128)])
+def test_zero_point_mapping_is_exact(fmt, bits, group):
+    # One-hot activations read the kernel's weight back: (c - 8) * s + (8 - z) * s must equal (c - z) * s.
+    qw = exact_quantized(bits, group)
+    pack = fmt(qw, torch.bfloat16)
+    read_back = pack.linear(torch.eye(128, dtype=torch.bfloat16))
+    assert torch.equal(read_back.float(), qw.dequantize().T)
+
+
+@pytest.mark.parametrize("bits", [3, 5, 6, 7])
+def test_bit_planes_cost_no_more_than_their_bits(bits):
+    qw = quantize(torch.randn(256, 256), bits, 64)
+    groups = 256 * 256 // 64
+    # b bits per weight, plus a float32 scale and an int16 zero-point per group.
+    assert BitPlanes(qw, torch.bfloat16).nbytes == 256 * 256 * bits // 8 + groups * (4 + 2)
