@@ -32,6 +32,10 @@ class PackCache:
     def keys(self) -> list[Hashable]:
         return list(self._packs)
 
+    def sizes(self) -> dict[Hashable, int]:
+        """Resident bytes of each pack."""
+        return {key: pack.nbytes for key, pack in self._packs.items()}
+
     def ensure(self, keys: list[Hashable]) -> list[PackedWeight]:
         """Return the packs for `keys`, building the missing ones and evicting least recently used others."""
         wanted = set(keys)

@@ -33,7 +33,4 @@ class Backend(Protocol):
         """Average bits, resident weight bytes and measured quality of any servable plan."""
 
     def resident_bytes(self) -> dict[str, int]:
-        """Weight bytes held in memory now, by precision label (fp, w2..w8)."""
-
-    def kv_cache_usage(self) -> float:
-        """Share of the KV cache capacity in use, 0..1."""
+        """Weight bytes held in memory now, by precision label (fp, w2..w8); engine thread only."""

@@ -38,11 +38,21 @@ class PlanCost:
     decode_s_per_step: float
 
 
+def bit_shares(plan: Plan, numels: Mapping[str, int]) -> dict[str, float]:
+    """The share of parameters at each precision label (fp, w2..w8) in a plan."""
+    total = sum(numels[name] for name in plan.layer_bits)
+    shares: dict[str, float] = {}
+    for name, bits in plan.layer_bits.items():
+        label = "fp" if bits is None else f"w{bits}"
+        shares[label] = shares.get(label, 0.0) + numels[name] / total
+    return shares
+
+
 class CostModel:
     """Prefill and decode seconds per plan: measured at warm-up, then an EWMA of real requests.
 
-    A plan never measured (an ad-hoc mixed plan) is estimated from the uniform plans, weighted by
-    the share of parameters at each bit-width.
+    A plan never measured (a mixed plan) starts from the uniform plans' costs weighted by the
+    share of parameters at each bit-width, and learns from its own requests from then on.
     """
 
     def __init__(self, numels: Mapping[str, int], alpha: float = 0.2):
@@ -59,20 +69,19 @@ class CostModel:
         with self._lock:
             return self._costs.get(plan_name)
 
-    def observe_prefill(self, plan_name: str, seconds: float, tokens: int) -> None:
+    def observe_prefill(self, plan: Plan, seconds: float, tokens: int) -> None:
         if tokens > 0:
-            self._blend(plan_name, seconds / tokens, None)
+            self._blend(plan, seconds / tokens, None)
 
-    def observe_decode(self, plan_name: str, seconds_per_step: float) -> None:
-        self._blend(plan_name, None, seconds_per_step)
+    def observe_decode(self, plan: Plan, seconds_per_step: float) -> None:
+        self._blend(plan, None, seconds_per_step)
 
-    def _blend(self, plan_name: str, prefill: float | None, decode: float | None) -> None:
+    def _blend(self, plan: Plan, prefill: float | None, decode: float | None) -> None:
+        start = self.cost(plan)
+        a = self._alpha
         with self._lock:
-            old = self._costs.get(plan_name)
-            if old is None:  # a first measurement of one half only: the other half stays unknown
-                return
-            a = self._alpha
-            self._costs[plan_name] = PlanCost(
+            old = self._costs.get(plan.name, start)
+            self._costs[plan.name] = PlanCost(
                 old.prefill_s_per_token if prefill is None else (1 - a) * old.prefill_s_per_token + a * prefill,
                 old.decode_s_per_step if decode is None else (1 - a) * old.decode_s_per_step + a * decode,
             )
@@ -81,18 +90,14 @@ class CostModel:
         known = self.measured(plan.name)
         if known is not None:
             return known
-        shares: dict[str, float] = {}
-        total = sum(self._numels[name] for name in plan.layer_bits)
-        for name, bits in plan.layer_bits.items():
-            key = "fp" if bits is None else f"w{bits}"
-            shares[key] = shares.get(key, 0.0) + self._numels[name] / total
-        parts = {key: self.measured(key) for key in shares}
-        missing = [key for key, cost in parts.items() if cost is None]
+        shares = bit_shares(plan, self._numels)
+        parts = {label: self.measured(label) for label in shares}
+        missing = [label for label, cost in parts.items() if cost is None]
         if missing or not shares:
             raise KeyError(f"no measured cost for plan {plan.name} (missing: {', '.join(missing) or 'all'})")
         return PlanCost(
-            sum(share * parts[key].prefill_s_per_token for key, share in shares.items()),
-            sum(share * parts[key].decode_s_per_step for key, share in shares.items()),
+            sum(share * parts[label].prefill_s_per_token for label, share in shares.items()),
+            sum(share * parts[label].decode_s_per_step for label, share in shares.items()),
         )
 
 

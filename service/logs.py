@@ -11,7 +11,8 @@ import time
 request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
 
 # LogRecord attributes that are not user-supplied `extra` fields.
-_STANDARD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime", "taskName"}
+_STANDARD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime", "taskName",
+                                                                              "color_message"}  # uvicorn's
 
 
 class JsonFormatter(logging.Formatter):

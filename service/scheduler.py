@@ -71,6 +71,12 @@ class SchedulerLimits:
     max_queue_tokens: int = 65536
     max_batch_size: int = 8
     max_running_batches: int = 4
+    context_length: int = 8192
+
+    @property
+    def kv_capacity_tokens(self) -> int:
+        """KV positions the running batches could hold at most: the denominator of the usage ratio."""
+        return self.max_running_batches * self.max_batch_size * self.context_length
 
 
 _WAITING, _RUNNING, _DONE = "waiting", "running", "done"
@@ -114,9 +120,9 @@ class _Running:
 
 class Scheduler:
     def __init__(self, engine: Engine, limits: SchedulerLimits, metrics: Metrics, costs: CostModel,
-                 clock: Callable[[], float] = time.monotonic, on_batch_change: Callable[[], None] = lambda: None):
+                 clock: Callable[[], float] = time.monotonic, on_switch: Callable[[], None] = lambda: None):
         self.engine = engine
-        self.on_batch_change = on_batch_change  # runs in the worker thread, which owns the engine
+        self.on_switch = on_switch  # after a plan switch or a finished batch, in the thread that owns the engine
         self.limits = limits
         self.metrics = metrics
         self.costs = costs
@@ -126,6 +132,7 @@ class Scheduler:
         self._running: list[_Running] = []
         self._cancels: list[tuple[Job, Failed | None, str]] = []
         self._turn = 0
+        self._current_plan: str | None = None
         self._stopping = False
         self._thread: threading.Thread | None = None
 
@@ -265,7 +272,6 @@ class Scheduler:
         with self._cond:
             self._running.append(run)
             self._update_gauges()
-        self.on_batch_change()
 
     def _next_run(self) -> _Running | None:
         with self._cond:
@@ -275,8 +281,9 @@ class Scheduler:
             return self._running[self._turn]
 
     def _step(self, run: _Running) -> None:
-        started = self.clock()
         try:
+            self._switch(run.batch.plan)
+            started = self.clock()
             events = run.batch.step()
         except Exception:
             log.exception("a generation step failed", extra={"request_ids": [j.request_id for j in run.jobs]})
@@ -285,10 +292,10 @@ class Scheduler:
             return
         now = self.clock()
         if run.prefilled:
-            self.costs.observe_decode(run.batch.plan.name, now - started)
+            self.costs.observe_decode(run.batch.plan, now - started)
         else:
             run.prefilled = True
-            self.costs.observe_prefill(run.batch.plan.name, now - started, sum(len(j.prompt_ids) for j in run.jobs))
+            self.costs.observe_prefill(run.batch.plan, now - started, sum(len(j.prompt_ids) for j in run.jobs))
         for event in events:
             job = run.jobs[event.seq]
             if job.state != _RUNNING:
@@ -311,6 +318,16 @@ class Scheduler:
                 self._finish(job, event.finish_reason, now)
         if run.batch.done:
             self._retire(run)
+
+    def _switch(self, plan: Plan) -> None:
+        """Make the batch's plan current, timed apart from the step it precedes."""
+        if plan.name == self._current_plan:
+            return
+        started = self.clock()
+        self.engine.set_plan(plan)
+        self.metrics.precision_switch.observe(self.clock() - started)
+        self._current_plan = plan.name
+        self.on_switch()
 
     def _finish(self, job: Job, reason: str, now: float) -> None:
         job.state = _DONE
@@ -356,9 +373,12 @@ class Scheduler:
             if run in self._running:
                 self._running.remove(run)
             self._update_gauges()
-        self.on_batch_change()
+        self.on_switch()
 
     def _update_gauges(self) -> None:
         """Call with the lock held."""
+        running = [j for run in self._running for j in run.jobs if j.state == _RUNNING]
         self.metrics.requests_waiting.set(len(self._waiting))
-        self.metrics.requests_running.set(sum(j.state == _RUNNING for run in self._running for j in run.jobs))
+        self.metrics.requests_running.set(len(running))
+        reserved = sum(len(j.prompt_ids) + j.sampling.max_new_tokens for j in running)
+        self.metrics.kv_cache_usage.set(reserved / self.limits.kv_capacity_tokens)

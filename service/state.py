@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 
 from quept_core import __version__
-from quept_core.plans import Plan, PrecisionError
+from quept_core.plans import Plan
 from service.backend import Backend
 from service.controller import Controller, CostModel
 from service.errors import ServiceError, unavailable
@@ -35,7 +35,7 @@ class ServiceState:
         self.costs: CostModel | None = None
         self.scheduler: Scheduler | None = None
         self.pipeline: Pipeline | None = None
-        self.plans: list[Plan] = []  # every plan measured at warm-up: auto's candidates, fp and uniform
+        self.plans: list[Plan] = []  # every plan listed by /precisions: fp, uniform, the mixed front
 
     async def start(self, loader: Loader, on_fatal: Callable[[str], None] | None = None) -> None:
         """Load, warm up, then turn ready; a failure is reported once through `on_fatal`."""
@@ -59,31 +59,24 @@ class ServiceState:
         backend, settings = self.backend, self.settings
         self.metrics.build_info.labels(__version__, backend.model_id, backend.artifact_id).set(1)
         candidates = backend.candidates()
-        plans = {c.plan.name: c.plan for c in candidates}
-        for precision in ["fp", *(f"w{b}" for b in backend.bit_set)]:
-            try:
-                plan = backend.resolve(precision)
-            except PrecisionError:
-                continue
-            plans.setdefault(plan.name, plan)
-        self.plans = list(plans.values())
+        uniform = [backend.resolve(p) for p in ["fp", *(f"w{b}" for b in backend.bit_set)]]
+        self.plans = uniform + [c.plan for c in candidates if c.plan.mode == "mixed"]
         self.costs = CostModel(backend.numels, settings.ewma_alpha)
-        measure_costs(backend.engine, self.plans, backend.tokenizer, self.costs)
+        measure_costs(backend.engine, uniform, backend.tokenizer, self.costs)
         controller = Controller(candidates, self.costs, backend.kv_bytes_per_token, settings.brownout_queue_depth)
         limits = SchedulerLimits(settings.max_queue, settings.max_queue_tokens, settings.max_batch_size,
-                                 settings.max_running_batches)
+                                 settings.max_running_batches, backend.context_length)
         self.scheduler = Scheduler(backend.engine, limits, self.metrics, self.costs, self.clock,
-                                   on_batch_change=self.refresh_gauges)
+                                   on_switch=self.refresh_gauges)
         self.pipeline = Pipeline(backend, controller, self.scheduler, self.metrics,
                                  settings.max_new_tokens_limit, settings.queue_timeout_s)
         self.refresh_gauges()
         self.scheduler.start()
 
     def refresh_gauges(self) -> None:
-        """Resident weights and KV usage; called from the engine's thread when batches change."""
+        """Resident weight bytes per precision; called from the engine's thread."""
         for label, size in self.backend.resident_bytes().items():
             self.metrics.weights_resident.labels(label).set(size)
-        self.metrics.kv_cache_usage.set(self.backend.kv_cache_usage())
 
     def ready_pipeline(self) -> Pipeline:
         """The pipeline, or a 503 that says why requests cannot be served now."""

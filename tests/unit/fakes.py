@@ -103,8 +103,12 @@ class FakeEngine:
         self.step_s: dict[str, float] = {}
         self.batches: list[tuple[str, int]] = []  # (plan name, sequences) per started batch
         self.steps: list[tuple[str, list[int]]] = []  # (plan name, live sequences) per step
+        self.switches: list[str] = []  # plan names, one per set_plan call
         self.eos_after: int | None = None
         self.fail_on: str | None = None
+
+    def set_plan(self, plan: Plan) -> None:
+        self.switches.append(plan.name)
 
     def start_batch(self, requests: list[SequenceRequest], plan: Plan) -> FakeBatch:
         self.batches.append((plan.name, len(requests)))
@@ -167,7 +171,4 @@ class FakeBackend:
         return [self.describe(p) for p in plans]
 
     def resident_bytes(self) -> dict[str, int]:
-        return {"w4": 1000}
-
-    def kv_cache_usage(self) -> float:
-        return 0.0
+        return {f"w{b}": 1000 * b for b in self.bit_set}

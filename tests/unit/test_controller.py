@@ -173,12 +173,21 @@ def test_quality_falls_back_to_bits_when_a_plan_has_no_measurement(backend):
 def test_cost_model_blends_real_requests_into_the_warm_up_measurement(backend):
     costs = CostModel(backend.numels, alpha=0.5)
     costs.record("w4", PlanCost(0.002, 0.030))
-    costs.observe_decode("w4", 0.060)
-    costs.observe_prefill("w4", 0.040, tokens=10)
+    w4 = backend.resolve("w4")
+    costs.observe_decode(w4, 0.060)
+    costs.observe_prefill(w4, 0.040, tokens=10)
     assert costs.measured("w4").decode_s_per_step == pytest.approx(0.045)
     assert costs.measured("w4").prefill_s_per_token == pytest.approx(0.003)
-    costs.observe_decode("w7", 0.5)  # never measured at warm-up: ignored, not invented
-    assert costs.measured("w7") is None
+
+
+def test_a_mixed_plan_learns_from_its_own_requests_starting_at_the_estimate(backend):
+    costs = CostModel(backend.numels, alpha=0.5)
+    costs.record("w4", PlanCost(0.001, 0.030))
+    costs.record("w5", PlanCost(0.001, 0.040))
+    plan = backend.resolve("mixed:4.5")
+    estimate = costs.cost(plan).decode_s_per_step
+    costs.observe_decode(plan, 0.100)
+    assert costs.measured(plan.name).decode_s_per_step == pytest.approx((estimate + 0.100) / 2)
 
 
 def test_cost_of_an_unmeasured_mixed_plan_is_the_parameter_weighted_mix(backend):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 
@@ -129,6 +130,10 @@ def test_different_plans_interleave_one_step_each(harness):
     # After the first (lone) step, the three running batches take turns until w4 is done.
     rounds = order[1:10]
     assert all(len(set(rounds[i:i + 3])) == 3 for i in range(0, 9, 3)), order
+    # Each change of plan between steps is one timed switch.
+    changes = 1 + sum(a != b for a, b in itertools.pairwise(order))
+    assert len(h.engine.switches) == changes
+    assert h.counter("quept_precision_switch_seconds_count") == changes
 
 
 def test_oldest_waiting_request_picks_the_next_batch(harness):
