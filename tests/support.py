@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import httpx
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def free_port() -> int:
@@ -27,3 +34,37 @@ def wait_ready(url: str, timeout_s: float, alive=lambda: True) -> None:
             pass
         time.sleep(0.2)
     raise TimeoutError(f"{url} was not ready after {timeout_s:.0f} s")
+
+
+class ServerProcess:
+    """`quept serve` as a subprocess on a free loopback port, its log kept in a file."""
+
+    def __init__(self, log_path: Path, *flags: str, env: dict[str, str] | None = None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self._log = log_path.open("wb")
+        command = [sys.executable, "-m", "quept_core", "serve", "--host", "127.0.0.1", "--port", str(self.port),
+                   *flags]
+        self.process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=self._log, stderr=subprocess.STDOUT,
+                                        env={**os.environ, **(env or {})})
+
+    def wait_ready(self, timeout_s: float) -> None:
+        try:
+            wait_ready(self.url, timeout_s, lambda: self.process.poll() is None)
+        except (RuntimeError, TimeoutError) as error:
+            raise RuntimeError(f"{error}; last log lines:\n{self.log_tail()}") from None
+
+    def log_tail(self, lines: int = 30) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def stop(self, timeout_s: float = 60) -> int:
+        """SIGTERM, then the exit status."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout_s)
+        finally:
+            if self.process.poll() is None:
+                self.process.kill()
+            self._log.close()
