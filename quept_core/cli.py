@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
+from typing import Annotated
 
 import typer
 
-from quept_core.models import DEFAULT_MODEL, ModelError, load_model
+from quept_core.models import DEFAULT_MODEL, ModelError, load_model, resolve_model
+
+# The project's evaluation text (shared/data/README.md), next to the checkout.
+DEFAULT_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
 
 app = typer.Typer(help="QuEPT-serve: one calibrated model, every precision.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
@@ -29,6 +34,64 @@ def prepare(model: str = typer.Option(DEFAULT_MODEL, help="model name, .gguf fil
     except ModelError as error:
         fail(str(error))
     typer.echo(f"{loaded.name}: {loaded.folder} (sha256 {loaded.checksum[:12]}) in {time.perf_counter() - start:.1f} s")
+
+
+@app.command()
+def bench(
+    model: Annotated[str, typer.Option(help="model name, .gguf file or Hugging Face folder")] = DEFAULT_MODEL,
+    precisions: Annotated[str, typer.Option(help="comma list of fp, w<b>")] = "fp,w8,w7,w6,w5,w4,w3",
+    mixed: Annotated[str, typer.Option(help="comma list of average bits for mixed plans, e.g. 3.5,4.5")] = "",
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+    text: Annotated[Path, typer.Option(help="evaluation text for prompts and perplexity")] = DEFAULT_TEXT,
+    prompt_tokens: Annotated[int, typer.Option(min=8)] = 256,
+    new_tokens: Annotated[int, typer.Option(min=2)] = 64,
+    ppl_tokens: Annotated[int, typer.Option(min=2)] = 4096,
+    seqlen: Annotated[int, typer.Option(min=2)] = 512,
+    threads: Annotated[int, typer.Option(min=1, help="CPU threads")] = 2,
+    write_docs: Annotated[bool, typer.Option(help="update docs/benchmarks.md and its plot")] = False,
+) -> None:
+    """Speed, memory, switching and perplexity: HF generate, our runtime per plan, llama.cpp."""
+    import json
+    import shlex
+    import sys
+
+    import torch
+
+    from quept_core import bench as runner
+    from quept_core import bench_report
+    from quept_core.bitconfig import BitConfig
+    from quept_core.elastic_linear import make_elastic
+    from quept_core.plans import PrecisionError
+    from quept_core.runtime import QueptEngine
+
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    torch.set_num_threads(threads)
+    config = runner.BenchConfig(prompt_tokens=prompt_tokens, new_tokens=new_tokens, ppl_tokens=ppl_tokens,
+                                seqlen=seqlen)
+
+    def make_engine(loaded):
+        engine = QueptEngine(loaded, make_elastic(loaded.model, BitConfig()))
+        engine.mixed_resolver = runner.allocator_resolver(loaded, engine)
+        return engine
+
+    names = [p.strip() for p in precisions.split(",") if p.strip()]
+    if mixed:
+        names += [f"mixed:{m.strip()}" for m in mixed.split(",") if m.strip()]
+    try:
+        source = resolve_model(model)
+        result = runner.run_bench(model, make_engine, names, config, text if text.is_file() else None,
+                                  source.path if source.kind == "gguf" else None)
+    except (ModelError, PrecisionError, ValueError) as error:
+        fail(str(error))
+    if as_json:
+        typer.echo(json.dumps(result.to_dict()))
+    else:
+        typer.echo(bench_report.text_table(result))
+    if write_docs:
+        docs = Path(__file__).resolve().parent.parent / "docs"
+        bench_report.plot(result, docs / "benchmarks-runtime.png")
+        command = "quept " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+        bench_report.update_docs(docs / "benchmarks.md", bench_report.markdown(result, command, "benchmarks-runtime.png"))
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []})

@@ -68,31 +68,51 @@ class KVCache:
         self.v = self.v.index_select(1, index)
 
 
+# The quantized linears of a block in model order, and the fused groups that share one input.
+LINEARS = ("q", "k", "v", "o", "gate", "up", "down")
+PATHS = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
+         "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
+FUSED = {"qkv": ("q", "k", "v"), "gate_up": ("gate", "up")}
+FUSED_PATHS = {"qkv": "self_attn.qkv_proj", "gate_up": "mlp.gate_up_proj"}
+
+
 class Block:
-    __slots__ = ("attn_norm", "down", "gate", "k", "mlp_norm", "o", "q", "up", "v")
+    """One decoder layer: norms, and a slot per linear plus a slot per fused group (q|k|v, gate|up).
+
+    A plan whose q, k and v share a bit-width binds the fused slot (one kernel call) and leaves the
+    single slots empty; otherwise the reverse. Likewise for gate and up.
+    """
+
+    __slots__ = ("attn_norm", "down", "gate", "gate_up", "k", "mlp_norm", "o", "q", "qkv", "up", "v")
 
     def __init__(self, layer, index: int, device: torch.device, dtype: torch.dtype):
         self.attn_norm = layer.input_layernorm.weight.detach().to(device, dtype)
         self.mlp_norm = layer.post_attention_layernorm.weight.detach().to(device, dtype)
         prefix = f"model.layers.{index}."
-        for attr, path in (("q", "self_attn.q_proj"), ("k", "self_attn.k_proj"), ("v", "self_attn.v_proj"),
-                           ("o", "self_attn.o_proj"), ("gate", "mlp.gate_proj"), ("up", "mlp.up_proj"),
-                           ("down", "mlp.down_proj")):
-            setattr(self, attr, Slot(prefix + path))
+        for attr in LINEARS:
+            setattr(self, attr, Slot(prefix + PATHS[attr]))
+        for attr in FUSED:
+            setattr(self, attr, Slot(prefix + FUSED_PATHS[attr]))
 
     def slots(self) -> list[Slot]:
-        return [self.q, self.k, self.v, self.o, self.gate, self.up, self.down]
+        return [getattr(self, attr) for attr in LINEARS]
+
+    def qkv_out(self, h: torch.Tensor) -> torch.Tensor:
+        if self.qkv.pack is not None:
+            return self.qkv(h)
+        return torch.cat([self.q(h), self.k(h), self.v(h)], dim=-1)
+
+    def mlp(self, h: torch.Tensor) -> torch.Tensor:
+        if self.gate_up.pack is not None:
+            gate, up = self.gate_up(h).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate(h), self.up(h)
+        return self.down(F.silu(gate) * up)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # Like transformers' LlamaRMSNorm: normalise in float32, scale in the compute dtype.
-    x32 = x.float()
-    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    # One fused op (it accumulates in float32 for bf16 inputs).
+    return F.rms_norm(x, weight.shape, weight, eps)
 
 
 class CompactLlama:
@@ -111,12 +131,17 @@ class CompactLlama:
         self.cos, self.sin = self._rope_tables(hf_model)
 
     def _rope_tables(self, hf_model: PreTrainedModel) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin for every position, from transformers' own rotary module (honours rope_scaling)."""
+        """cos and sign-folded sin for every position, from transformers' own rotary module (honours rope_scaling).
+
+        rotate_half(x) * sin == x.roll(d/2) * [-sin_1, sin_2], so the rotation is a roll and two products.
+        """
         positions = torch.arange(self.dims.max_positions).unsqueeze(0)
         probe = torch.zeros(1, dtype=torch.float32)
         with torch.no_grad():
             cos, sin = hf_model.model.rotary_emb(probe, positions)
-        return cos[0].to(self.device, self.dtype), sin[0].to(self.device, self.dtype)
+        half = self.dims.head_dim // 2
+        sin = torch.cat([-sin[0, :, :half], sin[0, :, half:]], dim=-1)
+        return cos[0].to(self.device, self.dtype), sin.to(self.device, self.dtype)
 
     def linear_slots(self) -> list[Slot]:
         return [slot for block in self.blocks for slot in block.slots()]
@@ -125,24 +150,22 @@ class CompactLlama:
         table = self.head.pack if self.tied else self.embedding
         return table.rows(tokens)
 
-    def _attention_inputs(self, block: Block, x: torch.Tensor, positions: torch.Tensor):
+    def _qkv(self, block: Block, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """Projections with RoPE on q and k: q [b, s, heads, d], k and v [b, s, kv_heads, d]."""
         batch, seq, _ = x.shape
         d = self.dims
-        h = rms_norm(x, block.attn_norm, d.eps)
-        q = block.q(h).view(batch, seq, d.n_heads, d.head_dim).transpose(1, 2)
-        k = block.k(h).view(batch, seq, d.n_kv_heads, d.head_dim).transpose(1, 2)
-        v = block.v(h).view(batch, seq, d.n_kv_heads, d.head_dim).transpose(1, 2)
-        cos = self.cos[positions].unsqueeze(1)  # [batch, 1, seq, head_dim]
-        sin = self.sin[positions].unsqueeze(1)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
-        return q, k, v
+        qkv = block.qkv_out(rms_norm(x, block.attn_norm, d.eps)).view(batch, seq, d.n_heads + 2 * d.n_kv_heads, d.head_dim)
+        rotated = d.n_heads + d.n_kv_heads
+        qk = qkv[:, :, :rotated]
+        qk = torch.addcmul(qk * cos, qk.roll(d.head_dim // 2, dims=-1), sin)
+        return qk[:, :, : d.n_heads], qk[:, :, d.n_heads:], qkv[:, :, rotated:]
 
     def _finish_block(self, block: Block, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
-        batch, seq = x.shape[:2]
-        x = x + block.o(attn.transpose(1, 2).reshape(batch, seq, -1))
-        h = rms_norm(x, block.mlp_norm, self.dims.eps)
-        return x + block.down(F.silu(block.gate(h)) * block.up(h))
+        x = x + block.o(attn)
+        return x + block.mlp(rms_norm(x, block.mlp_norm, self.dims.eps))
+
+    def _rope_at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cos[positions].unsqueeze(2), self.sin[positions].unsqueeze(2)  # [b, s, 1, d]
 
     def prefill(self, tokens: torch.Tensor, cache: KVCache | None, last: torch.Tensor | None) -> torch.Tensor:
         """Run prompts [batch, seq] (right-padded) from position 0, filling `cache` when given.
@@ -151,37 +174,48 @@ class CompactLlama:
         when `last` is None (float32 [batch, seq, vocab]).
         """
         batch, seq = tokens.shape
-        positions = torch.arange(seq, device=self.device).expand(batch, seq)
+        cos, sin = self._rope_at(torch.arange(seq, device=self.device).expand(batch, seq))
         x = self.embed(tokens)
         for index, block in enumerate(self.blocks):
-            q, k, v = self._attention_inputs(block, x, positions)
+            q, k, v = (t.transpose(1, 2) for t in self._qkv(block, x, cos, sin))
             if cache is not None:
                 cache.k[index, :batch, :, :seq] = k
                 cache.v[index, :batch, :, :seq] = v
             # Right padding: a real query never sees a padded key under the causal mask.
             attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-            x = self._finish_block(block, x, attn)
+            x = self._finish_block(block, x, attn.transpose(1, 2).reshape(batch, seq, -1))
         if last is not None:
             x = x[torch.arange(batch, device=self.device), last]
         return self.head(rms_norm(x, self.final_norm, self.dims.eps)).float()
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, span: int,
-               mask: torch.Tensor | None) -> torch.Tensor:
+               mask: torch.Tensor | None, position: int | None) -> torch.Tensor:
         """One token per sequence: tokens/positions [batch]; attends to cache positions < span.
 
-        `mask` [batch, 1, 1, span] (True = attend) is needed when sequences sit at different positions.
-        Returns float32 logits [batch, vocab].
+        `position` is the shared position when every sequence is at the same one; otherwise `mask`
+        [batch, 1, 1, span] (0 or -inf) hides each sequence's future slots. Returns float32 logits [batch, vocab].
         """
+        d = self.dims
         batch = tokens.shape[0]
+        group = d.n_heads // d.n_kv_heads
         rows = torch.arange(batch, device=self.device)
+        cos, sin = self._rope_at(positions.unsqueeze(1))
         x = self.embed(tokens).unsqueeze(1)
-        pos = positions.unsqueeze(1)
+        scale = d.head_dim**-0.5
         for index, block in enumerate(self.blocks):
-            q, k, v = self._attention_inputs(block, x, pos)
+            q, k, v = self._qkv(block, x, cos, sin)
             keys, values = cache.k[index], cache.v[index]
-            keys[rows, :, positions] = k[:, :, 0]
-            values[rows, :, positions] = v[:, :, 0]
-            attn = F.scaled_dot_product_attention(q, keys[:, :, :span], values[:, :, :span], attn_mask=mask,
-                                                  enable_gqa=True)
-            x = self._finish_block(block, x, attn)
+            if position is not None:
+                keys[:, :, position] = k[:, 0]
+                values[:, :, position] = v[:, 0]
+            else:
+                keys[rows, :, positions] = k[:, 0]
+                values[rows, :, positions] = v[:, 0]
+            # Grouped-query attention for one query: [b, kv_heads, group, d] against [b, kv_heads, span, d].
+            scores = torch.matmul(q.reshape(batch, d.n_kv_heads, group, d.head_dim),
+                                  keys[:, :, :span].transpose(-1, -2)).float() * scale
+            if mask is not None:
+                scores = scores + mask
+            attn = torch.matmul(scores.softmax(-1).to(self.dtype), values[:, :, :span])
+            x = self._finish_block(block, x, attn.reshape(batch, 1, -1))
         return self.head(rms_norm(x[:, 0], self.final_norm, self.dims.eps)).float()

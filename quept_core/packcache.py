@@ -32,9 +32,13 @@ class PackCache:
     def keys(self) -> list[Hashable]:
         return list(self._packs)
 
-    def sizes(self) -> dict[Hashable, int]:
-        """Resident bytes of each pack."""
-        return {key: pack.nbytes for key, pack in self._packs.items()}
+    def nbytes(self, key: Hashable) -> int:
+        return self._packs[key].nbytes
+
+    def touch(self, keys: list[Hashable]) -> None:
+        """Mark resident packs as just used (they become the last to be evicted)."""
+        for key in keys:
+            self._packs.move_to_end(key)
 
     def ensure(self, keys: list[Hashable]) -> list[PackedWeight]:
         """Return the packs for `keys`, building the missing ones and evicting least recently used others."""

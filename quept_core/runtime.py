@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import torch
 
@@ -18,14 +19,25 @@ from quept_core.bitconfig import BitConfig
 from quept_core.elastic_linear import ElasticLinear
 from quept_core.generation import SamplingParams, SequenceRequest, TokenEvent
 from quept_core.kernels import DenseWeight, PackedWeight, pack_weight
-from quept_core.llama import CompactLlama, KVCache
+from quept_core.llama import FUSED, FUSED_PATHS, LINEARS, PATHS, CompactLlama, KVCache, Slot
 from quept_core.models import LoadedModel
 from quept_core.packcache import PackCache
 from quept_core.plans import Plan, PrecisionError, parse_precision, uniform_plan
-from quept_core.quantizer import quantize
+from quept_core.quantizer import QuantizedWeight, quantize
 from quept_core.sampling import RequestError, Sampler, check_sampling
 
 HEAD = "lm_head"
+PackKey = tuple[str, int | None]  # (slot name, bits); None: full precision
+# Plans whose slot assignments are remembered for pointer-swap switching.
+MAX_BOUND_PLANS = 32
+
+
+@dataclass
+class _Bound:
+    plan: Plan
+    generation: int  # the pack cache's generation the assignment is valid for
+    keys: list[PackKey]
+    assignment: list[tuple[Slot, PackedWeight | None]]
 # The output head (a fifth of the model's weights) runs at 8 bits in quantized plans unless a plan says otherwise.
 DEFAULT_HEAD_BITS = 8
 
@@ -75,18 +87,19 @@ class QueptEngine:
         with torch.no_grad():
             self.model = CompactLlama(loaded.model, self.device, dtype)
         self._head_weight = loaded.model.lm_head.weight.detach()
-        self._slots = {slot.name: slot for slot in self.model.linear_slots()}
-        missing = [name for name in self._slots if name not in self.elastic]
+        self.linear_names = [slot.name for slot in self.model.linear_slots()]
+        missing = [name for name in self.linear_names if name not in self.elastic]
         if missing:
             raise ValueError(f"no elastic linear for {len(missing)} layers, e.g. '{missing[0]}'")
-        self.linear_names = list(self._slots)
-        self._slots[HEAD] = self.model.head
         if memory_limit_bytes is None:
             memory_limit_bytes = memory_limit_from_env()
         self.cache = PackCache(self._build_pack, memory_limit_bytes)
         self.eos_ids = _eos_ids(loaded)
         self.current_plan: Plan | None = None
         self._generation = -1
+        self._all_slots = [getattr(block, attr) for block in self.model.blocks for attr in (*FUSED, *LINEARS)]
+        self._all_slots.append(self.model.head)
+        self._bound: dict[int, _Bound] = {}
 
     @classmethod
     def from_calibrated(cls, calibrated, **kwargs) -> QueptEngine:
@@ -108,8 +121,7 @@ class QueptEngine:
             return self.mixed_resolver(spec.bits)
         raise PrecisionError(f"precision '{precision}' must be resolved to a concrete plan before it reaches the engine")
 
-    def _plan_keys(self, plan: Plan) -> list[tuple[str, int | None]]:
-        keys = []
+    def _check_plan(self, plan: Plan) -> None:
         allowed = self.bit_config.bits
         for name in self.linear_names:
             if name not in plan.layer_bits:
@@ -117,44 +129,95 @@ class QueptEngine:
             bits = plan.layer_bits[name]
             if bits is not None and bits not in allowed:
                 raise PrecisionError(f"plan '{plan.name}': layer '{name}' has bits {bits}; allowed: {allowed} or fp")
-            keys.append((name, bits))
         if plan.lm_head_bits is not None and plan.lm_head_bits not in allowed:
             raise PrecisionError(f"plan '{plan.name}': lm_head_bits {plan.lm_head_bits}; allowed: {allowed} or fp")
-        keys.append((HEAD, plan.lm_head_bits))
-        return keys
+
+    def _bindings(self, plan: Plan) -> list[tuple[Slot, PackKey]]:
+        """(slot, pack key) for every slot a plan fills: fused q|k|v and gate|up where their bits agree."""
+        self._check_plan(plan)
+        bindings = []
+        for block in self.model.blocks:
+            for fused, members in FUSED.items():
+                slots = [getattr(block, m) for m in members]
+                bits = {plan.layer_bits[slot.name] for slot in slots}
+                # Full precision runs the float32 masters by reference, which cannot be fused without a copy.
+                if len(bits) == 1 and None not in bits:
+                    bindings.append((getattr(block, fused), (getattr(block, fused).name, bits.pop())))
+                else:
+                    bindings.extend((slot, (slot.name, plan.layer_bits[slot.name])) for slot in slots)
+            for attr in ("o", "down"):
+                slot = getattr(block, attr)
+                bindings.append((slot, (slot.name, plan.layer_bits[slot.name])))
+        bindings.append((self.model.head, (HEAD, plan.lm_head_bits)))
+        return bindings
+
+    def pack_keys(self, plan: Plan) -> list[PackKey]:
+        """The (slot name, bits) packs a plan runs on."""
+        return [key for _, key in self._bindings(plan)]
 
     def set_plan(self, plan: Plan) -> None:
-        """Make `plan` current: build its missing packs, then swap every slot's reference."""
+        """Make `plan` current: build its missing packs, then swap every slot's reference.
+
+        Between resident plans this is a pointer swap: the slot assignments of recently used plans
+        are kept while no pack has been evicted since.
+        """
         if plan is self.current_plan and self._generation == self.cache.generation:
             return
-        keys = self._plan_keys(plan)
-        packs = self.cache.ensure(keys)
-        for (name, _), pack in zip(keys, packs):
-            self._slots[name].pack = pack
+        bound = self._bound.get(id(plan))
+        if bound is not None and bound.plan is plan and bound.generation == self.cache.generation:
+            self.cache.touch(bound.keys)
+        else:
+            bindings = self._bindings(plan)
+            keys = [key for _, key in bindings]
+            packs = self.cache.ensure(keys)
+            assignment = dict.fromkeys(self._all_slots)
+            assignment.update((slot, pack) for (slot, _), pack in zip(bindings, packs))
+            bound = _Bound(plan, self.cache.generation, keys, list(assignment.items()))
+            self._bound.pop(id(plan), None)
+            self._bound[id(plan)] = bound
+            while len(self._bound) > MAX_BOUND_PLANS:
+                del self._bound[next(iter(self._bound))]
+        for slot, pack in bound.assignment:
+            slot.pack = pack
         self.current_plan = plan
         self._generation = self.cache.generation
 
     def weight_bytes(self, plan: Plan) -> int:
         """Resident bytes of the weights a plan runs on: its packs plus the norms."""
-        packs = self.cache.ensure(self._plan_keys(plan))
+        packs = self.cache.ensure(self.pack_keys(plan))
         norms = sum(b.attn_norm.numel() + b.mlp_norm.numel() for b in self.model.blocks) + self.model.final_norm.numel()
         embedding = self.model.embedding.nbytes if self.model.embedding is not None else 0
         return sum(p.nbytes for p in packs) + norms * self.model.final_norm.element_size() + embedding
 
-    def _build_pack(self, key: tuple[str, int | None]) -> PackedWeight:
+    def _source(self, name: str) -> list[str]:
+        """The elastic linears behind a slot name (three or two for a fused slot)."""
+        for fused, members in FUSED.items():
+            suffix = FUSED_PATHS[fused]
+            if name.endswith(suffix):
+                prefix = name[: -len(suffix)]
+                return [prefix + PATHS[m] for m in members]
+        return [name]
+
+    def _build_pack(self, key: PackKey) -> PackedWeight:
         name, bits = key
         with torch.no_grad():
             if name == HEAD:
-                weight = self._head_weight
+                weight = self._head_weight.to(self.device)
                 if bits is None:
-                    return DenseWeight(weight.to(self.device), self.dtype)
-                qw = quantize(weight.to(self.device), bits, self.bit_config.group_size_for(bits))
-                return pack_weight(qw, self.dtype)
-            linear = self.elastic[name]
+                    return DenseWeight(weight, self.dtype)
+                return pack_weight(quantize(weight, bits, self.bit_config.group_size_for(bits)), self.dtype)
+            linears = [self.elastic[source] for source in self._source(name)]
             if bits is None:
-                return DenseWeight(linear.weight.to(self.device), self.dtype)
-            qw = linear.quantize(bits)
-            qw.codes, qw.scale, qw.zero = qw.codes.to(self.device), qw.scale.to(self.device), qw.zero.to(self.device)
+                weight = linears[0].weight if len(linears) == 1 else torch.cat([linear.weight for linear in linears])
+                return DenseWeight(weight.to(self.device), self.dtype)
+            parts = [linear.quantize(bits) for linear in linears]
+            qw = QuantizedWeight(
+                codes=torch.cat([q.codes for q in parts]).to(self.device),
+                scale=torch.cat([q.scale for q in parts]).to(self.device),
+                zero=torch.cat([q.zero for q in parts]).to(self.device),
+                bits=bits,
+                group_size=parts[0].group_size,
+            )
             return pack_weight(qw, self.dtype)
 
     # Generation ------------------------------------------------------------------------------------
@@ -229,11 +292,14 @@ class QueptBatch:
         else:
             positions = torch.tensor(self._positions, device=device)
             span = max(self._positions) + 1
+            shared = self._positions[0] if min(self._positions) == span - 1 else None
             mask = None
-            if min(self._positions) != max(self._positions):
-                mask = (torch.arange(span, device=device) <= positions.unsqueeze(1)).view(len(self._seqs), 1, 1, span)
+            if shared is None:
+                future = torch.arange(span, device=device) > positions.unsqueeze(1)
+                mask = torch.zeros(future.shape, device=device).masked_fill(future, float("-inf"))
+                mask = mask.view(len(self._seqs), 1, 1, span)
             tokens = torch.tensor(self._last, device=device)
-            logits = model.decode(tokens, positions, self._cache, span, mask)
+            logits = model.decode(tokens, positions, self._cache, span, mask, shared)
             self._positions = [p + 1 for p in self._positions]
         self.last_logits = logits
         chosen = self._sampler(logits)

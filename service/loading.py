@@ -56,9 +56,11 @@ class ModelBackend:
 
     def resident_bytes(self) -> dict[str, int]:
         resident = {"fp": 0, **{f"w{b}": 0 for b in self.bit_set}}
-        for (_, bits), size in self.engine.cache.sizes().items():
-            label = "fp" if bits is None else f"w{bits}"
-            resident[label] += size
+        cache = self.engine.cache
+        resident_keys = cache.keys()  # (linear name, bits)
+        for key in resident_keys:
+            label = "fp" if key[1] is None else f"w{key[1]}"
+            resident[label] += cache.nbytes(key)
         return resident
 
 

@@ -90,10 +90,23 @@ def test_mixed_plan_runs_each_layer_at_its_own_bits(engine):
     layer_bits = {name: (3 if i % 2 else 8) for i, name in enumerate(names)}
     mixed = Plan("mixed:5.50", layer_bits, 8)
     engine.set_plan(mixed)
-    for name in names:
-        assert engine._slots[name].pack is engine.cache.ensure([(name, layer_bits[name])])[0]
+    for slot in engine.model.linear_slots():
+        # q, k, v (and gate, up) differ in bits here, so each runs its own pack.
+        assert slot.pack is engine.cache.ensure([(slot.name, layer_bits[slot.name])])[0]
+        numel = slot.pack.in_features * slot.pack.out_features
+        # b bits per weight plus at most 6 bytes of scale and zero-point per group of 64.
+        assert slot.pack.nbytes <= numel * layer_bits[slot.name] / 8 + numel / 64 * 6
+    assert all(block.qkv.pack is None and block.gate_up.pack is None for block in engine.model.blocks)
     tokens, _ = run(engine.start_batch(requests(), mixed))
     assert sorted(tokens) == [0, 1, 2]
+
+
+def test_uniform_plan_runs_fused_projections(engine):
+    engine.set_plan(engine.plan("w5"))
+    for block in engine.model.blocks:
+        assert block.qkv.pack.out_features == 128 + 64 + 64
+        assert block.gate_up.pack.out_features == 2 * 256
+        assert all(slot.pack is None for slot in (block.q, block.k, block.v, block.gate, block.up))
 
 
 def test_cancel_stops_one_sequence_and_keeps_the_others(engine):

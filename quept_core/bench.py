@@ -1,0 +1,245 @@
+"""`quept bench`: the runtime side by side with transformers (and llama.cpp when installed).
+
+Every figure of one run is measured on the same machine in the same process, so ratios between
+rows are meaningful; absolute numbers depend on the machine and its load.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from quept_core import llamacpp
+from quept_core.generation import SamplingParams, SequenceRequest
+from quept_core.models import LoadedModel, load_model
+from quept_core.plans import Plan
+from quept_core.runtime import QueptEngine
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    prompt_tokens: int = 256
+    new_tokens: int = 64
+    batch: int = 8
+    ppl_tokens: int = 4096
+    seqlen: int = 512
+    switches: int = 200
+
+
+@dataclass
+class BenchRow:
+    engine: str  # "hf", "quept" or "llama.cpp"
+    precision: str
+    prefill_tok_s: float | None = None
+    decode_tok_s_b1: float | None = None
+    decode_tok_s_b8: float | None = None
+    weight_bytes: int | None = None
+    ppl: float | None = None
+
+
+@dataclass
+class BenchResult:
+    rows: list[BenchRow]
+    switch_ms: dict[str, float] | None
+    reload_s: float | None
+    uniform_resident_bytes: int | None = None  # all uniform plans' packs resident at once
+    fp32_model_bytes: int | None = None
+    notes: list[str] = field(default_factory=list)
+    settings: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {
+            "rows": [asdict(row) for row in self.rows],
+            "switch_ms": self.switch_ms,
+            "reload_s": self.reload_s,
+            "uniform_resident_bytes": self.uniform_resident_bytes,
+            "fp32_model_bytes": self.fp32_model_bytes,
+            "notes": self.notes,
+            "settings": self.settings,
+        }
+
+
+def _timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def text_tokens(loaded: LoadedModel, path: Path) -> torch.Tensor:
+    """The whole text, CRLF normalised, tokenized once (the project's perplexity convention)."""
+    text = path.read_text(encoding="utf-8").replace("\r\n", "\n")
+    return torch.tensor(loaded.tokenizer(text)["input_ids"], dtype=torch.long)
+
+
+def perplexity(window_logits: Callable[[torch.Tensor], torch.Tensor], tokens: torch.Tensor, seqlen: int) -> float:
+    """exp(mean next-token NLL) over non-overlapping windows of `seqlen` tokens (tail dropped)."""
+    count = tokens.numel() // seqlen
+    if count == 0:
+        raise ValueError(f"perplexity needs at least seqlen={seqlen} tokens, got {tokens.numel()}")
+    total, predicted = 0.0, 0
+    for window in tokens[: count * seqlen].view(count, seqlen):
+        logits = window_logits(window.unsqueeze(0))[0, :-1]
+        total += F.cross_entropy(logits.float(), window[1:].to(logits.device), reduction="sum").item()
+        predicted += seqlen - 1
+    return math.exp(total / predicted)
+
+
+# transformers -------------------------------------------------------------------------------------
+
+@torch.inference_mode()
+def measure_hf(model, prompts: torch.Tensor, config: BenchConfig, ppl_tokens: torch.Tensor | None) -> BenchRow:
+    """transformers' own forward and `generate` in full precision (the baseline)."""
+    one = prompts[:1]
+    model(one)  # warm-up
+    prefill = _timed(lambda: model(one))
+    greedy = {"do_sample": False, "eos_token_id": None, "pad_token_id": 0}
+    total = _timed(lambda: model.generate(one, max_new_tokens=config.new_tokens,
+                                          min_new_tokens=config.new_tokens, **greedy))
+    batch_prefill = _timed(lambda: model(prompts))
+    batch_total = _timed(lambda: model.generate(prompts, max_new_tokens=config.new_tokens,
+                                                min_new_tokens=config.new_tokens, **greedy))
+    steps = config.new_tokens - 1  # the first new token comes out of the prefill
+    return BenchRow(
+        engine="hf",
+        precision="fp",
+        prefill_tok_s=one.numel() / prefill,
+        decode_tok_s_b1=steps / max(total - prefill, 1e-9),
+        decode_tok_s_b8=steps * prompts.shape[0] / max(batch_total - batch_prefill, 1e-9),
+        weight_bytes=sum(p.numel() * p.element_size() for p in model.parameters()),
+        ppl=None if ppl_tokens is None else perplexity(lambda w: model(w).logits, ppl_tokens, config.seqlen),
+    )
+
+
+# the runtime --------------------------------------------------------------------------------------
+
+def _generate_timed(engine: QueptEngine, prompts: torch.Tensor, plan: Plan, new_tokens: int) -> tuple[float, float]:
+    """(prefill seconds, decode tokens per second) for one batch, stopping only at the length."""
+    requests = [SequenceRequest(p.tolist(), SamplingParams(max_new_tokens=new_tokens)) for p in prompts]
+    batch = engine.start_batch(requests, plan)
+    prefill = _timed(batch.step)
+    tokens, start = 0, time.perf_counter()
+    while not batch.done:
+        tokens += len(batch.step())
+    return prefill, tokens / max(time.perf_counter() - start, 1e-9)
+
+
+def measure_engine(engine: QueptEngine, plan: Plan, prompts: torch.Tensor, config: BenchConfig,
+                   ppl_tokens: torch.Tensor | None) -> BenchRow:
+    eos_ids = engine.eos_ids
+    engine.eos_ids = frozenset()  # throughput is measured over a fixed number of tokens
+    try:
+        engine.set_plan(plan)
+        _generate_timed(engine, prompts[:1, :32], plan, 4)  # warm-up: kernel choice, allocation
+        prefill, decode_b1 = _generate_timed(engine, prompts[:1], plan, config.new_tokens)
+        _, decode_b8 = _generate_timed(engine, prompts, plan, config.new_tokens)
+    finally:
+        engine.eos_ids = eos_ids
+    ppl = None
+    if ppl_tokens is not None:
+        ppl = perplexity(lambda w: engine.logits(w, plan), ppl_tokens, config.seqlen)
+    return BenchRow("quept", plan.name, prompts.shape[1] / prefill, decode_b1, decode_b8,
+                    engine.weight_bytes(plan), ppl)
+
+
+def switch_latency(engine: QueptEngine, plans: list[Plan], switches: int) -> dict[str, float]:
+    """Median and p99 of `set_plan` between resident plans, in milliseconds."""
+    for plan in plans:
+        engine.set_plan(plan)
+    times = []
+    for index in range(switches):
+        plan = plans[index % len(plans)]
+        start = time.perf_counter()
+        engine.set_plan(plan)
+        times.append((time.perf_counter() - start) * 1e3)
+    times.sort()
+    return {"p50": statistics.median(times), "p99": times[min(len(times) - 1, math.ceil(0.99 * len(times)) - 1)]}
+
+
+def run_bench(
+    model_spec: str,
+    make_engine: Callable[[LoadedModel], QueptEngine],
+    precisions: list[str],
+    config: BenchConfig,
+    text: Path | None,
+    gguf: Path | None,
+) -> BenchResult:
+    """Measure every row of the comparison; `text` feeds the prompts and the perplexity."""
+    notes = []
+    loaded = load_model(model_spec)
+    engine = make_engine(loaded)
+    tokens = text_tokens(loaded, text) if text is not None else None
+    vocab = engine.model.dims.vocab
+    needed = config.prompt_tokens * config.batch
+    if tokens is None or tokens.numel() < needed:
+        notes.append("no evaluation text: prompts are random token ids and perplexity is not measured")
+        tokens = torch.randint(0, vocab, (needed,), generator=torch.Generator().manual_seed(0))
+        ppl_tokens = None
+    else:
+        ppl_tokens = tokens[: config.ppl_tokens]
+    prompts = tokens[:needed].view(config.batch, config.prompt_tokens)
+
+    rows = []
+    reload_s = _timed(lambda: load_model(model_spec))
+    baseline = load_model(model_spec).model
+    fp32_bytes = sum(p.numel() for p in baseline.parameters()) * 4
+    rows.append(measure_hf(baseline, prompts, config, ppl_tokens))
+    del baseline
+
+    plans = [engine.plan(p) for p in precisions]
+    for plan in plans:
+        log.info("benchmarking %s", plan.name)
+        rows.append(measure_engine(engine, plan, prompts, config, ppl_tokens))
+
+    uniform = [engine.plan(f"w{b}") for b in engine.bit_config.bits]
+    engine.cache.limit_bytes = None
+    for plan in uniform:
+        engine.set_plan(plan)
+    uniform_keys = {key for plan in uniform for key in engine.pack_keys(plan)}
+    uniform_bytes = sum(engine.cache.nbytes(key) for key in uniform_keys)
+    switch_ms = switch_latency(engine, uniform + plans, config.switches)
+
+    if gguf is None:
+        notes.append("llama.cpp: the model is not a GGUF file")
+    elif not llamacpp.available():
+        notes.append("llama.cpp: not installed (pip install 'quept-serve[bench]' adds llama-cpp-python)")
+    else:
+        rows.append(llamacpp.measure(gguf, prompts, config, ppl_tokens))
+
+    settings = {**asdict(config), "threads": torch.get_num_threads(), "device": str(engine.device),
+                "dtype": str(engine.dtype).removeprefix("torch."), "head_bits": engine.head_bits}
+    return BenchResult(rows, switch_ms, reload_s, uniform_bytes, fp32_bytes, notes, settings)
+
+
+def allocator_resolver(loaded: LoadedModel, engine: QueptEngine) -> Callable[[float], Plan] | None:
+    """`mixed:<avg>` through the bit allocator on a proxy sensitivity table of the engine's weights.
+
+    None when this installation has no allocator (quept_core.mixed).
+    """
+    try:
+        from quept_core.calib_data import calibration_tokens
+        from quept_core.mixed import Allocator
+        from quept_core.sensitivity import proxy_sensitivity, sensitivity_tokens
+        from quept_core.weights import QueptWeights
+    except ImportError:
+        return None
+    allocator: list[Allocator] = []
+
+    def resolve(avg_bits: float) -> Plan:
+        if not allocator:
+            tokens = calibration_tokens(loaded, n_samples=8, seqlen=256, seed=0)
+            proxy, probe = sensitivity_tokens(tokens)
+            table = proxy_sensitivity(loaded.model, QueptWeights(engine.elastic), engine.bit_config, proxy, probe)
+            allocator.append(Allocator(table, engine.bit_config))
+        return allocator[0].plan(avg_bits)
+
+    return resolve

@@ -1,0 +1,60 @@
+"""The native CPU kernel for bit-plane weights, compiled once per torch version and CPU.
+
+Building needs a C++ compiler and ninja (about a minute, once; the result is cached under the
+QuEPT cache folder). Without them, or with QUEPT_NATIVE=0, bit-plane weights fall back to
+dequantize-then-matmul, which is correct but slower at decode.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+from collections.abc import Callable
+from functools import cache
+from pathlib import Path
+
+import torch
+
+from quept_core.paths import cache_dir
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).parent / "csrc" / "planes.cpp"
+
+
+def _cpu_key() -> str:
+    """Identifies the instruction set the kernel is compiled for (-march=native)."""
+    flags = platform.processor()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                flags += line
+                break
+    return hashlib.sha256(flags.encode()).hexdigest()[:10]
+
+
+@cache
+def planes_gemv() -> Callable | None:
+    """`torch.ops.quept.planes_gemv`, building it on first use; None when it cannot be built."""
+    if os.environ.get("QUEPT_NATIVE", "1") == "0":
+        return None
+    from torch.utils import cpp_extension
+
+    folder = cache_dir() / "kernels" / f"torch-{torch.__version__}-{_cpu_key()}"
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        cpp_extension.load(
+            name="quept_planes",
+            sources=[str(SOURCE)],
+            extra_cflags=["-O3", "-march=native", "-ffast-math"],
+            build_directory=str(folder),
+            is_python_module=False,
+            verbose=False,
+        )
+    except (OSError, RuntimeError, ImportError, SystemExit) as error:
+        log.warning("native bit-plane kernel unavailable (%s); using dequantize-then-matmul", error)
+        return None
+    return torch.ops.quept.planes_gemv.default

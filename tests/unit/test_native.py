@@ -1,0 +1,44 @@
+"""The native bit-plane kernel: the vectorized path (this CPU's) and the portable path (other CPUs)."""
+
+import pytest
+import torch
+from torch.utils import cpp_extension
+
+from quept_core.kernels import PACK_REL_TOL, pack_planes, relative_error
+from quept_core.native import SOURCE, planes_gemv
+from quept_core.paths import cache_dir
+from quept_core.quantizer import quantize
+
+
+@pytest.fixture(scope="module")
+def portable():
+    folder = cache_dir() / "kernels" / f"torch-{torch.__version__}-portable-test"
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        cpp_extension.load(name="quept_planes_portable", sources=[str(SOURCE)], build_directory=str(folder),
+                           extra_cflags=["-O2", "-DQUEPT_PORTABLE", "-DQUEPT_OPS=quept_portable"],
+                           is_python_module=False)
+    except (OSError, RuntimeError) as error:
+        pytest.skip(f"no C++ toolchain: {error}")
+    return torch.ops.quept_portable.planes_gemv.default
+
+
+@pytest.fixture(scope="module")
+def native():
+    op = planes_gemv()
+    if op is None:
+        pytest.skip("no C++ toolchain")
+    return op
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7, 8])
+@pytest.mark.parametrize(("rows", "in_features", "group"), [(1, 256, 64), (3, 192, 128), (21, 256, -1)])
+@pytest.mark.parametrize("path", ["native", "portable"])
+def test_kernel_matches_dequantized_reference(request, path, bits, rows, in_features, group):
+    op = request.getfixturevalue(path)
+    qw = quantize(torch.randn(80, in_features) * 0.05, bits, group)
+    x = torch.randn(rows, in_features).bfloat16()
+    out = op(x, pack_planes(qw.codes, bits), bits, qw.scale.float().contiguous(), qw.zero.to(torch.int16).contiguous(),
+             in_features if group == -1 else group)
+    assert out.shape == (rows, 80) and out.dtype == torch.bfloat16
+    assert relative_error(out, x.float() @ qw.dequantize().T) < PACK_REL_TOL / 4
