@@ -30,8 +30,9 @@ from tqdm.auto import tqdm
 
 from quept_core.bitconfig import BitConfig
 from quept_core.calib_checkpoint import CalibrationCheckpoint
-from quept_core.clip_search import init_clips, input_grams
+from quept_core.clip_search import clip_ratios, init_clips, input_grams
 from quept_core.elastic_linear import ElasticLinear, elastic_linears, make_elastic, set_bits
+from quept_core.quantizer import storage_bits_per_weight
 from quept_core.tome import default_tome_weights, merge_tiers
 
 PRESETS = ("fast", "default")
@@ -54,14 +55,18 @@ class CalibrationConfig:
     tome_weights: tuple[float, ...] | None = None  # λ per tier, low -> high; None: default_tome_weights
     clip_search: bool = True
     clip_search_samples: int = 4  # sequences whose inputs feed the clip-ratio search
+    clip_search_grid: int = 20  # shrink ratios tried: 1.0, 0.975, ... (steps of 0.025)
     seed: int = 0
 
     def __post_init__(self) -> None:
         positive = {"n_samples": self.n_samples, "seqlen": self.seqlen, "epochs": self.epochs,
-                    "batch_size": self.batch_size, "clip_search_samples": self.clip_search_samples}
+                    "batch_size": self.batch_size, "clip_search_samples": self.clip_search_samples,
+                    "clip_search_grid": self.clip_search_grid}
         for name, value in positive.items():
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"CalibrationConfig.{name} must be a positive integer, got {value!r}")
+        if self.clip_search_grid >= 40:
+            raise ValueError(f"CalibrationConfig.clip_search_grid must be in 1..39, got {self.clip_search_grid}")
         for name in ("lora_lr", "clip_lr"):
             if not getattr(self, name) >= 0.0:
                 raise ValueError(f"CalibrationConfig.{name} must be >= 0, got {getattr(self, name)!r}")
@@ -301,7 +306,7 @@ def calibrate(
             set_bits(block, None)
             grams = input_grams(block, linears, (samples[part] for part in _chunks(len(samples), inference_batch)),
                                 block_kwargs)
-            init_clips(linears, grams, config.bit_config.bits)
+            init_clips(linears, grams, config.bit_config.bits, clip_ratios(config.clip_search_grid))
         steps_bar = tqdm(total=config.steps_per_block, desc=f"block {k + 1}/{len(layers)}", unit="step",
                          leave=False, disable=not progress)
         first, last = _train_block(block, linears, x_q, y_fp, block_kwargs, config, rng, steps_bar)
@@ -319,3 +324,27 @@ def calibrate(
     set_bits(model, None)
     return CalibrationResult(elastic, config.bit_config, records, fingerprint,
                              time.perf_counter() - start_time, resumed_from=start)
+
+
+def bits_per_weight(elastic: dict[str, ElasticLinear], bits: int) -> float:
+    """Parameter-weighted storage bits per weight at `bits`, scales and zero-points included."""
+    total = sum(m.weight.numel() for m in elastic.values())
+    return sum(m.weight.numel() * storage_bits_per_weight(bits, m.bit_config.group_size_for(bits), m.in_features)
+               for m in elastic.values()) / total
+
+
+def summary_lines(result: CalibrationResult, config: CalibrationConfig) -> list[str]:
+    """The end-of-run table: per-block tier losses (first -> last step), then bits per weight."""
+    tiers = config.bit_config.tiers
+    lines = ["block  " + "  ".join(f"{tier_label(t) + ' L1 first->last':>24}" for t in tiers) + "  seconds"]
+    for record in result.records:
+        cells = [f"{first:>11.5f} -> {last:<9.5f}" for first, last in zip(record.first_loss, record.last_loss)]
+        lines.append(f"{record.block + 1:>5}  " + "  ".join(cells) + f"  {record.seconds:>7.1f}")
+    resumed = f", resumed at block {result.resumed_from + 1}" if result.resumed_from else ""
+    lines.append(f"calibrated {len(result.records)} blocks x {config.steps_per_block} steps on "
+                 f"{config.n_samples} x {config.seqlen} tokens in {result.seconds:.1f} s{resumed}")
+    lines.append("bits  group  bits/weight (with fp16 scale + 8-bit zero per group)")
+    for bits in config.bit_config.bits:
+        group = config.bit_config.group_size_for(bits)
+        lines.append(f"{bits:>4}  {'row' if group == -1 else group:>5}  {bits_per_weight(result.elastic, bits):.3f}")
+    return lines

@@ -16,9 +16,19 @@ from torch import nn
 from quept_core.elastic_linear import ElasticLinear
 from quept_core.quantizer import fake_quantize, num_groups
 
-DEFAULT_RATIOS: tuple[float, ...] = tuple(round(1.0 - 0.025 * i, 3) for i in range(20))  # 1.0 .. 0.525
+RATIO_STEP = 0.025
 # Logit used for "no shrink": sigmoid(9.2) = 0.9999, finite so that calibration can still move it.
 NO_SHRINK_LOGIT = 9.2
+
+
+def clip_ratios(count: int) -> tuple[float, ...]:
+    """`count` shrink ratios from 1.0 down in steps of RATIO_STEP."""
+    if not 1 <= count < 1 / RATIO_STEP:
+        raise ValueError(f"clip ratio grid size must be in 1..{int(1 / RATIO_STEP) - 1}, got {count}")
+    return tuple(round(1.0 - RATIO_STEP * i, 3) for i in range(count))
+
+
+DEFAULT_RATIOS = clip_ratios(20)
 
 
 def ratio_to_logit(ratio: float) -> float:
