@@ -98,6 +98,38 @@ def test_gradients_pass_straight_through_and_reach_the_clip_logits():
     assert low.grad is not None and low.grad.abs().sum() > 0
 
 
+def _reference_fake_quantize(weight, bits, group, up, low):
+    """The quantizer's formulas composed from autograd primitives (straight-through round and clamp)."""
+    grouped = weight.reshape(weight.shape[0], -1, weight.shape[1] if group == -1 else group)
+    high = torch.sigmoid(up) * grouped.amax(-1)
+    lowest = torch.sigmoid(low) * grouped.amin(-1)
+    raw = (high - lowest) / (2**bits - 1)
+    scale = ((raw.clamp(1e-5, 1e4) - raw).detach() + raw).unsqueeze(-1)
+    zero = (-lowest.unsqueeze(-1) / scale).round().detach()
+    steps = grouped / scale
+    codes = ((steps.round() - steps).detach() + steps + zero).clamp(0, 2**bits - 1)
+    return ((codes - zero) * scale).reshape(weight.shape)
+
+
+@pytest.mark.parametrize("bits,group", [(3, 16), (4, 16), (8, -1), (6, 32)])
+def test_fused_gradients_match_autograd_through_the_formulas(bits, group):
+    generator = torch.Generator().manual_seed(bits)
+    weight = torch.randn(6, 64, generator=generator, dtype=torch.float64)
+    weight[0, :16] = weight[0, 0]  # tied extremes share their gradient
+    groups = num_groups(64, group)
+    up = (torch.rand(6, groups, generator=generator, dtype=torch.float64) * 4).requires_grad_()
+    low = (torch.rand(6, groups, generator=generator, dtype=torch.float64) * 4).requires_grad_()
+    upstream = torch.randn(6, 64, generator=generator, dtype=torch.float64)
+    results = []
+    for function in (fake_quantize, _reference_fake_quantize):
+        leaf = weight.clone().requires_grad_()
+        out = function(leaf, bits, group, up, low)
+        grads = torch.autograd.grad((out * upstream).sum(), (leaf, up, low))
+        results.append((out, *grads))
+    for fused, reference in zip(*results, strict=True):
+        torch.testing.assert_close(fused, reference, rtol=1e-9, atol=1e-12)
+
+
 def test_storage_bits_count_scale_and_zero_per_group():
     assert storage_bits_per_weight(4, 64, 576) == pytest.approx(4 + 24 / 64)
     assert storage_bits_per_weight(8, -1, 576) == pytest.approx(8 + 24 / 576)
