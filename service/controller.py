@@ -20,6 +20,7 @@ MIB = 2**20
 LATENCY = "latency_budget"
 MEMORY = "memory_budget"
 BROWNOUT = "brownout"
+INFEASIBLE = "infeasible_budget"  # error type of a budget no allowed plan can meet
 
 
 @dataclass(frozen=True)
@@ -237,14 +238,18 @@ class Controller:
             head += (f" by {requested.plan.name} ({_describe(predictions[requested.plan.name], field)})"
                      + ("" if request.allow_degrade else " and allow_degrade is false"))
         if not pool:
-            return invalid(f"{head}; no plan is at or above min_precision", param)
+            return _infeasible_error(f"{head}; no plan is at or above min_precision", param)
         if field == LATENCY:
             best = min(pool, key=lambda c: predictions[c.plan.name].latency_s)
             tail = f"the fastest plan, {best.plan.name}, is predicted at {_describe(predictions[best.plan.name], LATENCY)}"
         else:
             best = min(pool, key=lambda c: predictions[c.plan.name].memory_bytes)
             tail = f"the smallest plan, {best.plan.name}, needs {_describe(predictions[best.plan.name], MEMORY)}"
-        return invalid(f"{head}: {tail}", param)
+        return _infeasible_error(f"{head}: {tail}", param)
+
+
+def _infeasible_error(message: str, param: str) -> ServiceError:
+    return ServiceError(422, INFEASIBLE, message, param)
 
 
 def _meets_latency(prediction: Prediction, budget: Budget) -> bool:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TypeVar
 
 from starlette.requests import Request
@@ -113,7 +113,7 @@ class Pipeline:
         request = PlanRequest(requested, len(ids), sampling.max_new_tokens, budget, floor, spec.allow_degrade)
         decision = self.controller.decide(request, self.scheduler.load())
         if sampling.temperature > 0 and sampling.seed is None:
-            sampling = SamplingParams(**{**sampling.__dict__, "seed": secrets.randbelow(2**31)})
+            sampling = replace(sampling, seed=secrets.randbelow(2**31))
         return Prepared(spec, ids, sampling, decision)
 
     def submit(self, prepared: Prepared, request_id: str, arrival: float,
@@ -218,8 +218,3 @@ def timing_view(finished: Finished) -> TimingView:
     return TimingView(queue_ms=round(t.queue_s * 1000, 3), ttft_ms=round(t.ttft_s * 1000, 3),
                       total_ms=round(t.total_s * 1000, 3),
                       decode_tokens_per_s=None if t.decode_tokens_per_s is None else round(t.decode_tokens_per_s, 2))
-
-
-def raise_failure(event: Event) -> None:
-    if isinstance(event, Failed):
-        raise event.error

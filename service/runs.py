@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
 
+from service.controller import INFEASIBLE
+from service.errors import ServiceError
 from service.middleware import RequestRecord
 from service.pipeline import ClientGone, GenerationSpec, Pipeline, Prepared
 from service.scheduler import Event, Failed, Finished, Job
@@ -92,7 +94,12 @@ async def start_run(request: Request, spec: GenerationSpec) -> Run:
     arrival = state.clock()
     pipeline = state.ready_pipeline()
     record.precision_requested = pipeline.requested_label(spec.precision)
-    prepared = pipeline.prepare(spec)
+    try:
+        prepared = pipeline.prepare(spec)
+    except ServiceError as error:
+        if error.type == INFEASIBLE:
+            state.metrics.admission_rejections.labels("infeasible").inc()
+        raise
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[Event] = asyncio.Queue()
     job = pipeline.submit(prepared, record.request_id, arrival,

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import Callable
+from typing import TypeVar
 
 from quept_core import __version__
 from quept_core.plans import Plan
@@ -22,6 +24,7 @@ log = logging.getLogger(__name__)
 
 LOADING, WARMING, READY, DRAINING, FAILED = "loading", "warming", "ready", "draining", "failed"
 Loader = Callable[[Settings], Backend]
+T = TypeVar("T")
 
 
 class ServiceState:
@@ -40,10 +43,10 @@ class ServiceState:
     async def start(self, loader: Loader, on_fatal: Callable[[str], None] | None = None) -> None:
         """Load, warm up, then turn ready; a failure is reported once through `on_fatal`."""
         try:
-            self.backend = await asyncio.to_thread(loader, self.settings)
+            self.backend = await _in_daemon_thread(loader, self.settings)
             if self.phase == LOADING:
                 self.phase = WARMING
-                await asyncio.to_thread(self._warm_up)
+                await _in_daemon_thread(self._warm_up)
         except Exception as error:  # start-up must end in one line, whatever went wrong
             self.phase = FAILED
             self.failure = str(error) or type(error).__name__
@@ -111,3 +114,30 @@ class ServiceState:
     async def close(self) -> None:
         if self.scheduler is not None:
             await asyncio.to_thread(self.scheduler.stop)
+
+
+async def _in_daemon_thread(function: Callable[..., T], *args: object) -> T:
+    """Like asyncio.to_thread, but a SIGTERM during a long load or calibration need not wait for it:
+    the interpreter does not join daemon threads at exit."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def run() -> None:
+        try:
+            result = function(*args)
+        except Exception as error:  # noqa: BLE001 - handed over to the awaiting task, which reports it
+            loop.call_soon_threadsafe(_settle, future, None, error)
+        else:
+            loop.call_soon_threadsafe(_settle, future, result, None)
+
+    threading.Thread(target=run, name="quept-startup", daemon=True).start()
+    return await future
+
+
+def _settle(future: asyncio.Future, result: object, error: Exception | None) -> None:
+    if future.cancelled():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)

@@ -165,11 +165,15 @@ def test_body_over_the_limit_is_413(make_client):
 
 
 def test_infeasible_budget_without_degrade_is_422_with_the_cheapest_cost(make_client):
-    response = make_client().post("/generate", json={"prompt": "x", "precision": "w8", "memory_budget_mb": 0.01,
-                                                     "allow_degrade": False})
+    client = make_client()
+    body = {"prompt": "x", "precision": "w8", "memory_budget_mb": 0.01, "allow_degrade": False}
+    response = client.post("/generate", json=body)
     assert response.status_code == 422
     error = response.json()["error"]
-    assert error["param"] == "memory_budget_mb" and "the smallest plan, w3, needs" in error["message"]
+    assert error["type"] == "infeasible_budget" and error["param"] == "memory_budget_mb"
+    assert "the smallest plan, w3, needs" in error["message"]
+    assert client.post("/generate/plan", json=body).status_code == 422  # a dry run is not a rejection
+    assert 'quept_admission_rejections_total{reason="infeasible"} 1.0' in client.get("/metrics").text
 
 
 def test_plan_route_predicts_without_generating(make_client):
