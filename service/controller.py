@@ -30,7 +30,7 @@ class Candidate:
     plan: Plan
     average_bits: float  # parameter-weighted bits per weight; 16 for the unquantized reference
     weight_bytes: int  # resident weight bytes while this plan serves
-    ppl_delta: float | None = None  # measured perplexity increase over full precision; None: not measured
+    ppl_delta_pct: float | None = None  # measured perplexity increase over full precision, %; None: unknown
 
 
 @dataclass(frozen=True)
@@ -274,10 +274,10 @@ def _describe(prediction: Prediction, field: str) -> str:
 
 def _quality_key(candidates: list[Candidate]):
     """Higher is better: minus the perplexity delta when every plan has one, else average bits."""
-    by_ppl = all(c.ppl_delta is not None for c in candidates)
+    by_ppl = all(c.ppl_delta_pct is not None for c in candidates)
 
     def key(candidate: Candidate) -> tuple[float, float]:
-        primary = -candidate.ppl_delta if by_ppl else candidate.average_bits
+        primary = -candidate.ppl_delta_pct if by_ppl else candidate.average_bits
         return (primary, candidate.average_bits)
 
     return key

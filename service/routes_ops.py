@@ -50,7 +50,7 @@ def precisions(state: ServiceState) -> list[dict]:
             "weight_bytes": candidate.weight_bytes,
             "prefill_tokens_per_s": round(1 / cost.prefill_s_per_token, 1),
             "decode_tokens_per_s": round(1 / cost.decode_s_per_step, 1),
-            "ppl_delta": candidate.ppl_delta,
+            "ppl_delta_pct": candidate.ppl_delta_pct,
         })
     return rows
 

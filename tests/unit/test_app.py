@@ -199,7 +199,7 @@ def test_info_and_precisions_describe_every_servable_plan(make_client):
     assert {"fp", "w3", "w4", "w5", "w6", "w7", "w8", "mixed:4.50"} == set(rows)
     assert rows["w4"]["decode_tokens_per_s"] > 0 and rows["w4"]["weight_bytes"] < rows["w8"]["weight_bytes"]
     assert rows["fp"]["auto_candidate"] is False and rows["w4"]["auto_candidate"] is True
-    assert rows["w8"]["ppl_delta"] == 0.05
+    assert rows["w8"]["ppl_delta_pct"] == 0.05
 
 
 def test_an_engine_failure_is_a_500_with_the_error_body(make_client):
