@@ -1,4 +1,4 @@
-"""Helpers shared by the test suites (no fixtures here: those live in conftest.py files)."""
+"""Shared by the test suites: free loopback ports, readiness polling, `quept serve` as a subprocess."""
 
 from __future__ import annotations
 
