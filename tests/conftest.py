@@ -5,10 +5,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.support import ServerProcess
-
-# The first start may calibrate the default model's artifact (cached afterwards) before warming up.
-STARTUP_TIMEOUT_S = float(os.environ.get("QUEPT_E2E_STARTUP_TIMEOUT_S", "1800"))
+from tests.support import STARTUP_TIMEOUT_S, ServerProcess
 
 
 @pytest.fixture(scope="session")

@@ -13,6 +13,8 @@ from pathlib import Path
 import httpx
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# The first start may calibrate the default model's artifact (cached afterwards) before warming up.
+STARTUP_TIMEOUT_S = float(os.environ.get("QUEPT_E2E_STARTUP_TIMEOUT_S", "3600"))
 
 
 def free_port() -> int:

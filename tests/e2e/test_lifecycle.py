@@ -12,8 +12,7 @@ import time
 import httpx
 import pytest
 
-from tests.conftest import STARTUP_TIMEOUT_S
-from tests.support import REPO_ROOT, ServerProcess
+from tests.support import REPO_ROOT, STARTUP_TIMEOUT_S, ServerProcess
 
 pytestmark = pytest.mark.e2e
 
