@@ -257,12 +257,15 @@ def test_timing_metrics_and_gauges(harness):
     wait_until(lambda: len(h.engine.batches) == 1)
     waiting = h.submit("w8", max_new=2)
     assert h.counter("quept_requests_waiting") == 1 and h.counter("quept_requests_running") == 1
+    reserved = len(h.engine.tokenizer("hi").input_ids) + 3  # the running request's prompt and new tokens
+    assert h.counter("quept_kv_cache_usage_ratio") == reserved / h.scheduler.limits.kv_capacity_tokens
     load = h.scheduler.load()
     assert load.waiting == 1 and load.queue_wait_s > 0
     h.engine.allow(1000)
     finished = waiting.last()
     assert finished.timing.queue_s > 0 and finished.timing.ttft_s >= finished.timing.queue_s
     wait_until(lambda: h.counter("quept_requests_running") == 0)
+    assert h.counter("quept_kv_cache_usage_ratio") == 0
     assert h.counter("quept_generation_tokens_total", precision_served="w4") == 3
     assert h.counter("quept_time_to_first_token_seconds_count", precision_served="w8") == 1
     assert h.counter("quept_inter_token_latency_seconds_count", precision_served="w4") == 2
