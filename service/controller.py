@@ -213,7 +213,7 @@ class Controller:
                 if not cheaper:
                     raise self._infeasible(request, pool, predictions, requested)
                 chosen, reason, origin = max(cheaper, key=quality), violated, requested.plan
-        if requested is None or request.allow_degrade:
+        if request.allow_degrade:  # brownout: auto included, unless the client refuses any downgrade
             level = load.waiting // self.brownout_queue_depth
             latency, ceiling = predictions[chosen.plan.name].latency_s, quality(chosen)
             cheaper = sorted((c for c in feasible

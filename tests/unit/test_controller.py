@@ -157,6 +157,7 @@ def test_brownout_respects_allow_degrade_and_min_precision(backend):
     assert degraded.plan.name == "w5" and degraded.reason == BROWNOUT
     floored = controller.decide(auto(floor_bits=7.0), Load(waiting=40))
     assert floored.plan.name == "w7"
+    assert controller.decide(auto(allow_degrade=False), Load(waiting=40)).plan.name == "w8"
 
 
 def test_quality_falls_back_to_bits_when_a_plan_has_no_measurement(backend):
