@@ -23,6 +23,7 @@ from service.metrics import NO_PLAN, Metrics
 log = logging.getLogger("quept.access")
 
 GENERATION_ROUTES = ("/generate", "/v1/completions", "/v1/chat/completions")
+PROBE_ROUTES = ("/health", "/ready", "/metrics")  # polled every few seconds: logged at debug level
 _CLIENT_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 CLIENT_CLOSED = 499  # nginx's status for a client that went away before the response ended
 
@@ -111,6 +112,7 @@ class RequestContext:
             if path in GENERATION_ROUTES:
                 self.metrics.requests.labels(path, str(status), record.precision_requested,
                                              record.precision_served).inc()
-            log.info("request", extra={"method": scope["method"], "path": path, "status": status,
-                                       "duration_ms": round((time.perf_counter() - started) * 1000, 2)})
+            level = logging.DEBUG if path in PROBE_ROUTES else logging.INFO
+            log.log(level, "request", extra={"method": scope["method"], "path": path, "status": status,
+                                             "duration_ms": round((time.perf_counter() - started) * 1000, 2)})
             request_id_var.reset(token)
