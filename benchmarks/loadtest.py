@@ -1,0 +1,189 @@
+"""Bounded load test against a running QuEPT-serve on loopback.
+
+Drives `POST /generate` with a mix of precisions and budgeted `auto` requests at several
+concurrency levels (multiples of what the server serves at once) and reports, per level: goodput,
+time to first token p50/p99 per precision served, downgrade and rejection rates, timeouts and the
+server's peak resident memory (sampled from its own `process_resident_memory_bytes`).
+
+    python benchmarks/loadtest.py --url http://127.0.0.1:8000 --levels 1,2,4 --requests 48 [--json]
+
+Every loop is bounded by a request count and a wall-clock limit, and only loopback targets are
+accepted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import statistics
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from urllib.parse import urlparse
+
+import httpx
+
+LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
+PROMPTS = (
+    "Explain why the sky is blue in two sentences.",
+    "Write a haiku about autumn.",
+    "List three uses of copper.",
+    "What is the capital of France?",
+    "Summarise the plot of Romeo and Juliet.",
+)
+
+
+def request_mix(bit_set: list[int]) -> list[dict]:
+    """Explicit uniform precisions, one mixed plan, full precision and budgeted `auto` requests."""
+    fixed = [{"precision": f"w{b}"} for b in bit_set]
+    return fixed + [
+        {"precision": f"mixed:{(min(bit_set) + max(bit_set)) / 2:.1f}"},
+        {"precision": "fp"},
+        {"precision": "auto"},
+        {"precision": "auto", "latency_budget_ms": 1500},
+        {"precision": "auto", "latency_budget_ms": 4000, "min_precision": f"w{min(bit_set) + 1}"},
+    ]
+
+
+@dataclass
+class LevelResult:
+    concurrency: int
+    sent: int = 0
+    ok: int = 0
+    rejected: int = 0  # 503 with Retry-After: shed on purpose
+    errors: Counter = field(default_factory=Counter)  # anything else: status code or exception name
+    downgraded: int = 0
+    tokens: int = 0
+    wall_s: float = 0.0
+    ttft_ms: dict = field(default_factory=lambda: defaultdict(list))
+    peak_rss_bytes: float = 0.0
+
+    def summary(self) -> dict:
+        def pct(values: list[float], q: float) -> float:
+            return round(statistics.quantiles(values, n=100)[q - 1], 1) if len(values) > 1 else round(values[0], 1)
+
+        return {
+            "concurrency": self.concurrency,
+            "sent": self.sent,
+            "ok": self.ok,
+            "goodput_req_s": round(self.ok / self.wall_s, 2),
+            "goodput_tok_s": round(self.tokens / self.wall_s, 1),
+            "rejection_rate": round(self.rejected / self.sent, 3),
+            "downgrade_rate": round(self.downgraded / max(self.ok, 1), 3),
+            "errors": dict(self.errors),
+            "ttft_ms": {p: {"p50": pct(v, 50), "p99": pct(v, 99), "n": len(v)} for p, v in sorted(self.ttft_ms.items())},
+            "peak_rss_mb": round(self.peak_rss_bytes / 2**20, 1),
+        }
+
+
+async def _resident_bytes(client: httpx.AsyncClient) -> float:
+    text = (await client.get("/metrics")).text
+    for line in text.splitlines():
+        if line.startswith("process_resident_memory_bytes "):
+            return float(line.split()[1])
+    return 0.0
+
+
+async def run_level(url: str, concurrency: int, total: int, max_new_tokens: int, deadline_s: float,
+                    mix: list[dict], seed: int) -> LevelResult:
+    result = LevelResult(concurrency)
+    rng = random.Random(seed)
+    bodies = [{"prompt": rng.choice(PROMPTS), "max_new_tokens": max_new_tokens, "temperature": 0, **rng.choice(mix)}
+              for _ in range(total)]
+    queue: asyncio.Queue = asyncio.Queue()
+    for body in bodies:
+        queue.put_nowait(body)
+    stop_at = time.monotonic() + deadline_s
+    limits = httpx.Limits(max_connections=concurrency + 2)
+    async with httpx.AsyncClient(base_url=url, timeout=deadline_s, limits=limits) as client:
+
+        async def worker() -> None:
+            while time.monotonic() < stop_at:
+                try:
+                    body = queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    return
+                result.sent += 1
+                try:
+                    response = await client.post("/generate", json=body)
+                except httpx.HTTPError as error:
+                    result.errors[type(error).__name__] += 1
+                    continue
+                if response.status_code == 503 and "retry-after" in response.headers:
+                    result.rejected += 1
+                elif response.status_code == 200:
+                    data = response.json()
+                    result.ok += 1
+                    result.tokens += data["usage"]["completion_tokens"]
+                    result.downgraded += bool(data["precision"]["degraded"])
+                    served = response.headers["x-precision-served"]
+                    result.ttft_ms[served.split(":")[0]].append(data["timing"]["ttft_ms"])
+                else:
+                    result.errors[str(response.status_code)] += 1
+
+        async def sample_memory() -> None:
+            while True:
+                result.peak_rss_bytes = max(result.peak_rss_bytes, await _resident_bytes(client))
+                await asyncio.sleep(0.5)
+
+        sampler = asyncio.create_task(sample_memory())
+        started = time.monotonic()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        result.wall_s = time.monotonic() - started
+        sampler.cancel()
+        result.peak_rss_bytes = max(result.peak_rss_bytes, await _resident_bytes(client))
+    return result
+
+
+def check_loopback(url: str) -> None:
+    host = urlparse(url).hostname
+    if host not in LOOPBACK_HOSTS and not (host or "").startswith("127."):
+        raise SystemExit(f"error: --url must be a loopback address, got {host!r}")
+
+
+async def main_async(args: argparse.Namespace) -> list[dict]:
+    async with httpx.AsyncClient(base_url=args.url, timeout=30) as client:
+        info = (await client.get("/info")).json()
+    capacity = args.capacity or info["limits"]["max_batch_size"]
+    mix = request_mix(info["bit_set"])
+    results = []
+    for level in args.levels:
+        result = await run_level(args.url, level * capacity, args.requests, args.max_new_tokens,
+                                 args.deadline_s, mix, args.seed)
+        results.append({"level": f"{level}x", **result.summary()})
+    return results
+
+
+def print_table(rows: list[dict]) -> None:
+    header = f"{'level':>5} {'conc':>4} {'sent':>4} {'ok':>4} {'req/s':>6} {'tok/s':>6} {'reject':>6} {'degrade':>7} {'errors':>8} {'RSS MB':>7}  ttft p50/p99 ms"
+    print(header)
+    for r in rows:
+        ttft = ", ".join(f"{p} {v['p50']:.0f}/{v['p99']:.0f}" for p, v in r["ttft_ms"].items())
+        print(f"{r['level']:>5} {r['concurrency']:>4} {r['sent']:>4} {r['ok']:>4} {r['goodput_req_s']:>6} "
+              f"{r['goodput_tok_s']:>6} {r['rejection_rate']:>6} {r['downgrade_rate']:>7} "
+              f"{sum(r['errors'].values()):>8} {r['peak_rss_mb']:>7}  {ttft}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--url", default="http://127.0.0.1:8000")
+    parser.add_argument("--levels", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4],
+                        help="concurrency as multiples of the server's batch capacity")
+    parser.add_argument("--capacity", type=int, default=0, help="requests served at once (default: from /info)")
+    parser.add_argument("--requests", type=int, default=48, help="requests per level")
+    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--deadline-s", type=float, default=180.0, help="wall-clock limit per level")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    check_loopback(args.url)
+    rows = asyncio.run(main_async(args))
+    print(json.dumps({"levels": rows}, indent=2) if args.json else "", end="")
+    if not args.json:
+        print_table(rows)
+
+
+if __name__ == "__main__":
+    main()
