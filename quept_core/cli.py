@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
+from pathlib import Path
+from typing import Annotated
 
 import typer
 
+from quept_core.calib_data import CalibrationDataError
+from quept_core.comparison import ComparisonError, EvalRequest, run_comparison
+from quept_core.evaluate import EvaluationError
 from quept_core.models import DEFAULT_MODEL, ModelError, load_model
+from quept_core.plans import PrecisionError
 
 app = typer.Typer(help="QuEPT-serve: one calibrated model, every precision.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
@@ -29,3 +36,25 @@ def prepare(model: str = typer.Option(DEFAULT_MODEL, help="model name, .gguf fil
     except ModelError as error:
         fail(str(error))
     typer.echo(f"{loaded.name}: {loaded.folder} (sha256 {loaded.checksum[:12]}) in {time.perf_counter() - start:.1f} s")
+
+
+@app.command("eval")
+def eval_command(
+    text: Annotated[Path, typer.Option(help="text file to measure perplexity on (e.g. wiki.test.raw)")],
+    model: Annotated[str, typer.Option(help="model name, .gguf file or Hugging Face folder")] = DEFAULT_MODEL,
+    precision: Annotated[str, typer.Option(help="comma list of fp, all, w<b>, mixed:<avg bits per weight>")] = "fp",
+    method: Annotated[str, typer.Option(help="comma list of quept, rtn, gptq")] = "quept",
+    seqlen: Annotated[int, typer.Option(help="window length in tokens")] = 512,
+    max_tokens: Annotated[int | None, typer.Option(help="use only the first N tokens of the text")] = None,
+    artifact: Annotated[Path | None, typer.Option(help="calibrated artifact folder (default: the cached one)")] = None,
+    batch_size: Annotated[int, typer.Option(help="windows per forward pass")] = 4,
+    json_output: Annotated[bool, typer.Option("--json", help="print one JSON object instead of a table")] = False,
+) -> None:
+    """Perplexity per (method, precision): fp, QuEPT, RTN and GPTQ on the same windows."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    request = EvalRequest(text, model, precision, method, seqlen, max_tokens, artifact, batch_size)
+    try:
+        result = run_comparison(request)
+    except (EvaluationError, ComparisonError, ModelError, PrecisionError, CalibrationDataError) as error:
+        fail(str(error))
+    typer.echo(json.dumps(result.to_json()) if json_output else result.table())
