@@ -9,7 +9,8 @@ decoder block's Hessians come from the outputs of the already quantized blocks b
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -32,6 +33,20 @@ def _group_params(columns: torch.Tensor, bits: int, group: int) -> tuple[torch.T
         columns = torch.nn.functional.pad(columns, (0, group - columns.shape[1]))
     grid = quantize(columns, bits, -1)
     return grid.scale[:, 0], grid.zero[:, 0]
+
+
+@contextmanager
+def _one_thread(device: torch.device) -> Iterator[None]:
+    """Run the column loop's many small CPU ops on one thread: a thread team costs more than they do."""
+    if device.type != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 @torch.no_grad()
@@ -77,17 +92,18 @@ def gptq_quantize(
         W1 = W[:, i1:i2].clone()
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            column = i1 + i
-            g = group_of[column]
-            if not act_order and group_size != -1 and column % group == 0:
-                scales[:, g], zeros[:, g] = _group_params(W1[:, i : i + group], bits, group)
-            w = W1[:, i]
-            q = (torch.round(w / scales[:, g]) + zeros[:, g]).clamp(0, max_code)
-            codes[:, column] = q
-            err = (w - (q - zeros[:, g]) * scales[:, g]) / Hinv1[i, i]
-            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
-            Err1[:, i] = err
+        with _one_thread(W.device):
+            for i in range(i2 - i1):
+                column = i1 + i
+                g = group_of[column]
+                if not act_order and group_size != -1 and column % group == 0:
+                    scales[:, g], zeros[:, g] = _group_params(W1[:, i : i + group], bits, group)
+                w = W1[:, i]
+                q = (torch.round(w / scales[:, g]) + zeros[:, g]).clamp(0, max_code)
+                codes[:, column] = q
+                err = (w - (q - zeros[:, g]) * scales[:, g]) / Hinv1[i, i]
+                W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1.0)
+                Err1[:, i] = err
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
 
     codes = codes[:, torch.argsort(order)]
