@@ -37,6 +37,11 @@ from quept_core.weights import WeightSource, use_weights
 
 Progress = Callable[[int, int], None]
 
+# Tokens for the output errors (the basis keeps the cost bounded, the forward pass grows with
+# them) and for the KL probes (every probe runs the output head over the whole vocabulary).
+PROXY_TOKENS = 512
+PROBE_SEQUENCES, PROBE_SEQLEN = 2, 128
+
 
 @dataclass(frozen=True)
 class SensitivityTable:
@@ -72,6 +77,12 @@ class SensitivityTable:
 def layer_names(model: nn.Module) -> list[str]:
     """Full names of the quantized linears, in model order (block by block, BLOCK_LINEARS order)."""
     return [f"model.layers.{i}.{path}" for i in range(len(decoder_layers(model))) for path in BLOCK_LINEARS]
+
+
+def sensitivity_tokens(calib_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The leading calibration windows that feed the output errors, and the short probe sequences."""
+    rows = max(1, -(-PROXY_TOKENS // calib_tokens.shape[1]))
+    return calib_tokens[:rows], calib_tokens[:PROBE_SEQUENCES, :PROBE_SEQLEN]
 
 
 def _block_of(name: str) -> int:
