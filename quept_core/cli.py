@@ -58,3 +58,49 @@ def eval_command(
     except (EvaluationError, ComparisonError, ModelError, PrecisionError, CalibrationDataError) as error:
         fail(str(error))
     typer.echo(json.dumps(result.to_json()) if json_output else result.table())
+
+
+@app.command()
+def calibrate(
+    model: Annotated[str, typer.Option(help="model name, .gguf file or Hugging Face folder")] = DEFAULT_MODEL,
+    calib_text: Annotated[Path | None, typer.Option("--calib-text", help="calibrate on windows of this text "
+                                                    "file (default: text the model generates itself)")] = None,
+    preset: Annotated[str, typer.Option(help="fast or default")] = "default",
+    out: Annotated[Path | None, typer.Option(help="artifact folder (default: the cache folder "
+                                             "`quept serve` uses)")] = None,
+    seed: Annotated[int, typer.Option(help="seed for the data windows, the LoRA init and the bit sampling")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+) -> None:
+    """Calibrate a model once for every bit-width (QuEPT) and write the artifact; resumes if interrupted."""
+    import torch
+
+    from quept_core.artifact import calibrate_artifact, default_artifact_dir, partial_dir
+    from quept_core.calib_data import CalibrationDataError
+    from quept_core.calibrate import CalibrationConfig, summary_lines
+
+    if device not in ("auto", "cpu", "cuda"):
+        fail(f"--device must be one of auto, cpu, cuda; got '{device}'")
+    if device == "cuda" and not torch.cuda.is_available():
+        fail("--device cuda: no CUDA device is available; use --device cpu")
+    chosen = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    if calib_text is not None and not calib_text.is_file():
+        fail(f"--calib-text: file not found: {calib_text}")
+    try:
+        config = CalibrationConfig.from_preset(preset, seed=seed)
+        loaded = load_model(model)
+    except (ModelError, ValueError) as error:
+        fail(str(error))
+    out_dir = out if out is not None else default_artifact_dir(loaded.name, preset)
+    if partial_dir(out_dir).exists():
+        typer.echo(f"resuming the interrupted calibration in {partial_dir(out_dir)}", err=True)
+    try:
+        result = calibrate_artifact(loaded, config, out_dir, text_file=calib_text, device=chosen)
+    except CalibrationDataError as error:
+        fail(str(error))
+    except KeyboardInterrupt:
+        typer.echo(f"interrupted: run the same command again to resume after the last finished block "
+                   f"({partial_dir(out_dir)})", err=True)
+        raise typer.Exit(130) from None
+    typer.echo("\n".join(summary_lines(result, config)))
+    size = sum(f.stat().st_size for f in out_dir.iterdir() if f.is_file())
+    typer.echo(f"artifact: {out_dir} ({size / 1e6:.1f} MB), {loaded.name}, preset {preset}, device {chosen}")
