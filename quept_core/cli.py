@@ -10,6 +10,7 @@ from typing import Annotated
 
 import typer
 
+from quept_core.artifact import ArtifactError
 from quept_core.calib_data import CalibrationDataError
 from quept_core.comparison import ComparisonError, EvalRequest, run_comparison
 from quept_core.evaluate import EvaluationError
@@ -48,14 +49,18 @@ def eval_command(
     max_tokens: Annotated[int | None, typer.Option(help="use only the first N tokens of the text")] = None,
     artifact: Annotated[Path | None, typer.Option(help="calibrated artifact folder (default: the cached one)")] = None,
     batch_size: Annotated[int, typer.Option(help="windows per forward pass")] = 4,
+    calib_text: Annotated[Path | None, typer.Option(
+        "--calib-text", help="the calibration text, when the artifact was calibrated on one (GPTQ and the "
+        "sensitivity tables use the artifact's calibration data)")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="print one JSON object instead of a table")] = False,
 ) -> None:
     """Perplexity per (method, precision): fp, QuEPT, RTN and GPTQ on the same windows."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    request = EvalRequest(text, model, precision, method, seqlen, max_tokens, artifact, batch_size)
+    request = EvalRequest(text, model, precision, method, seqlen, max_tokens, artifact, batch_size, calib_text)
     try:
         result = run_comparison(request)
-    except (EvaluationError, ComparisonError, ModelError, PrecisionError, CalibrationDataError) as error:
+    except (ArtifactError, CalibrationDataError, ComparisonError, EvaluationError, ModelError,
+            PrecisionError) as error:
         fail(str(error))
     typer.echo(json.dumps(result.to_json()) if json_output else result.table())
 

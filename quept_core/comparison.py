@@ -8,7 +8,6 @@ rows run the allocator on the method's own sensitivity table.
 
 from __future__ import annotations
 
-import copy
 import gc
 import logging
 import time
@@ -20,15 +19,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from quept_core.artifact import CalibratedModel, ensure_artifact, load_artifact, read_manifest
 from quept_core.bitconfig import BitConfig
 from quept_core.calib_data import calibration_tokens
+from quept_core.calibrate import CalibrationConfig
 from quept_core.costs import FP_BITS, linear_shapes, plan_bits_per_weight
-from quept_core.elastic_linear import ElasticLinear, make_elastic
 from quept_core.evaluate import make_windows, perplexity, read_text, tokenize_text
 from quept_core.gptq import gptq_model
 from quept_core.mixed import Allocator
 from quept_core.models import load_model
 from quept_core.plans import FP, Plan, PrecisionError, parse_precision, uniform_plan
+from quept_core.quality import calibration_data, ensure_mixed_extras
 from quept_core.sensitivity import SensitivityTable, layer_names, proxy_sensitivity, sensitivity_tokens
 from quept_core.weights import (
     QueptWeights,
@@ -43,8 +44,8 @@ from quept_core.weights import (
 log = logging.getLogger(__name__)
 
 METHODS = ("quept", "rtn", "gptq")
-# The calibration tokens of the "fast" QuEPT preset: GPTQ and the sensitivity tables use the same.
-CALIB_SAMPLES, CALIB_SEQLEN, CALIB_SEED = 8, 256, 0
+# The preset of the default artifact (`ensure_artifact`): without an artifact, the baselines use its data.
+DEFAULT_PRESET = "fast"
 ALL = "all"
 
 
@@ -123,10 +124,13 @@ def _proxy_table(model: nn.Module, source: WeightSource, bit_config: BitConfig,
     return lambda: proxy_sensitivity(model, source, bit_config, calib.proxy, calib.probe)
 
 
-def quept_setup(model: nn.Module, elastic: dict[str, ElasticLinear], bit_config: BitConfig,
-                calib: CalibrationInputs) -> MethodSetup:
-    source = QueptWeights(elastic)
-    return MethodSetup(model, source, _proxy_table(model, source, bit_config, calib))
+def quept_setup(calibrated: CalibratedModel, calib_text: Path | None) -> MethodSetup:
+    """The calibrated artifact's weights; its sensitivity table comes from (or is stored in) the artifact."""
+    def table() -> SensitivityTable:
+        extras = ensure_mixed_extras(calibrated.artifact_dir, calibrated, calib_text)
+        return SensitivityTable.from_dict(extras["sensitivity"])
+
+    return MethodSetup(calibrated.loaded.model, QueptWeights(calibrated.elastic), table)
 
 
 def rtn_setup(model: nn.Module, bit_config: BitConfig, calib: CalibrationInputs) -> MethodSetup:
@@ -146,14 +150,6 @@ def gptq_setup(model: nn.Module, bit_config: BitConfig, calib: CalibrationInputs
     return MethodSetup(model, source, _proxy_table(model, source, bit_config, calib))
 
 
-def _setup(method: str, model: nn.Module, bit_config: BitConfig, calib: CalibrationInputs,
-           bits: list[int]) -> MethodSetup:
-    if method == "rtn":
-        return rtn_setup(model, bit_config, calib)
-    if method == "gptq":
-        return gptq_setup(model, bit_config, calib, bits)
-    quept_model = copy.deepcopy(model)
-    return quept_setup(quept_model, make_elastic(quept_model, bit_config), bit_config, calib)
 
 
 def bits_needed(precisions: list[str], bit_config: BitConfig) -> list[int]:
@@ -244,27 +240,49 @@ class EvalRequest:
     max_tokens: int | None = None
     artifact: Path | None = None
     batch_size: int = 4
+    calib_text: Path | None = None  # the calibration text, when the artifact was calibrated on one
 
 
 def run_comparison(request: EvalRequest) -> ComparisonResult:
     """Load the model, cut the text into windows and measure every requested row."""
     methods = parse_methods(request.method)
-    bit_config = BitConfig()
+    manifest = read_manifest(request.artifact) if request.artifact is not None else None
+    bit_config = BitConfig.from_dict(manifest["bit_config"]) if manifest is not None else BitConfig()
     precisions = parse_precisions(request.precision, bit_config.bits)
     if request.batch_size < 1:
         raise ComparisonError(f"--batch-size must be at least 1, got {request.batch_size}")
+    if request.calib_text is not None and not Path(request.calib_text).is_file():
+        raise ComparisonError(f"--calib-text: file not found: {request.calib_text}")
     text = read_text(request.text)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     base = load_model(request.model)
-    base.model.to(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    base.model.to(device)
     windows = make_windows(tokenize_text(base.tokenizer, text), request.seqlen, request.max_tokens)
     rows = [fp_row(base.model, windows, request.batch_size)] if FP in precisions else []
     quantized = [p for p in precisions if p != FP]
-    if quantized:
+    if not quantized:
+        return ComparisonResult(base.name, request.seqlen, windows.numel(), rows, bit_config)
+
+    calibrated = None
+    if "quept" in methods:
+        loaded = load_model(request.model)
+        loaded.model.to(device)
+        calibrated = load_artifact(request.artifact or ensure_artifact(loaded, DEFAULT_PRESET), loaded)
+        manifest, bit_config = calibrated.manifest, calibrated.bit_config
+    if manifest is not None:
+        calib = CalibrationInputs(lambda: calibration_data(base, manifest, request.calib_text))
+    else:
+        config = CalibrationConfig.from_preset(DEFAULT_PRESET)
         calib = CalibrationInputs(lambda: calibration_tokens(
-            base, n_samples=CALIB_SAMPLES, seqlen=CALIB_SEQLEN, seed=CALIB_SEED))
-        for method in methods:
-            setup = _setup(method, base.model, bit_config, calib, bits_needed(quantized, bit_config))
-            rows += evaluate_method(method, setup, quantized, windows, bit_config, request.batch_size)
-            del setup
-            gc.collect()
+            base, request.calib_text, n_samples=config.n_samples, seqlen=config.seqlen, seed=config.seed))
+    for method in methods:
+        if method == "quept":
+            setup = quept_setup(calibrated, request.calib_text)
+        elif method == "rtn":
+            setup = rtn_setup(base.model, bit_config, calib)
+        else:
+            setup = gptq_setup(base.model, bit_config, calib, bits_needed(quantized, bit_config))
+        rows += evaluate_method(method, setup, quantized, windows, bit_config, request.batch_size)
+        del setup
+        gc.collect()
     return ComparisonResult(base.name, request.seqlen, windows.numel(), rows, bit_config)
