@@ -66,6 +66,54 @@ def eval_command(
 
 
 @app.command()
+def plan(
+    model: Annotated[str, typer.Option(help="model name, .gguf file or Hugging Face folder")] = DEFAULT_MODEL,
+    artifact: Annotated[Path | None, typer.Option(help="calibrated artifact folder (default: the cached one)")] = None,
+    calib_text: Annotated[Path | None, typer.Option(
+        "--calib-text", help="the calibration text, when the artifact was calibrated on one")] = None,
+    sensitivity: Annotated[str, typer.Option(help="proxy (seconds) or kl (the faithful probe, minutes)")] = "proxy",
+    bits: Annotated[float | None, typer.Option(help="show the best plan for this many bits per weight")] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="print one JSON object instead of a table")] = False,
+) -> None:
+    """Mixed precision: compute (once) and show the artifact's plan front and each plan's measured quality."""
+    from quept_core.artifact import ensure_artifact, load_artifact
+    from quept_core.costs import linear_shapes
+    from quept_core.mixed import bits_by_linear_type, resolve_mixed
+    from quept_core.quality import SENSITIVITY_KINDS, ensure_mixed_extras
+    from quept_core.sensitivity import SensitivityTable, layer_names
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if sensitivity not in SENSITIVITY_KINDS:
+        fail(f"--sensitivity must be one of {', '.join(SENSITIVITY_KINDS)}; got '{sensitivity}'")
+    try:
+        loaded = load_model(model)
+        calibrated = load_artifact(artifact or ensure_artifact(loaded), loaded)
+        extras = ensure_mixed_extras(calibrated.artifact_dir, calibrated, calib_text, sensitivity)
+        chosen = None if bits is None else resolve_mixed(
+            bits, SensitivityTable.from_dict(extras["sensitivity"]), calibrated.bit_config)
+    except (ArtifactError, CalibrationDataError, ModelError, PrecisionError) as error:
+        fail(str(error))
+    quality = extras["quality"]["plans"]
+    if chosen is not None:
+        shapes = linear_shapes(loaded.model, layer_names(loaded.model))
+        by_type = bits_by_linear_type(chosen, shapes)
+        if json_output:
+            typer.echo(json.dumps({"name": chosen.name, "layer_bits": dict(chosen.layer_bits), "by_type": by_type}))
+        else:
+            typer.echo(f"{chosen.name}: " + ", ".join(f"{kind} {value:.2f}" for kind, value in by_type.items()))
+        return
+    if json_output:
+        typer.echo(json.dumps({"sensitivity": extras["sensitivity"]["kind"], "quality": extras["quality"]}))
+        return
+    typer.echo(f"{calibrated.artifact_dir}: sensitivity {extras['sensitivity']['kind']}, quality on "
+               f"{extras['quality']['tokens']} held-out calibration tokens")
+    typer.echo(f"{'plan':<12} {'bits/weight':>11} {'ppl':>9} {'vs fp':>8}")
+    ordered = sorted(quality.items(), key=lambda item: (item[0] != "fp", item[1]["bits_per_weight"]))
+    for name, entry in ordered:
+        typer.echo(f"{name:<12} {entry['bits_per_weight']:>11.3f} {entry['ppl']:>9.3f} {entry['ppl_delta_pct']:>+7.2f}%")
+
+
+@app.command()
 def calibrate(
     model: Annotated[str, typer.Option(help="model name, .gguf file or Hugging Face folder")] = DEFAULT_MODEL,
     calib_text: Annotated[Path | None, typer.Option("--calib-text", help="calibrate on windows of this text "

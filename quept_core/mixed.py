@@ -139,3 +139,15 @@ def resolve_mixed(avg_bits: float, table: SensitivityTable, bit_config: BitConfi
 
 def pareto_front(table: SensitivityTable, bit_config: BitConfig, step: float = 0.25) -> list[FrontPoint]:
     return Allocator(table, bit_config).front(step)
+
+
+def bits_by_linear_type(plan: Plan, shapes: dict[str, tuple[int, int]]) -> dict[str, float]:
+    """Parameter-weighted mean bit-width per linear type (q_proj, ..., down_proj) of a plan."""
+    totals: dict[str, list[float]] = {}
+    for name, bits in plan.layer_bits.items():
+        kind = name.rsplit(".", 1)[1]
+        numel = shapes[name][0] * shapes[name][1]
+        entry = totals.setdefault(kind, [0.0, 0.0])
+        entry[0] += (bits or 16) * numel
+        entry[1] += numel
+    return {kind: weighted / count for kind, (weighted, count) in totals.items()}

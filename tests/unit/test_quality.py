@@ -108,3 +108,22 @@ def test_eval_compares_all_methods_on_uniform_and_mixed_rows(artifact, tmp_path)
         limit = 5.0 if row["precision"] == "mixed:5.00" else 4.375
         assert row["bits_per_weight"] <= limit + 1e-9
         assert row["ppl"] > 1.0
+
+
+def test_plan_command_shows_the_front_and_a_resolved_plan(artifact):
+    model_dir, folder, text = artifact
+    base = ["plan", "--model", str(model_dir), "--artifact", str(folder), "--calib-text", str(text)]
+    table = CliRunner().invoke(app, base)
+    assert table.exit_code == 0, table.output
+    lines = table.stdout.splitlines()
+    assert "held-out calibration tokens" in lines[0]
+    assert [line.split()[0] for line in lines[2:4]] == ["fp", "w3"]
+    bits = [float(line.split()[1]) for line in lines[3:]]
+    assert bits == sorted(bits) and len(bits) > 6
+    chosen = CliRunner().invoke(app, [*base, "--bits", "5", "--json"])
+    assert chosen.exit_code == 0, chosen.output
+    data = json.loads(chosen.stdout)
+    assert data["name"] == "mixed:5.00"
+    assert set(data["by_type"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    refused = CliRunner().invoke(app, [*base, "--bits", "3"])
+    assert refused.exit_code == 2 and "below the cheapest plan" in refused.stderr
