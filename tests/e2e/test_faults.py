@@ -4,6 +4,7 @@ plan, and a calibration killed mid-way. Servers that must fail or stop run as pr
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -66,7 +67,8 @@ def test_many_clients_dropping_mid_stream_free_every_slot(live_server_url):
     url = live_server_url
     dropped = metric(url, 'quept_request_failures_total{reason="dropped"}')
     native = {"prompt": "Write a long story.", "max_new_tokens": 400, "precision": "w4", "stream": True}
-    chat = {"model": "smollm2-135m@w8", "messages": [{"role": "user", "content": "Write a long story."}],
+    model = httpx.get(f"{url}/info", timeout=30).json()["model"]
+    chat = {"model": f"{model}@w8", "messages": [{"role": "user", "content": "Write a long story."}],
             "max_tokens": 400, "stream": True}
     calls = [("/generate", native)] * 3 + [("/v1/chat/completions", chat)] * 3
     with ThreadPoolExecutor(len(calls)) as pool:
@@ -139,8 +141,10 @@ def test_sigterm_with_a_short_drain_timeout_aborts_and_still_exits_zero(tmp_path
 
 @pytest.fixture(scope="module")
 def cached_artifact(live_server_url) -> Path:
-    """The default model's artifact, calibrated by the first server start (the live server ensures it)."""
-    folder = default_artifact_dir(DEFAULT_MODEL, DEFAULT_PRESET)
+    """The artifact the servers of this run use: QUEPT_ARTIFACT, else the default model's cached one
+    (calibrated by the first server start, which the live server fixture ensures)."""
+    given = os.environ.get("QUEPT_ARTIFACT")
+    folder = Path(given) if given else default_artifact_dir(DEFAULT_MODEL, DEFAULT_PRESET)
     if not (folder / MANIFEST).is_file():
         pytest.skip(f"no local artifact at {folder} (the live server is external)")
     return folder
