@@ -29,4 +29,4 @@ def test_start_up_failure_is_logged_with_a_traceback_only_for_bugs(caplog, error
         assert heard.wait(10)
     [record] = [r for r in caplog.records if r.getMessage() == "start-up failed"]
     assert record.error == str(error)
-    assert (record.exc_info is not None) == traceback
+    assert bool(record.exc_info) == traceback
