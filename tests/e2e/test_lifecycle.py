@@ -12,7 +12,7 @@ import time
 import httpx
 import pytest
 
-from tests.support import REPO_ROOT, STARTUP_TIMEOUT_S, ServerProcess
+from tests.support import REPO_ROOT, STARTUP_TIMEOUT_S, ServerProcess, free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -36,7 +36,7 @@ def test_a_bad_setting_stops_start_up_with_one_line():
 
 
 def test_a_missing_artifact_stops_start_up_with_one_line(tmp_path):
-    result = serve("--port", "0", "--artifact", str(tmp_path / "nothing-here"))
+    result = serve("--port", str(free_port()), "--artifact", str(tmp_path / "nothing-here"))
     assert result.returncode != 0
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and "nothing-here" in last
