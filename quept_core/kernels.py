@@ -22,7 +22,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from quept_core.native import planes_gemv
+from quept_core.native import planes_dequant, planes_gemv
 from quept_core.quantizer import QuantizedWeight
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,8 @@ class PackedWeight:
     # Whether calls with many rows dequantize and run one dense matmul (else they take `linear`).
     prefill_dense: bool = True
 
-    def linear(self, x: torch.Tensor) -> torch.Tensor:
+    def linear(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """x [..., in] -> [..., out] in `out_dtype` (default: x's); the output head asks for float32 logits."""
         raise NotImplementedError
 
     def dense(self) -> torch.Tensor:
@@ -99,8 +100,8 @@ class DenseWeight(PackedWeight):
         self.out_features, self.in_features = self.weight.shape
         self.dtype = dtype
 
-    def linear(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x.to(self.weight.dtype), self.weight).to(x.dtype)
+    def linear(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        return F.linear(x.to(self.weight.dtype), self.weight).to(out_dtype or x.dtype)
 
     def dense(self) -> torch.Tensor:
         return self.weight.to(self.dtype)
@@ -151,10 +152,10 @@ class Int4Packed(PackedWeight):
         zero = 8 - self.scale_zero[:, ids, 1].float().T / scale
         return scale, zero
 
-    def linear(self, x: torch.Tensor) -> torch.Tensor:
+    def linear(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
         out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, self.group, self.scale_zero)
-        return out.reshape(*x.shape[:-1], self.out_features)
+        return out.reshape(*x.shape[:-1], self.out_features).to(out_dtype or x.dtype)
 
     def dense(self) -> torch.Tensor:
         # Whole blocks unpack with a reshape: [blocks, k, 32] bytes -> [blocks, 64 rows, k] codes.
@@ -198,10 +199,10 @@ class Int8Channel(PackedWeight):
         # 8 bits only: fewer bits per channel belong in dense bit planes.
         return qw.bits == 8 and (qw.group_size == -1 or qw.group_size >= qw.codes.shape[1])
 
-    def linear(self, x: torch.Tensor) -> torch.Tensor:
+    def linear(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
         out = torch.ops.aten._weight_int8pack_mm(flat, self.codes, self.scale)
-        out = (out.float() + flat.float().sum(-1, keepdim=True) * self.offset).to(x.dtype)
+        out = (out.float() + flat.float().sum(-1, keepdim=True) * self.offset).to(out_dtype or x.dtype)
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def dense(self) -> torch.Tensor:
@@ -223,14 +224,16 @@ def pack_planes(codes: torch.Tensor, bits: int) -> list[torch.Tensor]:
     over contiguous bytes, which vectorizes.
     """
     n, k = codes.shape
-    chunks = codes.to(torch.int32).reshape(n, k // CHUNK, CHUNK)
+    chunks = codes.to(torch.uint8).reshape(n, k // CHUNK, CHUNK)
     planes, low = [], 0
     for width in PLANES[bits]:
         values = (chunks >> low) & ((1 << width) - 1)
         per_byte = 8 // width
         parts = values.reshape(n, k // CHUNK, per_byte, CHUNK // per_byte)
-        shifts = (torch.arange(per_byte, device=codes.device) * width).reshape(1, 1, per_byte, 1)
-        planes.append((parts << shifts).sum(dim=2).to(torch.uint8).reshape(n, -1).contiguous())
+        plane = parts[:, :, 0].clone()
+        for t in range(1, per_byte):
+            plane |= parts[:, :, t] << (width * t)
+        planes.append(plane.reshape(n, -1).contiguous())
         low += width
     return planes
 
@@ -267,7 +270,9 @@ class BitPlanes(PackedWeight):
         self.zero = qw.zero.to(torch.int16).contiguous()
         if not torch.equal(self.zero.float(), qw.zero):
             raise ValueError("zero-points do not fit int16")
-        self._native = planes_gemv() if qw.codes.device.type == "cpu" else None
+        on_cpu = qw.codes.device.type == "cpu"
+        self._native = planes_gemv() if on_cpu else None
+        self._native_dequant = planes_dequant() if on_cpu else None
 
     @staticmethod
     def supports(qw: QuantizedWeight, device: torch.device) -> bool:
@@ -279,14 +284,18 @@ class BitPlanes(PackedWeight):
         planes = self.planes if ids is None else [p[ids] for p in self.planes]
         return unpack_planes(planes, self.bits, self.in_features)
 
-    def linear(self, x: torch.Tensor) -> torch.Tensor:
+    def linear(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
         if self._native is None:
-            return F.linear(x, self.dense())
+            return F.linear(x, self.dense()).to(out_dtype or x.dtype)
         flat = x.reshape(-1, self.in_features)
-        out = self._native(flat, self.planes, self.bits, self.scale, self.zero, self.group)
+        # The kernel returns the activations' dtype, accumulating in float32 either way.
+        out = self._native(flat.to(out_dtype or x.dtype), self.planes, self.bits, self.scale, self.zero, self.group)
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def dense(self) -> torch.Tensor:
+        if self._native_dequant is not None:
+            weight = self._native_dequant(self.planes, self.bits, self.scale, self.zero, self.group, self.in_features)
+            return weight.to(self.dtype)
         return _dequantize(self.codes(), self.scale, self.zero, self.group, self.dtype)
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:

@@ -186,6 +186,7 @@ class CompactLlama:
             x = self._finish_block(block, x, attn.transpose(1, 2).reshape(batch, seq, -1))
         if last is not None:
             x = x[torch.arange(batch, device=self.device), last]
+            return self.head.pack.linear(rms_norm(x, self.final_norm, self.dims.eps), torch.float32)
         return self.head(rms_norm(x, self.final_norm, self.dims.eps)).float()
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, span: int,
@@ -212,10 +213,10 @@ class CompactLlama:
                 keys[rows, :, positions] = k[:, 0]
                 values[rows, :, positions] = v[:, 0]
             # Grouped-query attention for one query: [b, kv_heads, group, d] against [b, kv_heads, span, d].
-            scores = torch.matmul(q.reshape(batch, d.n_kv_heads, group, d.head_dim),
+            scores = torch.matmul(q.reshape(batch, d.n_kv_heads, group, d.head_dim).to(keys.dtype),
                                   keys[:, :, :span].transpose(-1, -2)).float() * scale
             if mask is not None:
                 scores = scores + mask
-            attn = torch.matmul(scores.softmax(-1).to(self.dtype), values[:, :, :span])
+            attn = torch.matmul(scores.softmax(-1).to(values.dtype), values[:, :, :span]).to(self.dtype)
             x = self._finish_block(block, x, attn.reshape(batch, 1, -1))
-        return self.head(rms_norm(x[:, 0], self.final_norm, self.dims.eps)).float()
+        return self.head.pack.linear(rms_norm(x[:, 0], self.final_norm, self.dims.eps), torch.float32)

@@ -36,11 +36,21 @@ def _cpu_key() -> str:
     return hashlib.sha256(flags.encode()).hexdigest()[:10]
 
 
-@cache
 def planes_gemv() -> Callable | None:
-    """`torch.ops.quept.planes_gemv`, building it on first use; None when it cannot be built."""
+    """`torch.ops.quept.planes_gemv(x, planes, bits, scale, zero, group)`, or None without the kernel."""
+    return torch.ops.quept.planes_gemv.default if _build() else None
+
+
+def planes_dequant() -> Callable | None:
+    """`torch.ops.quept.planes_dequant(planes, bits, scale, zero, group, in_features)` -> bf16, or None."""
+    return torch.ops.quept.planes_dequant.default if _build() else None
+
+
+@cache
+def _build() -> bool:
+    """Compile and load the kernels once per process; False when they cannot be built."""
     if os.environ.get("QUEPT_NATIVE", "1") == "0":
-        return None
+        return False
     from torch.utils import cpp_extension
 
     folder = cache_dir() / "kernels" / f"torch-{torch.__version__}-{_cpu_key()}"
@@ -56,5 +66,5 @@ def planes_gemv() -> Callable | None:
         )
     except (OSError, RuntimeError, ImportError, SystemExit) as error:
         log.warning("native bit-plane kernel unavailable (%s); using dequantize-then-matmul", error)
-        return None
-    return torch.ops.quept.planes_gemv.default
+        return False
+    return True

@@ -78,6 +78,8 @@ class QueptEngine:
         self.tokenizer = loaded.tokenizer
         self.device = torch.device(device) if device is not None else default_device()
         self.dtype = dtype
+        # Small single-query attention products run far faster in float32 than in bf16 on CPUs.
+        self.kv_dtype = torch.float32 if self.device.type == "cpu" else dtype
         self.elastic = dict(elastic)
         self.bit_config = bit_config or next(iter(self.elastic.values())).bit_config
         if head_bits is not None and head_bits not in self.bit_config.bits:
@@ -262,7 +264,7 @@ class QueptBatch:
         self.last_logits: torch.Tensor | None = None  # float32 [live rows, vocab] of the latest step
         device = engine.device
         max_len = max(n + m for n, m in zip(self._lengths, self._max_new))
-        self._cache = KVCache(dims, len(requests), min(max_len, dims.max_positions), device, engine.dtype)
+        self._cache = KVCache(dims, len(requests), min(max_len, dims.max_positions), device, engine.kv_dtype)
         self._sampler = Sampler([r.sampling for r in requests], [r.prompt_ids for r in requests], dims.vocab, device)
         self._prompts = [r.prompt_ids for r in requests]
 

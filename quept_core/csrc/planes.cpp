@@ -112,6 +112,24 @@ void portable_rows(const Problem& p, const std::vector<int>& widths, const float
   }
 }
 
+void portable_dequant(const Problem& p, const std::vector<int>& widths, at::BFloat16* out, int64_t begin,
+                      int64_t end) {
+  alignas(64) uint8_t codes[kChunk];
+  for (int64_t row = begin; row < end; ++row) {
+    for (int64_t c = 0; c < p.chunks; ++c) {
+      std::memset(codes, 0, kChunk);
+      int low = 0;
+      for (size_t i = 0; i < widths.size(); ++i) {
+        unpack_plane(p.planes[i] + row * p.plane_stride[i] + c * 8 * widths[i], widths[i], low, codes);
+        low += widths[i];
+      }
+      const int64_t g = c / p.chunks_per_group;
+      const float s = p.scale[row * p.groups + g], z = static_cast<float>(p.zero[row * p.groups + g]);
+      for (int j = 0; j < kChunk; ++j) out[row * p.k + c * kChunk + j] = (static_cast<float>(codes[j]) - z) * s;
+    }
+  }
+}
+
 #endif
 
 // ---------------------------------------------------------------------------------------------
@@ -216,6 +234,40 @@ void avx512_tile(const Problem& p, const uint16_t* xp, int64_t rows, float* out,
   for (; m0 < rows; ++m0) avx512_rows<BITS, 1>(p, xp, m0, out, begin, end);
 }
 
+template <int BITS>
+void avx512_dequant(const Problem& p, uint16_t* out, int64_t begin, int64_t end) {
+  const uint8_t* rows[3];
+  for (int64_t row = begin; row < end; ++row) {
+    for (int i = 0; i < 3; ++i) rows[i] = p.planes[i] ? p.planes[i] + row * p.plane_stride[i] : nullptr;
+    for (int64_t c = 0; c < p.chunks; ++c) {
+      const int64_t g = c / p.chunks_per_group;
+      const __m512 s = _mm512_set1_ps(p.scale[row * p.groups + g]);
+      const __m512 z = _mm512_set1_ps(static_cast<float>(p.zero[row * p.groups + g]));
+      const __m512i codes = chunk_codes<BITS>(rows, c);
+      __m512 f[4];
+      for (int i = 0; i < 4; ++i) {
+        const __m512 q = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(codes, i)));
+        f[i] = _mm512_mul_ps(_mm512_sub_ps(q, z), s);
+      }
+      uint16_t* dst = out + row * p.k + c * kChunk;
+      _mm512_storeu_si512(dst, (__m512i)_mm512_cvtne2ps_pbh(f[1], f[0]));
+      _mm512_storeu_si512(dst + 32, (__m512i)_mm512_cvtne2ps_pbh(f[3], f[2]));
+    }
+  }
+}
+
+void avx512_dequant_dispatch(int64_t bits, const Problem& p, uint16_t* out, int64_t begin, int64_t end) {
+  switch (bits) {
+    case 2: return avx512_dequant<2>(p, out, begin, end);
+    case 3: return avx512_dequant<3>(p, out, begin, end);
+    case 4: return avx512_dequant<4>(p, out, begin, end);
+    case 5: return avx512_dequant<5>(p, out, begin, end);
+    case 6: return avx512_dequant<6>(p, out, begin, end);
+    case 7: return avx512_dequant<7>(p, out, begin, end);
+    default: return avx512_dequant<8>(p, out, begin, end);
+  }
+}
+
 void avx512_dispatch(int64_t bits, const Problem& p, const uint16_t* xp, int64_t rows, float* out, int64_t begin,
                      int64_t end) {
   switch (bits) {
@@ -233,20 +285,17 @@ void avx512_dispatch(int64_t bits, const Problem& p, const uint16_t* xp, int64_t
 
 // ---------------------------------------------------------------------------------------------
 
-at::Tensor planes_gemv(const at::Tensor& x, at::TensorList planes, int64_t bits, const at::Tensor& scale,
-                       const at::Tensor& zero, int64_t group) {
-  const auto widths = plane_widths(bits);
-  TORCH_CHECK(planes.size() == widths.size(), "planes_gemv: expected ", widths.size(), " planes for ", bits, " bits");
-  TORCH_CHECK(x.dim() == 2, "planes_gemv: x must be [rows, in_features]");
-  const int64_t rows = x.size(0), k = x.size(1), n = scale.size(0);
-  TORCH_CHECK(k % kChunk == 0 && group % kChunk == 0, "planes_gemv: in_features and group must be multiples of 64");
-  TORCH_CHECK(scale.scalar_type() == at::kFloat && zero.scalar_type() == at::kShort, "planes_gemv: scale f32, zero i16");
-  TORCH_CHECK(scale.is_contiguous() && zero.is_contiguous(), "planes_gemv: scale and zero must be contiguous");
-
+Problem make_problem(at::TensorList planes, const std::vector<int>& widths, int64_t k, const at::Tensor& scale,
+                     const at::Tensor& zero, int64_t group) {
+  TORCH_CHECK(planes.size() == widths.size(), "planes: expected ", widths.size(), " planes");
+  TORCH_CHECK(k % kChunk == 0 && group % kChunk == 0, "planes: in_features and group must be multiples of 64");
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && zero.scalar_type() == at::kShort, "planes: scale f32, zero i16");
+  TORCH_CHECK(scale.is_contiguous() && zero.is_contiguous(), "planes: scale and zero must be contiguous");
   Problem p{};
+  const int64_t n = scale.size(0);
   for (size_t i = 0; i < widths.size(); ++i) {
-    TORCH_CHECK(planes[i].is_contiguous() && planes[i].scalar_type() == at::kByte, "planes_gemv: planes uint8");
-    TORCH_CHECK(planes[i].numel() == n * k * widths[i] / 8, "planes_gemv: plane ", i, " has the wrong size");
+    TORCH_CHECK(planes[i].is_contiguous() && planes[i].scalar_type() == at::kByte, "planes: planes must be uint8");
+    TORCH_CHECK(planes[i].numel() == n * k * widths[i] / 8, "planes: plane ", i, " has the wrong size");
     p.planes[i] = planes[i].data_ptr<uint8_t>();
     p.plane_stride[i] = k * widths[i] / 8;
   }
@@ -257,7 +306,16 @@ at::Tensor planes_gemv(const at::Tensor& x, at::TensorList planes, int64_t bits,
   p.groups = (k + group - 1) / group;
   p.chunks_per_group = group / kChunk;
   p.chunks = k / kChunk;
-  TORCH_CHECK(scale.size(1) == p.groups && zero.size(1) == p.groups, "planes_gemv: expected ", p.groups, " groups");
+  TORCH_CHECK(scale.size(1) == p.groups && zero.size(1) == p.groups, "planes: expected ", p.groups, " groups");
+  return p;
+}
+
+at::Tensor planes_gemv(const at::Tensor& x, at::TensorList planes, int64_t bits, const at::Tensor& scale,
+                       const at::Tensor& zero, int64_t group) {
+  const auto widths = plane_widths(bits);
+  TORCH_CHECK(x.dim() == 2, "planes_gemv: x must be [rows, in_features]");
+  const int64_t rows = x.size(0), k = x.size(1);
+  Problem p = make_problem(planes, widths, k, scale, zero, group);
 
   // Group sums of the activations, as the kernel sees them (bf16 on the AVX-512 path).
 #ifdef QUEPT_AVX512_BF16
@@ -270,9 +328,9 @@ at::Tensor planes_gemv(const at::Tensor& x, at::TensorList planes, int64_t bits,
       at::constant_pad_nd(xf, {0, p.groups * group - k}).view({rows, p.groups, group}).sum(-1).contiguous();
   p.xsum = xsum.data_ptr<float>();
 
-  at::Tensor out = at::empty({rows, n}, xf.options());
+  at::Tensor out = at::empty({rows, p.n}, xf.options());
   float* op = out.data_ptr<float>();
-  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, p.n, 16, [&](int64_t begin, int64_t end) {
 #ifdef QUEPT_AVX512_BF16
     avx512_dispatch(bits, p, reinterpret_cast<const uint16_t*>(xs.data_ptr<at::BFloat16>()), rows, op, begin, end);
 #else
@@ -280,6 +338,22 @@ at::Tensor planes_gemv(const at::Tensor& x, at::TensorList planes, int64_t bits,
 #endif
   });
   return out.to(x.scalar_type());
+}
+
+// The dense bf16 weight [n, in_features]: (code - zero) * scale.
+at::Tensor planes_dequant(at::TensorList planes, int64_t bits, const at::Tensor& scale, const at::Tensor& zero,
+                          int64_t group, int64_t in_features) {
+  const auto widths = plane_widths(bits);
+  Problem p = make_problem(planes, widths, in_features, scale, zero, group);
+  at::Tensor out = at::empty({p.n, in_features}, scale.options().dtype(at::kBFloat16));
+  at::parallel_for(0, p.n, 16, [&](int64_t begin, int64_t end) {
+#ifdef QUEPT_AVX512_BF16
+    avx512_dequant_dispatch(bits, p, reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()), begin, end);
+#else
+    portable_dequant(p, widths, out.data_ptr<at::BFloat16>(), begin, end);
+#endif
+  });
+  return out;
 }
 
 }  // namespace
@@ -293,8 +367,10 @@ at::Tensor planes_gemv(const at::Tensor& x, at::TensorList planes, int64_t bits,
 
 QUEPT_LIBRARY(QUEPT_OPS, m) {
   m.def("planes_gemv(Tensor x, Tensor[] planes, int bits, Tensor scale, Tensor zero, int group) -> Tensor");
+  m.def("planes_dequant(Tensor[] planes, int bits, Tensor scale, Tensor zero, int group, int in_features) -> Tensor");
 }
 
 QUEPT_LIBRARY_IMPL(QUEPT_OPS, CPU, m) {
   m.impl("planes_gemv", &planes_gemv);
+  m.impl("planes_dequant", &planes_dequant);
 }

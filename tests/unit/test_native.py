@@ -42,3 +42,17 @@ def test_kernel_matches_dequantized_reference(request, path, bits, rows, in_feat
              in_features if group == -1 else group)
     assert out.shape == (rows, 80) and out.dtype == torch.bfloat16
     assert relative_error(out, x.float() @ qw.dequantize().T) < PACK_REL_TOL / 4
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7, 8])
+@pytest.mark.parametrize(("in_features", "group"), [(256, 64), (192, 128), (128, -1)])
+@pytest.mark.parametrize("path", ["native", "portable"])
+def test_dequantize_matches_reference(request, path, bits, in_features, group):
+    ops = torch.ops.quept if path == "native" else torch.ops.quept_portable
+    request.getfixturevalue(path)
+    qw = quantize(torch.randn(48, in_features) * 0.05, bits, group)
+    weight = ops.planes_dequant(pack_planes(qw.codes, bits), bits, qw.scale.float().contiguous(),
+                                qw.zero.to(torch.int16).contiguous(), in_features if group == -1 else group,
+                                in_features)
+    assert weight.dtype == torch.bfloat16
+    assert torch.equal(weight, qw.dequantize().bfloat16())

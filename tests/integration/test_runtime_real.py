@@ -1,0 +1,75 @@
+"""The runtime on the real default model: logits against transformers, packed against fake-quant."""
+
+import pytest
+import torch
+
+from quept_core.bitconfig import BitConfig
+from quept_core.elastic_linear import make_elastic, set_bits
+from quept_core.generation import SamplingParams, SequenceRequest
+from quept_core.models import load_model
+from quept_core.plans import Plan
+from quept_core.runtime import QueptEngine
+
+pytestmark = pytest.mark.integration
+
+TEXT = ("The tower is 324 metres tall, about the same height as an 81-storey building, and the tallest "
+        "structure in Paris. Its base is square, measuring 125 metres on each side.")
+
+
+@pytest.fixture(scope="module")
+def setup():
+    torch.manual_seed(0)
+    loaded = load_model()
+    elastic = make_elastic(loaded.model, BitConfig())
+    tokens = loaded.tokenizer(TEXT, return_tensors="pt").input_ids
+    return loaded, elastic, tokens
+
+
+def hf_logits(loaded, tokens, bits):
+    set_bits(loaded.model, bits)
+    try:
+        with torch.no_grad():
+            return loaded.model(tokens).logits[0]
+    finally:
+        set_bits(loaded.model, None)
+
+
+def test_float32_forward_matches_transformers(setup):
+    loaded, elastic, tokens = setup
+    engine = QueptEngine(loaded, elastic, device="cpu", dtype=torch.float32)
+    got = engine.logits(tokens, engine.plan("fp"))[0]
+    assert torch.allclose(got, hf_logits(loaded, tokens, None), atol=2e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("bits", [3, 4, 8])
+def test_packed_plan_matches_fake_quantized_transformers(setup, bits):
+    loaded, elastic, tokens = setup
+    engine = QueptEngine(loaded, elastic, device="cpu")
+    plan = Plan(f"w{bits}", {name: bits for name in engine.linear_names}, None)  # head in full precision
+    got = engine.logits(tokens, plan)[0]
+    expected = hf_logits(loaded, tokens, bits)
+    # bf16 activations through 30 layers: compare distributions, not single logits.
+    kl = torch.nn.functional.kl_div(got.log_softmax(-1), expected.log_softmax(-1), log_target=True,
+                                    reduction="batchmean")
+    agreement = (got.argmax(-1) == expected.argmax(-1)).float().mean()
+    assert kl < 0.05 and agreement > 0.9
+
+
+def test_batched_prompts_match_single_prompts(setup):
+    loaded, elastic, _ = setup
+    engine = QueptEngine(loaded, elastic, device="cpu")
+    plan = engine.plan("w4")
+    prompts = [loaded.tokenizer(t).input_ids for t in ("The capital of France is", "One, two, three, four,",
+                                                       "def fibonacci(n):")]
+    sampling = SamplingParams(max_new_tokens=4)
+    batch = engine.start_batch([SequenceRequest(p, sampling) for p in prompts], plan)
+    batch.step()
+    batched = batch.last_logits
+    for row, prompt in enumerate(prompts):
+        single = engine.start_batch([SequenceRequest(prompt, sampling)], plan)
+        single.step()
+        # Padding and batching change only rounding (bf16 kernels take other paths for more rows).
+        kl = torch.nn.functional.kl_div(batched[row].log_softmax(-1), single.last_logits[0].log_softmax(-1),
+                                        log_target=True, reduction="sum")
+        assert kl < 0.02
+    assert "Paris" in loaded.tokenizer.decode(engine.generate(prompts[0], plan, sampling))
