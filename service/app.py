@@ -14,7 +14,7 @@ from starlette.exceptions import HTTPException
 
 from quept_core import __version__
 from service import routes_native, routes_openai, routes_ops
-from service.errors import ServiceError, from_validation, status_for_path
+from service.errors import ServiceError, from_validation, invalid, status_for_path
 from service.metrics import Metrics
 from service.middleware import CLIENT_CLOSED, BodyLimit, RequestContext
 from service.pipeline import ClientGone
@@ -68,6 +68,8 @@ def create_app(settings: Settings, loader: Loader | None = None,
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, error: HTTPException) -> JSONResponse:
+        if error.status_code == 400:  # FastAPI could not decode the body: bad UTF-8 or JSON nested too deep
+            return _error_response(request, invalid("body: not valid UTF-8 JSON", "body"))
         kind = _HTTP_TYPES.get(error.status_code, "http_error")
         return _error_response(request, ServiceError(error.status_code, kind, str(error.detail), None,
                                                      dict(error.headers or {})))

@@ -58,6 +58,15 @@ class ClientGone(Exception):
     """The client disconnected before its response was complete."""
 
 
+def _is_utf8(text: str) -> bool:
+    """JSON may carry lone surrogate escapes that no tokenizer accepts."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 class Pipeline:
     def __init__(self, backend: Backend, controller: Controller, scheduler: Scheduler, metrics: Metrics,
                  max_new_tokens_limit: int, queue_timeout_s: float):
@@ -75,13 +84,17 @@ class Pipeline:
         tokenizer = self.backend.tokenizer
         if (spec.prompt is None) == (spec.messages is None):
             raise invalid("give exactly one of prompt and messages", "prompt")
+        field = "prompt" if spec.prompt is not None else "messages"
+        texts = [spec.prompt] if spec.prompt is not None else [m["content"] for m in spec.messages]
+        if not all(_is_utf8(text) for text in texts):
+            raise invalid(f"{field}: contains a lone surrogate escape (\\ud800-\\udfff), not text", field)
         if spec.messages is not None:
             text = tokenizer.apply_chat_template(spec.messages, add_generation_prompt=True, tokenize=False)
             ids = tokenizer(text, add_special_tokens=False).input_ids
         else:
             ids = tokenizer(spec.prompt).input_ids
         if not ids:
-            raise invalid("the prompt is empty", "prompt" if spec.prompt is not None else "messages")
+            raise invalid("the prompt is empty", field)
         return ids
 
     def _resolve(self, precision: str, field: str) -> Plan:

@@ -38,7 +38,7 @@ class Run:
         """Known once the first token exists, so streams carry them too."""
         job = self.job
         return {
-            "x-precision-requested": self.prepared.spec.precision,
+            "x-precision-requested": self.prepared.spec.precision.strip().lower(),  # as parsed
             "x-precision-served": self.prepared.plan.name,
             "x-queue-time-ms": f"{(job.started_at - job.arrival) * 1000:.1f}",
             "x-time-to-first-token-ms": f"{(job.first_token_at - job.arrival) * 1000:.1f}",

@@ -10,6 +10,8 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from quept_core import __version__
+from quept_core.artifact import ArtifactError
+from quept_core.models import ModelError
 from quept_core.plans import Plan
 from service.backend import Backend
 from service.controller import Controller, CostModel
@@ -25,6 +27,10 @@ log = logging.getLogger(__name__)
 LOADING, WARMING, READY, DRAINING, FAILED = "loading", "warming", "ready", "draining", "failed"
 Loader = Callable[[Settings], Backend]
 T = TypeVar("T")
+
+
+# Start-up failures whose message says it all (bad artifact, model or setting): logged without a traceback.
+_EXPECTED = (ValueError, ArtifactError, ModelError)
 
 
 class ServiceState:
@@ -50,7 +56,8 @@ class ServiceState:
         except Exception as error:  # start-up must end in one line, whatever went wrong
             self.phase = FAILED
             self.failure = str(error) or type(error).__name__
-            log.error("start-up failed", extra={"error": self.failure}, exc_info=log.isEnabledFor(logging.DEBUG))
+            log.error("start-up failed", extra={"error": self.failure},
+                      exc_info=log.isEnabledFor(logging.DEBUG) or not isinstance(error, _EXPECTED))
             if on_fatal is not None:
                 on_fatal(self.failure)
             return
