@@ -63,7 +63,8 @@ class EvalRow:
 
 def parse_precisions(text: str, bit_set: tuple[int, ...]) -> list[str]:
     """`fp`, `all` (fp and every bit-width), `w<b>` and `mixed:<avg>`, comma-separated, in order."""
-    allowed = ", ".join([ALL, FP, *(f"w{b}" for b in bit_set), "mixed:<avg bits per weight>"])
+    allowed = ", ".join([ALL, FP, *(f"w{b}" for b in bit_set),
+                         f"mixed:<avg bits per weight in {min(bit_set)}..{max(bit_set)}>"])
     names: list[str] = []
     for entry in (part.strip().lower() for part in text.split(",")):
         if entry == ALL:
@@ -148,8 +149,6 @@ def gptq_setup(model: nn.Module, bit_config: BitConfig, calib: CalibrationInputs
         log.info("gptq w%d: %.1f s", b, time.perf_counter() - start)
     source = TableWeights(table)
     return MethodSetup(model, source, _proxy_table(model, source, bit_config, calib))
-
-
 
 
 def bits_needed(precisions: list[str], bit_config: BitConfig) -> list[int]:

@@ -210,7 +210,7 @@ class CompactLlama:
                 keys[:, :, position] = k[:, 0]
                 values[:, :, position] = v[:, 0]
             else:
-                keys[rows, :, positions] = k[:, 0].to(keys.dtype)  # index_put does not cast as copy_ does
+                keys[rows, :, positions] = k[:, 0].to(keys.dtype)
                 values[rows, :, positions] = v[:, 0].to(values.dtype)
             # Grouped-query attention for one query: [b, kv_heads, group, d] against [b, kv_heads, span, d].
             scores = torch.matmul(q.reshape(batch, d.n_kv_heads, group, d.head_dim).to(keys.dtype),

@@ -1,7 +1,7 @@
 """The native CPU kernel for bit-plane weights, compiled once per torch version and CPU.
 
-Building needs a C++ compiler and ninja (about a minute, once; the result is cached under the
-QuEPT cache folder). Without them, or with QUEPT_NATIVE=0, bit-plane weights fall back to
+Building needs a C++ compiler (about 15 s, once; the result is cached under the QuEPT cache
+folder); ninja comes with the package. Without them, or with QUEPT_NATIVE=0, bit-plane weights fall back to
 dequantize-then-matmul, which is correct but slower at decode.
 """
 
@@ -11,6 +11,8 @@ import hashlib
 import logging
 import os
 import platform
+import shutil
+import sys
 from collections.abc import Callable
 from functools import cache
 from pathlib import Path
@@ -53,6 +55,10 @@ def _build() -> bool:
         return False
     from torch.utils import cpp_extension
 
+    # The `ninja` package installs its binary next to the interpreter, which may not be on PATH.
+    scripts = Path(sys.executable).parent
+    if shutil.which("ninja") is None and (scripts / "ninja").is_file():
+        os.environ["PATH"] = f"{scripts}{os.pathsep}{os.environ.get('PATH', '')}"
     folder = cache_dir() / "kernels" / f"torch-{torch.__version__}-{_cpu_key()}"
     folder.mkdir(parents=True, exist_ok=True)
     try:

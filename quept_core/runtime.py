@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -120,7 +120,11 @@ class QueptEngine:
         if spec.kind == "mixed":
             if self.mixed_resolver is None:
                 raise PrecisionError(f"precision '{precision}' needs a calibrated artifact with a mixed-precision front")
-            return self.mixed_resolver(spec.bits)
+            plan = self.mixed_resolver(spec.bits)
+            # The allocator assigns the decoder linears; the output head follows the engine's setting.
+            if plan.lm_head_bits is None and self.head_bits is not None:
+                plan = replace(plan, lm_head_bits=self.head_bits)
+            return plan
         raise PrecisionError(f"precision '{precision}' must be resolved to a concrete plan before it reaches the engine")
 
     def _check_plan(self, plan: Plan) -> None:

@@ -4,6 +4,7 @@ service needs them (service/backend.py)."""
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 
 import torch
 
@@ -71,14 +72,27 @@ def _device(choice: str) -> torch.device | None:
 
 
 def load_backend(settings: Settings) -> ModelBackend:
-    """Load the model, ensure its artifact (calibrating on first use) and build the engine."""
+    """Load the model, ensure its artifact (calibrating on first use) and its mixed-precision front
+    and quality (measured once, stored in the artifact), and build the engine."""
     from quept_core.artifact import ensure_artifact, load_artifact
+    from quept_core.mixed import Allocator
+    from quept_core.quality import ensure_mixed_extras, stored_plans
+    from quept_core.sensitivity import SensitivityTable
 
     if settings.threads is not None:
         torch.set_num_threads(settings.threads)
     device = _device(settings.device)
     loaded = load_model(settings.model)
-    directory = settings.artifact or ensure_artifact(loaded, preset=settings.preset)
-    calibrated = load_artifact(directory, loaded)
-    engine = QueptEngine.from_calibrated(calibrated, device=device, memory_limit_bytes=settings.memory_limit_bytes)
-    return ModelBackend(engine, calibrated.artifact_id)
+    calibrated = load_artifact(settings.artifact or ensure_artifact(loaded, preset=settings.preset), loaded)
+    extras = ensure_mixed_extras(calibrated.artifact_dir, calibrated)
+    allocator = Allocator(SensitivityTable.from_dict(extras["sensitivity"]), calibrated.bit_config)
+
+    def with_engine_head(plan: Plan) -> Plan:
+        """Mixed plans run the output head like the uniform plans do."""
+        return replace(plan, lm_head_bits=engine.head_bits)
+
+    engine = QueptEngine.from_calibrated(calibrated, device=device, memory_limit_bytes=settings.memory_limit_bytes,
+                                         mixed_resolver=lambda avg_bits: with_engine_head(allocator.plan(avg_bits)))
+    quality = {name: entry["ppl_delta_pct"] for name, entry in extras["quality"]["plans"].items()}
+    front = [with_engine_head(plan) for plan in stored_plans(extras["plans"])]
+    return ModelBackend(engine, calibrated.artifact_id, front, quality)

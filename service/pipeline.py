@@ -15,6 +15,7 @@ from typing import TypeVar
 from starlette.requests import Request
 
 from quept_core.generation import SamplingParams
+from quept_core.mixed import bits_by_linear_type
 from quept_core.plans import FP, Plan, PrecisionError
 from service.backend import Backend
 from service.controller import MIB, Budget, Controller, Decision, PlanRequest
@@ -203,18 +204,12 @@ async def _first(awaitable, disconnect: asyncio.Future) -> T:
 
 def plan_view(plan: Plan, numels: dict[str, int]) -> PlanView:
     """Mode, average bits and the parameter-weighted bits of each linear type (q_proj, ..., down_proj)."""
-    by_type: dict[str, list[int]] = {}
-    for name, bits in plan.layer_bits.items():
-        kind = name.rsplit(".", 1)[-1]
-        weighted = by_type.setdefault(kind, [0, 0])
-        weighted[0] += (bits or 16) * numels[name]
-        weighted[1] += numels[name]
     is_fp = plan.mode == FP
+    by_type = bits_by_linear_type(plan, {name: (numel, 1) for name, numel in numels.items()})  # only sizes count
     return PlanView(
         name=plan.name, mode=plan.mode,
         average_bits=None if is_fp else round(plan.average_bits(numels), 3),
-        bits_by_layer_type={kind: None if is_fp else round(total / count, 3)
-                            for kind, (total, count) in by_type.items()},
+        bits_by_layer_type={kind: None if is_fp else round(bits, 3) for kind, bits in by_type.items()},
         lm_head_bits=plan.lm_head_bits,
     )
 

@@ -56,7 +56,8 @@ class ServiceState:
         except Exception as error:  # start-up must end in one line, whatever went wrong
             self.phase = FAILED
             self.failure = str(error) or type(error).__name__
-            log.error("start-up failed", extra={"error": self.failure}, exc_info=not isinstance(error, _EXPECTED))
+            log.error("start-up failed", extra={"error": self.failure},
+                      exc_info=log.isEnabledFor(logging.DEBUG) or not isinstance(error, _EXPECTED))
             if on_fatal is not None:
                 on_fatal(self.failure)
             return

@@ -101,6 +101,21 @@ def test_mixed_plan_runs_each_layer_at_its_own_bits(engine):
     assert sorted(tokens) == [0, 1, 2]
 
 
+def test_mixed_precision_resolves_through_the_resolver():
+    calls = []
+
+    def resolver(avg_bits):
+        calls.append(avg_bits)
+        return Plan(f"mixed:{avg_bits:.2f}", {name: 4 if i < 7 else 6 for i, name in enumerate(names)})
+
+    engine = make_engine(mixed_resolver=resolver)
+    names = engine.linear_names
+    plan = engine.plan("mixed:4.5")
+    assert calls == [4.5] and plan.name == "mixed:4.50"
+    assert plan.lm_head_bits == engine.head_bits == 8
+    assert run(engine.start_batch(requests(3), plan))[0].keys() == {0, 1, 2}
+
+
 def test_uniform_plan_runs_fused_projections(engine):
     engine.set_plan(engine.plan("w5"))
     for block in engine.model.blocks:
