@@ -28,6 +28,8 @@ from quept_core.sampling import RequestError, Sampler, check_sampling
 
 HEAD = "lm_head"
 PackKey = tuple[str, int | None]  # (slot name, bits); None: full precision
+# The output head (a fifth of the model's weights) runs at 8 bits in quantized plans unless a plan says otherwise.
+DEFAULT_HEAD_BITS = 8
 # Plans whose slot assignments are remembered for pointer-swap switching.
 MAX_BOUND_PLANS = 32
 
@@ -38,8 +40,6 @@ class _Bound:
     generation: int  # the pack cache's generation the assignment is valid for
     keys: list[PackKey]
     assignment: list[tuple[Slot, PackedWeight | None]]
-# The output head (a fifth of the model's weights) runs at 8 bits in quantized plans unless a plan says otherwise.
-DEFAULT_HEAD_BITS = 8
 
 
 def default_device() -> torch.device:
