@@ -1,6 +1,6 @@
 """Service configuration: `QUEPT_*` environment variables, overridden by `quept serve` flags.
 
-Every field is both (`QUEPT_MAX_QUEUE`, `--max-queue`); service/SETTINGS.md documents them all and a
+Every field is both (`QUEPT_MAX_QUEUE`, `--max-queue`); the README's Configure section documents them all and a
 unit test keeps the two in step.
 """
 
