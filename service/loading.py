@@ -86,13 +86,9 @@ def load_backend(settings: Settings) -> ModelBackend:
     calibrated = load_artifact(settings.artifact or ensure_artifact(loaded, preset=settings.preset), loaded)
     extras = ensure_mixed_extras(calibrated.artifact_dir, calibrated)
     allocator = Allocator(SensitivityTable.from_dict(extras["sensitivity"]), calibrated.bit_config)
-
-    def with_engine_head(plan: Plan) -> Plan:
-        """Mixed plans run the output head like the uniform plans do."""
-        return replace(plan, lm_head_bits=engine.head_bits)
-
     engine = QueptEngine.from_calibrated(calibrated, device=device, memory_limit_bytes=settings.memory_limit_bytes,
-                                         mixed_resolver=lambda avg_bits: with_engine_head(allocator.plan(avg_bits)))
+                                         mixed_resolver=allocator.plan)
     quality = {name: entry["ppl_delta_pct"] for name, entry in extras["quality"]["plans"].items()}
-    front = [with_engine_head(plan) for plan in stored_plans(extras["plans"])]
+    # Stored front plans run the output head like every quantized plan of this engine.
+    front = [replace(plan, lm_head_bits=engine.head_bits) for plan in stored_plans(extras["plans"])]
     return ModelBackend(engine, calibrated.artifact_id, front, quality)
