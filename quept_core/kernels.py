@@ -22,7 +22,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from quept_core.native import planes_dequant, planes_gemv
+from quept_core.native import int4pack_dequant, planes_dequant, planes_gemv
 from quept_core.quantizer import QuantizedWeight
 
 log = logging.getLogger(__name__)
@@ -128,6 +128,7 @@ class Int4Packed(PackedWeight):
         self.out_features, self.in_features, self.dtype, self.group = n, k, dtype, qw.group_size
         self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(qw.codes.to(torch.int32).contiguous(), 2)
         offset = (8 - qw.zero) * qw.scale
+        self._native_dequant = int4pack_dequant() if dtype == torch.bfloat16 else None
         self.scale_zero = torch.stack([qw.scale, offset], dim=-1).transpose(0, 1).contiguous().to(dtype)
         if not torch.equal(self._codes(torch.arange(n, device=qw.codes.device)), qw.codes):
             raise ValueError(f"int4 layout check failed for a [{n}, {k}] weight")
@@ -158,6 +159,8 @@ class Int4Packed(PackedWeight):
         return out.reshape(*x.shape[:-1], self.out_features).to(out_dtype or x.dtype)
 
     def dense(self) -> torch.Tensor:
+        if self._native_dequant is not None:
+            return self._native_dequant(self.packed, self.scale_zero, self.group).to(self.dtype)
         # Whole blocks unpack with a reshape: [blocks, k, 32] bytes -> [blocks, 64 rows, k] codes.
         blocks = self.packed.reshape(self.out_features // _INT4_BLOCK_N, self.in_features, _INT4_BLOCK_N // 2)
         codes = torch.cat([blocks & 15, blocks >> 4], dim=2).transpose(1, 2).reshape(self.out_features, -1)

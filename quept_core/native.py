@@ -1,8 +1,9 @@
-"""The native CPU kernel for bit-plane weights, compiled once per torch version and CPU.
+"""The native CPU kernels (bit-plane matmul and dequantization, int4 dequantization), compiled once
+per torch version and CPU.
 
 Building needs a C++ compiler (about 15 s, once; the result is cached under the QuEPT cache
-folder); ninja comes with the package. Without them, or with QUEPT_NATIVE=0, bit-plane weights fall back to
-dequantize-then-matmul, which is correct but slower at decode.
+folder); ninja comes with the package. Without a compiler, or with QUEPT_NATIVE=0, bit-plane weights
+dequantize then multiply in PyTorch, which is correct but slower.
 """
 
 from __future__ import annotations
@@ -46,6 +47,11 @@ def planes_gemv() -> Callable | None:
 def planes_dequant() -> Callable | None:
     """`torch.ops.quept.planes_dequant(planes, bits, scale, zero, group, in_features)` -> bf16, or None."""
     return torch.ops.quept.planes_dequant.default if _build() else None
+
+
+def int4pack_dequant() -> Callable | None:
+    """`torch.ops.quept.int4pack_dequant(packed, scale_zero, group)` -> bf16 [n, k], or None."""
+    return torch.ops.quept.int4pack_dequant.default if _build() else None
 
 
 @cache

@@ -356,6 +356,41 @@ at::Tensor planes_dequant(at::TensorList planes, int64_t bits, const at::Tensor&
   return out;
 }
 
+// ---------------------------------------------------------------------------------------------
+// PyTorch's CPU int4 layout (aten._convert_weight_to_int4pack_for_cpu): blocks of 64 output rows,
+// byte (k, j) of a block holding rows j (low nibble) and j + 32 (high nibble) at input k.
+// w = (c - 8) * s + m per group, with scale_zero [groups, n, 2] = (s, m) in bf16.
+
+at::Tensor int4pack_dequant(const at::Tensor& packed, const at::Tensor& scale_zero, int64_t group) {
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous(), "int4pack_dequant: packed uint8");
+  TORCH_CHECK(scale_zero.scalar_type() == at::kBFloat16 && scale_zero.is_contiguous(), "int4pack_dequant: bf16");
+  const int64_t n = packed.size(0), k = packed.size(1) * 2;
+  TORCH_CHECK(n % 64 == 0 && k % group == 0, "int4pack_dequant: rows must be a multiple of 64");
+  TORCH_CHECK(scale_zero.size(0) == k / group && scale_zero.size(1) == n, "int4pack_dequant: scale_zero shape");
+  const uint8_t* src = packed.data_ptr<uint8_t>();
+  const at::BFloat16* sz = scale_zero.data_ptr<at::BFloat16>();
+  at::Tensor out = at::empty({n, k}, scale_zero.options());
+  at::BFloat16* dst = out.data_ptr<at::BFloat16>();
+  const int64_t groups = k / group;
+  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> scale(groups), offset(groups);
+    for (int64_t row = begin; row < end; ++row) {
+      const uint8_t* bytes = src + (row / 64) * 64 * k / 2 + row % 32;  // byte i of this row: bytes[i * 32]
+      const int shift = (row % 64) < 32 ? 0 : 4;
+      for (int64_t g = 0; g < groups; ++g) {
+        const at::BFloat16* pair = sz + (g * n + row) * 2;
+        scale[g] = static_cast<float>(pair[0]);
+        offset[g] = static_cast<float>(pair[1]) - 8.f * scale[g];
+      }
+      at::BFloat16* out_row = dst + row * k;
+      for (int64_t g = 0; g < groups; ++g)
+        for (int64_t i = g * group; i < (g + 1) * group; ++i)
+          out_row[i] = static_cast<float>((bytes[i * 32] >> shift) & 0x0F) * scale[g] + offset[g];
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 // The operator namespace is `quept` unless the build names another (a second build of the portable path).
@@ -368,9 +403,11 @@ at::Tensor planes_dequant(at::TensorList planes, int64_t bits, const at::Tensor&
 QUEPT_LIBRARY(QUEPT_OPS, m) {
   m.def("planes_gemv(Tensor x, Tensor[] planes, int bits, Tensor scale, Tensor zero, int group) -> Tensor");
   m.def("planes_dequant(Tensor[] planes, int bits, Tensor scale, Tensor zero, int group, int in_features) -> Tensor");
+  m.def("int4pack_dequant(Tensor packed, Tensor scale_zero, int group) -> Tensor");
 }
 
 QUEPT_LIBRARY_IMPL(QUEPT_OPS, CPU, m) {
   m.impl("planes_gemv", &planes_gemv);
   m.impl("planes_dequant", &planes_dequant);
+  m.impl("int4pack_dequant", &int4pack_dequant);
 }

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.utils import cpp_extension
 
-from quept_core.kernels import PACK_REL_TOL, pack_planes, relative_error
+from quept_core.kernels import PACK_REL_TOL, Int4Packed, pack_planes, relative_error
 from quept_core.native import SOURCE, planes_gemv
 from quept_core.paths import cache_dir
 from quept_core.quantizer import quantize
@@ -56,3 +56,14 @@ def test_dequantize_matches_reference(request, path, bits, in_features, group):
                                 in_features)
     assert weight.dtype == torch.bfloat16
     assert torch.equal(weight, qw.dequantize().bfloat16())
+
+
+@pytest.mark.parametrize("group", [32, 64, 128])
+@pytest.mark.parametrize("path", ["native", "portable"])
+def test_int4_dequantize_matches_the_kernel_formula(request, path, group):
+    ops = torch.ops.quept if path == "native" else torch.ops.quept_portable
+    request.getfixturevalue(path)
+    pack = Int4Packed(quantize(torch.randn(192, 256) * 0.05, 4, group), torch.bfloat16)
+    rows = torch.arange(192)
+    expected = pack._dequant(pack._codes(rows), rows)  # (c - 8) * s + m from the unpacked layout
+    assert torch.equal(ops.int4pack_dequant(pack.packed, pack.scale_zero, group), expected)
