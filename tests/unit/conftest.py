@@ -3,6 +3,7 @@ from __future__ import annotations
 import threading
 
 import pytest
+import torch
 import uvicorn
 from fastapi.testclient import TestClient
 
@@ -55,3 +56,12 @@ def live_fake_server():
     for server, thread in servers:
         server.should_exit = True
         thread.join(30)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: one thread avoids thread hand-off costs that dominate on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

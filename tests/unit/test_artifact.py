@@ -25,13 +25,7 @@ from tests.unit.tiny_llama import tiny_loaded
 CONFIG = CalibrationConfig(n_samples=4, seqlen=32, batch_size=2, clip_search_grid=4, clip_search_samples=2)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread avoids thread hand-off costs that dominate on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
