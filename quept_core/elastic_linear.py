@@ -47,26 +47,19 @@ class ElasticLinear(nn.Module):
         rank = self.bit_config.rank_for(bits)
         return self.lora_B[:, :rank] @ self.lora_A[:rank]
 
+    def _quantizer_inputs(self, bits: int) -> tuple:
+        """(W + R_tier(b), bits, group size, clip logits): what every quantizer entry point takes."""
+        return (self.weight + self.correction(bits), bits, self.bit_config.group_size_for(bits),
+                self.clip_up[str(bits)], self.clip_low[str(bits)])
+
     def fake_quant_weight(self, bits: int) -> torch.Tensor:
         """Differentiable Q_b(W + R_tier(b)), used during calibration."""
-        return fake_quantize(
-            self.weight + self.correction(bits),
-            bits,
-            self.bit_config.group_size_for(bits),
-            self.clip_up[str(bits)],
-            self.clip_low[str(bits)],
-        )
+        return fake_quantize(*self._quantizer_inputs(bits))
 
     @torch.no_grad()
     def quantize(self, bits: int) -> QuantizedWeight:
         """The integer codes, scales and zero-points of Q_b(W + R_tier(b))."""
-        return quantize(
-            self.weight + self.correction(bits),
-            bits,
-            self.bit_config.group_size_for(bits),
-            self.clip_up[str(bits)],
-            self.clip_low[str(bits)],
-        )
+        return quantize(*self._quantizer_inputs(bits))
 
     @torch.no_grad()
     def materialize(self, bits: int) -> torch.Tensor:
