@@ -3,9 +3,11 @@
 Drives `POST /generate` with a mix of precisions and budgeted `auto` requests at several
 concurrency levels (multiples of what the server serves at once) and reports, per level: goodput,
 time to first token p50/p99 per precision served, downgrade and rejection rates, timeouts and the
-server's peak resident memory (sampled from its own `process_resident_memory_bytes`).
+server's peak resident memory (the kernel's high-water mark with --server-pid, else sampled from
+its `process_resident_memory_bytes`).
 
-    python benchmarks/loadtest.py --url http://127.0.0.1:8000 --levels 1,2,4 --requests 48 [--json]
+    python benchmarks/loadtest.py --url http://127.0.0.1:8000 --levels 1,2,4 --requests 48 \\
+        [--server-pid PID] [--json]
 
 Every loop is bounded by a request count and a wall-clock limit, and only loopback targets are
 accepted.
@@ -21,6 +23,7 @@ import statistics
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
+from pathlib import Path
 from urllib.parse import urlparse
 
 import httpx
@@ -35,16 +38,25 @@ PROMPTS = (
 )
 
 
-def request_mix(bit_set: list[int]) -> list[dict]:
-    """Explicit uniform precisions, one mixed plan, full precision and budgeted `auto` requests."""
-    fixed = [{"precision": f"w{b}"} for b in bit_set]
-    return fixed + [
-        {"precision": f"mixed:{(min(bit_set) + max(bit_set)) / 2:.1f}"},
+def request_mix(info: dict) -> list[dict]:
+    """Explicit uniform precisions, the artifact's mixed plans, full precision and budgeted `auto`
+    requests, from the server's own /info (bit set and servable precisions)."""
+    bit_set = info["bit_set"]
+    mixed = [row["precision"] for row in info.get("precisions", []) if row["mode"] == "mixed"]
+    return [
+        *({"precision": f"w{b}"} for b in bit_set),
+        *({"precision": name} for name in mixed[:2]),
         {"precision": "fp"},
         {"precision": "auto"},
         {"precision": "auto", "latency_budget_ms": 1500},
         {"precision": "auto", "latency_budget_ms": 4000, "min_precision": f"w{min(bit_set) + 1}"},
     ]
+
+
+def capacity(info: dict) -> int:
+    """Requests the server decodes at once: sequences per batch times batches interleaved."""
+    limits = info["limits"]
+    return limits["max_batch_size"] * limits["max_running_batches"]
 
 
 @dataclass
@@ -53,6 +65,7 @@ class LevelResult:
     sent: int = 0
     ok: int = 0
     rejected: int = 0  # 503 with Retry-After: shed on purpose
+    invalid: int = 0  # 422: a budget no plan meets (allow_degrade false) is the client's problem
     errors: Counter = field(default_factory=Counter)  # anything else: status code or exception name
     downgraded: int = 0
     tokens: int = 0
@@ -70,12 +83,22 @@ class LevelResult:
             "ok": self.ok,
             "goodput_req_s": round(self.ok / self.wall_s, 2),
             "goodput_tok_s": round(self.tokens / self.wall_s, 1),
+            "rejected": self.rejected,
             "rejection_rate": round(self.rejected / self.sent, 3),
+            "invalid": self.invalid,
             "downgrade_rate": round(self.downgraded / max(self.ok, 1), 3),
             "errors": dict(self.errors),
             "ttft_ms": {p: {"p50": pct(v, 50), "p99": pct(v, 99), "n": len(v)} for p, v in sorted(self.ttft_ms.items())},
             "peak_rss_mb": round(self.peak_rss_bytes / 2**20, 1),
         }
+
+
+def peak_rss_bytes(pid: int) -> float:
+    """The kernel's high-water mark of a local process's resident memory (VmHWM)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return float(line.split()[1]) * 1024
+    return 0.0
 
 
 async def _resident_bytes(client: httpx.AsyncClient) -> float:
@@ -87,7 +110,9 @@ async def _resident_bytes(client: httpx.AsyncClient) -> float:
 
 
 async def run_level(url: str, concurrency: int, total: int, max_new_tokens: int, deadline_s: float,
-                    mix: list[dict], seed: int) -> LevelResult:
+                    mix: list[dict], seed: int, server_pid: int | None = None) -> LevelResult:
+    """Send `total` requests from `concurrency` clients; peak memory from /proc when the server's pid is
+    known (a loopback server), else sampled from its `process_resident_memory_bytes`."""
     result = LevelResult(concurrency)
     rng = random.Random(seed)
     bodies = [{"prompt": rng.choice(PROMPTS), "max_new_tokens": max_new_tokens, "temperature": 0, **rng.choice(mix)}
@@ -113,6 +138,8 @@ async def run_level(url: str, concurrency: int, total: int, max_new_tokens: int,
                     continue
                 if response.status_code == 503 and "retry-after" in response.headers:
                     result.rejected += 1
+                elif response.status_code == 422:
+                    result.invalid += 1
                 elif response.status_code == 200:
                     data = response.json()
                     result.ok += 1
@@ -134,6 +161,8 @@ async def run_level(url: str, concurrency: int, total: int, max_new_tokens: int,
         result.wall_s = time.monotonic() - started
         sampler.cancel()
         result.peak_rss_bytes = max(result.peak_rss_bytes, await _resident_bytes(client))
+    if server_pid is not None:
+        result.peak_rss_bytes = peak_rss_bytes(server_pid)
     return result
 
 
@@ -146,12 +175,12 @@ def check_loopback(url: str) -> None:
 async def main_async(args: argparse.Namespace) -> list[dict]:
     async with httpx.AsyncClient(base_url=args.url, timeout=30) as client:
         info = (await client.get("/info")).json()
-    capacity = args.capacity or info["limits"]["max_batch_size"]
-    mix = request_mix(info["bit_set"])
+    served_at_once = args.capacity or capacity(info)
+    mix = request_mix(info)
     results = []
     for level in args.levels:
-        result = await run_level(args.url, level * capacity, args.requests, args.max_new_tokens,
-                                 args.deadline_s, mix, args.seed)
+        result = await run_level(args.url, level * served_at_once, args.requests, args.max_new_tokens,
+                                 args.deadline_s, mix, args.seed, args.server_pid)
         results.append({"level": f"{level}x", **result.summary()})
     return results
 
@@ -171,11 +200,14 @@ def main() -> None:
     parser.add_argument("--url", default="http://127.0.0.1:8000")
     parser.add_argument("--levels", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4],
                         help="concurrency as multiples of the server's batch capacity")
-    parser.add_argument("--capacity", type=int, default=0, help="requests served at once (default: from /info)")
+    parser.add_argument("--capacity", type=int, default=0,
+                        help="requests served at once (default: max_batch_size x max_running_batches from /info)")
     parser.add_argument("--requests", type=int, default=48, help="requests per level")
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--deadline-s", type=float, default=180.0, help="wall-clock limit per level")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--server-pid", type=int, default=None,
+                        help="the server's process id, for its peak resident memory from /proc")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     check_loopback(args.url)

@@ -39,32 +39,27 @@ class ElasticLinear(nn.Module):
             self.clip_up[str(bits)] = nn.Parameter(init_clip_logits(out_features, in_features, group))
             self.clip_low[str(bits)] = nn.Parameter(init_clip_logits(out_features, in_features, group))
         self.bits: int | None = None  # None: full precision
+        # The LoRA init is drawn on the CPU generator (the same on every device), then moved.
+        self.to(linear.weight.device)
 
     def correction(self, bits: int) -> torch.Tensor:
         """R_tier(b) = B[:, :r] @ A[:r], the tier's prefix of the cascaded LoRA."""
         rank = self.bit_config.rank_for(bits)
         return self.lora_B[:, :rank] @ self.lora_A[:rank]
 
+    def _quantizer_inputs(self, bits: int) -> tuple:
+        """(W + R_tier(b), bits, group size, clip logits): what every quantizer entry point takes."""
+        return (self.weight + self.correction(bits), bits, self.bit_config.group_size_for(bits),
+                self.clip_up[str(bits)], self.clip_low[str(bits)])
+
     def fake_quant_weight(self, bits: int) -> torch.Tensor:
         """Differentiable Q_b(W + R_tier(b)), used during calibration."""
-        return fake_quantize(
-            self.weight + self.correction(bits),
-            bits,
-            self.bit_config.group_size_for(bits),
-            self.clip_up[str(bits)],
-            self.clip_low[str(bits)],
-        )
+        return fake_quantize(*self._quantizer_inputs(bits))
 
     @torch.no_grad()
     def quantize(self, bits: int) -> QuantizedWeight:
         """The integer codes, scales and zero-points of Q_b(W + R_tier(b))."""
-        return quantize(
-            self.weight + self.correction(bits),
-            bits,
-            self.bit_config.group_size_for(bits),
-            self.clip_up[str(bits)],
-            self.clip_low[str(bits)],
-        )
+        return quantize(*self._quantizer_inputs(bits))
 
     @torch.no_grad()
     def materialize(self, bits: int) -> torch.Tensor:
@@ -94,6 +89,38 @@ def make_elastic(model: nn.Module, bit_config: BitConfig, seed: int = 0) -> dict
             setattr(parent, attr, module)
             elastic[f"model.layers.{index}.{path}"] = module
     return elastic
+
+
+def trainable_state(elastic: dict[str, ElasticLinear]) -> dict[str, torch.Tensor]:
+    """The calibrated state (LoRA factors and clip logits, not the frozen weights) by flat key:
+    `<linear>.lora_A`, `<linear>.lora_B`, `<linear>.clip_up.<bits>`, `<linear>.clip_low.<bits>`."""
+    state: dict[str, torch.Tensor] = {}
+    for name, linear in elastic.items():
+        state[f"{name}.lora_A"] = linear.lora_A.detach().cpu().contiguous()
+        state[f"{name}.lora_B"] = linear.lora_B.detach().cpu().contiguous()
+        for bits in linear.bit_config.bits:
+            state[f"{name}.clip_up.{bits}"] = linear.clip_up[str(bits)].detach().cpu().contiguous()
+            state[f"{name}.clip_low.{bits}"] = linear.clip_low[str(bits)].detach().cpu().contiguous()
+    return state
+
+
+@torch.no_grad()
+def load_trainable_state(elastic: dict[str, ElasticLinear], state: dict[str, torch.Tensor]) -> None:
+    """Copy a `trainable_state` into the elastic linears; every key must be present with its shape."""
+    expected = trainable_state(elastic)
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise KeyError(f"state lacks {len(missing)} tensors, first: {missing[0]}")
+    for name, linear in elastic.items():
+        targets = {"lora_A": linear.lora_A, "lora_B": linear.lora_B}
+        for bits in linear.bit_config.bits:
+            targets[f"clip_up.{bits}"] = linear.clip_up[str(bits)]
+            targets[f"clip_low.{bits}"] = linear.clip_low[str(bits)]
+        for suffix, parameter in targets.items():
+            value = state[f"{name}.{suffix}"]
+            if value.shape != parameter.shape:
+                raise ValueError(f"{name}.{suffix}: shape {tuple(value.shape)}, expected {tuple(parameter.shape)}")
+            parameter.copy_(value)
 
 
 def elastic_linears(module: nn.Module) -> dict[str, ElasticLinear]:

@@ -57,3 +57,6 @@ class Engine(Protocol):
     tokenizer: PreTrainedTokenizerBase
 
     def start_batch(self, requests: list[SequenceRequest], plan: Plan) -> GenerationBatch: ...
+
+    def set_plan(self, plan: Plan) -> None:
+        """Make `plan` current now (a step does it too); lets a caller time the switch on its own."""

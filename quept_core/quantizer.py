@@ -6,7 +6,7 @@ Per group of `group_size` consecutive input features in each output row (or per 
     M' = sigmoid(up) * max,  m' = sigmoid(low) * min
     s  = clamp((M' - m') / (2^b - 1), 1e-5, 1e4)        straight-through clamp
     z  = round(-m' / s)                                   no gradient
-    q  = clamp(round_ste(W / s) + z, 0, 2^b - 1)
+    q  = clamp(round(W / s) + z, 0, 2^b - 1)             straight-through round
     Ŵ  = (q - z) * s
 
 Scale and zero are recomputed from the tensor every time; only the clip logits are learned.
@@ -20,15 +20,6 @@ import torch
 
 CLIP_LOGIT_INIT = 4.0  # sigmoid(4) ≈ 0.982, the reference initialisation
 SCALE_MIN, SCALE_MAX = 1e-5, 1e4
-
-
-def round_ste(x: torch.Tensor) -> torch.Tensor:
-    """Round in the forward pass, identity gradient in the backward pass."""
-    return (x.round() - x).detach() + x
-
-
-def clamp_ste(x: torch.Tensor, low: float, high: float) -> torch.Tensor:
-    return (x.clamp(low, high) - x).detach() + x
 
 
 def num_groups(in_features: int, group_size: int) -> int:
@@ -54,18 +45,64 @@ def init_clip_logits(out_features: int, in_features: int, group_size: int) -> to
     return torch.full((out_features, num_groups(in_features, group_size)), CLIP_LOGIT_INIT)
 
 
-def _scale_and_zero(
-    grouped: torch.Tensor, bits: int, up_logit: torch.Tensor | None, low_logit: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    w_max = grouped.amax(dim=-1)
-    w_min = grouped.amin(dim=-1)
-    if up_logit is not None:
-        w_max = torch.sigmoid(up_logit) * w_max
-    if low_logit is not None:
-        w_min = torch.sigmoid(low_logit) * w_min
-    scale = clamp_ste((w_max - w_min) / (2**bits - 1), SCALE_MIN, SCALE_MAX)
-    zero = (-w_min / scale).round().detach()
-    return scale.unsqueeze(-1), zero.unsqueeze(-1)
+def _scale_and_zero(grouped: torch.Tensor, bits: int, up_logit: torch.Tensor | None,
+                    low_logit: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    """Scale and zero [out, n_groups, 1], plus what the backward pass needs: the group max and min
+    [out, n_groups] and the clip ratios sigmoid(up), sigmoid(low) (None without clip logits)."""
+    w_max, w_min = grouped.amax(dim=-1), grouped.amin(dim=-1)
+    up = None if up_logit is None else torch.sigmoid(up_logit)
+    low = None if low_logit is None else torch.sigmoid(low_logit)
+    high_bound = w_max if up is None else up * w_max
+    low_bound = w_min if low is None else low * w_min
+    scale = ((high_bound - low_bound) / (2**bits - 1)).clamp(SCALE_MIN, SCALE_MAX)
+    zero = (-low_bound / scale).round()
+    return scale.unsqueeze(-1), zero.unsqueeze(-1), w_max, w_min, up, low
+
+
+class _FakeQuantize(torch.autograd.Function):
+    """Fused fake quantization of grouped weights [out, n_groups, group] with a hand-written backward.
+
+    Same numbers and gradients as autograd through the formulas of the module docstring (straight-through
+    round and scale clamp), in far fewer passes over the weight: calibration re-quantizes every linear
+    at every step.
+    """
+
+    @staticmethod
+    def forward(ctx, grouped, up_logit, low_logit, bits: int):
+        top = 2**bits - 1
+        scale, zero, w_max, w_min, up, low = _scale_and_zero(grouped, bits, up_logit, low_logit)
+        shifted = (grouped / scale).round_().add_(zero)  # round(W / s) + z, before the clamp
+        out = shifted.clamp(0, top).sub_(zero).mul_(scale)
+        ctx.save_for_backward(grouped, shifted, w_max, w_min, up, low, scale, zero)
+        ctx.bits = bits
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        grouped, shifted, w_max, w_min, up, low, scale, zero = ctx.saved_tensors
+        top = 2**ctx.bits - 1
+        # Comparisons are slow on the CPU, so the masks below are built from float arithmetic.
+        clamped = shifted.clamp(0, top)
+        inside = (shifted - clamped).abs_().clamp_(max=1).neg_().add_(1)  # 1 in range, 0 where clamped
+        codes = clamped.sub_(zero)  # q - z
+        grad_grouped = grad * inside  # straight-through rounding inside the range
+        # dŴ/ds = (q - z) - [inside] * W / s, summed over each group against the incoming gradient.
+        grad_scale = (grad * codes).sum(dim=-1) - (grad_grouped * grouped).sum(dim=-1) / scale.squeeze(-1)
+        grad_high = grad_scale / top  # s = (M' - m') / (2^b - 1), clamp passed straight through
+        grad_up = grad_low = None
+        grad_max, grad_min = grad_high, -grad_high
+        if up is not None:
+            grad_up = grad_high * w_max * up * (1 - up)
+            grad_max = grad_high * up
+        if low is not None:
+            grad_low = -grad_high * w_min * low * (1 - low)
+            grad_min = -grad_high * low
+        # amax/amin hand their gradient to the extreme elements, shared evenly between ties.
+        at_max = (grouped - w_max.unsqueeze(-1)).sign_().add_(1)
+        at_min = (grouped - w_min.unsqueeze(-1)).sign_().neg_().add_(1)
+        grad_grouped.addcmul_(at_max, (grad_max / at_max.sum(dim=-1)).unsqueeze(-1))
+        grad_grouped.addcmul_(at_min, (grad_min / at_min.sum(dim=-1)).unsqueeze(-1))
+        return grad_grouped, grad_up, grad_low, None
 
 
 def fake_quantize(
@@ -76,10 +113,8 @@ def fake_quantize(
     low_logit: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Quantize and dequantize `weight` [out, in]; differentiable in the weight and the clip logits."""
-    grouped = _grouped(weight, group_size)
-    scale, zero = _scale_and_zero(grouped, bits, up_logit, low_logit)
-    codes = (round_ste(grouped / scale) + zero).clamp(0, 2**bits - 1)
-    return _ungrouped((codes - zero) * scale, weight.shape[1])
+    grouped = _FakeQuantize.apply(_grouped(weight, group_size), up_logit, low_logit, bits)
+    return _ungrouped(grouped, weight.shape[1])
 
 
 @dataclass
@@ -108,7 +143,7 @@ def quantize(
 ) -> QuantizedWeight:
     """The integer form of `fake_quantize` (same grid, same numbers)."""
     grouped = _grouped(weight.float(), group_size)
-    scale, zero = _scale_and_zero(grouped, bits, up_logit, low_logit)
+    scale, zero = _scale_and_zero(grouped, bits, up_logit, low_logit)[:2]
     codes = ((grouped / scale).round() + zero).clamp(0, 2**bits - 1)
     return QuantizedWeight(
         codes=_ungrouped(codes, weight.shape[1]).to(torch.uint8),

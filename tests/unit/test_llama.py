@@ -70,3 +70,18 @@ def test_greedy_generation_matches_transformers_generate():
     # Our run stops at the end-of-sequence token; transformers was told not to.
     assert got == expected[: len(got)]
     assert len(got) == 10 or got[-1] in engine.eos_ids
+
+
+def test_ragged_decode_in_bfloat16_writes_the_float32_cache():
+    """Sequences at different positions take the indexed cache write; on CPU the cache is float32
+    while the model computes in bfloat16."""
+    loaded = tiny_loaded()
+    engine = QueptEngine(loaded, tiny_elastic(loaded), device="cpu", dtype=torch.bfloat16)
+    prompts = [[5, 9, 17, 3, 44], [7, 8]]
+    batch = engine.start_batch([SequenceRequest(p, SamplingParams(max_new_tokens=3)) for p in prompts],
+                               engine.plan("w4"))
+    produced = []
+    while not batch.done:
+        produced += batch.step()
+        assert torch.isfinite(batch.last_logits).all()
+    assert len(produced) == 2 * 3

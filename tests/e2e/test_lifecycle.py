@@ -1,0 +1,71 @@
+"""Start-up errors and the SIGTERM drain, each on a server process of its own."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+
+from tests.support import REPO_ROOT, STARTUP_TIMEOUT_S, ServerProcess, free_port
+
+pytestmark = pytest.mark.e2e
+
+
+def wait_for(condition, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.05)
+
+
+def serve(*flags: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "quept_core", "serve", *flags], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=600, check=False)
+
+
+def test_a_bad_setting_stops_start_up_with_one_line():
+    result = serve("--max-queue", "0")
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1].startswith("error: QUEPT_MAX_QUEUE / --max-queue:")
+
+
+def test_a_missing_artifact_stops_start_up_with_one_line(tmp_path):
+    result = serve("--port", str(free_port()), "--artifact", str(tmp_path / "nothing-here"))
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "nothing-here" in last
+
+
+def test_sigterm_drains_in_flight_requests_then_exits_zero(tmp_path):
+    server = ServerProcess(tmp_path / "serve.log", env={"QUEPT_DRAIN_TIMEOUT_S": "20"})
+    try:
+        server.wait_ready(STARTUP_TIMEOUT_S)
+        outcome: dict = {}
+
+        def long_stream() -> None:
+            with httpx.stream("POST", f"{server.url}/generate", timeout=120,
+                              json={"prompt": "Once upon a time", "max_new_tokens": 24, "precision": "w4",
+                                    "stream": True}) as response:
+                outcome["lines"] = [line for line in response.iter_lines() if line]
+
+        client = threading.Thread(target=long_stream)
+        client.start()
+        wait_for(lambda: "quept_requests_running 1.0" in httpx.get(f"{server.url}/metrics").text)
+        server.process.send_signal(signal.SIGTERM)
+        wait_for(lambda: httpx.get(f"{server.url}/ready").status_code == 503)
+        assert client.is_alive()  # /ready refuses while the request is still being served
+        assert httpx.get(f"{server.url}/ready").json()["error"]["type"] == "draining"
+        refused = httpx.post(f"{server.url}/generate", json={"prompt": "Hi", "max_new_tokens": 2})
+        assert refused.status_code == 503 and "retry-after" in refused.headers
+        client.join(120)
+        assert server.process.wait(60) == 0
+        final = json.loads(outcome["lines"][-1].removeprefix("data: "))
+        assert final["finish_reason"] in ("length", "eos") and final["usage"]["completion_tokens"] >= 1
+    finally:
+        server.stop()

@@ -1,0 +1,65 @@
+"""`quept eval` on a tiny model folder: the JSON schema, the table, and one-line errors."""
+
+import json
+
+import pytest
+from tiny_lm import tiny_folder, tiny_text
+from typer.testing import CliRunner
+
+from quept_core.cli import app
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return tiny_folder(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    return tiny_text(tmp_path_factory.mktemp("text") / "text.txt", words=400)
+
+
+def run(*args):
+    return CliRunner().invoke(app, ["eval", *map(str, args)])
+
+
+def test_json_has_one_row_per_method_and_precision(model_dir, text_file):
+    result = run("--text", text_file, "--model", model_dir, "--precision", "fp,w3,w8", "--method", "rtn",
+                 "--seqlen", 64, "--max-tokens", 256, "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert set(data) == {"model", "seqlen", "tokens", "results"}
+    assert data["seqlen"] == 64 and data["tokens"] == 256
+    rows = data["results"]
+    assert [(r["precision"], r["method"]) for r in rows] == [("fp", "fp"), ("w3", "rtn"), ("w8", "rtn")]
+    assert all(set(r) == {"precision", "method", "ppl", "bits_per_weight"} for r in rows)
+    fp, w3, w8 = (r["ppl"] for r in rows)
+    assert abs(w8 - fp) < abs(w3 - fp)
+    assert rows[0]["bits_per_weight"] == 16.0
+    assert rows[1]["bits_per_weight"] == pytest.approx(3 + 24 / 64)
+
+
+def test_table_states_the_grid(model_dir, text_file):
+    result = run("--text", text_file, "--model", model_dir, "--precision", "fp", "--seqlen", 64)
+    assert result.exit_code == 0, result.output
+    assert "integer zero-point" in result.stdout and "w4 g64" in result.stdout
+    assert "seqlen 64 over 384 tokens" in result.stdout
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--text", "{missing}"], "error: --text: file not found"),
+    (["--precision", "w9"], "error: --precision: unknown entry 'w9'; allowed: all, fp, w3, w4, w5, w6, w7, w8, mixed:"),
+    (["--precision", "auto"], "error: --precision: unknown entry 'auto'"),
+    (["--method", "awq"], "error: --method: unknown method 'awq'; allowed: quept, rtn, gptq"),
+    (["--seqlen", "5000"], "error: --seqlen 5000 is larger than the text (400 tokens); allowed: 2..400"),
+])
+def test_errors_are_one_line_and_name_the_field(model_dir, text_file, tmp_path, args, message):
+    args = [a.replace("{missing}", str(tmp_path / "missing.txt")) for a in args]
+    base = {"--text": str(text_file), "--model": str(model_dir), "--method": "rtn"}
+    for flag, value in zip(args[::2], args[1::2], strict=True):
+        base[flag] = value
+    result = run(*[x for pair in base.items() for x in pair])
+    assert result.exit_code == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(message)
+    assert errors[0] == result.stderr.strip().splitlines()[-1]

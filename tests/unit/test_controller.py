@@ -1,0 +1,203 @@
+"""The controller's choice for each budget is the one a person would make from the cost table."""
+
+import pytest
+
+from service.controller import (
+    BROWNOUT,
+    LATENCY,
+    MEMORY,
+    Budget,
+    Controller,
+    CostModel,
+    Load,
+    PlanCost,
+    PlanRequest,
+)
+from service.errors import ServiceError
+from tests.unit.fakes import FakeBackend
+
+# Decode seconds per step on the imaginary host; prefill is 1 ms per prompt token everywhere.
+DECODE = {"fp": 0.060, "w8": 0.050, "w7": 0.045, "w6": 0.040, "w5": 0.035, "mixed:4.50": 0.032,
+          "w4": 0.030, "w3": 0.028}
+PROMPT, NEW = 10, 100  # so latency = 0.01 s + 100 x decode: w6 4.01 s, w5 3.51 s, mixed 3.21 s, w4 3.01 s
+
+
+@pytest.fixture
+def backend() -> FakeBackend:
+    return FakeBackend()
+
+
+def make_controller(backend: FakeBackend, depth: int = 8) -> Controller:
+    costs = CostModel(backend.numels, alpha=0.5)
+    for name, decode in DECODE.items():
+        costs.record(name, PlanCost(0.001, decode))
+    return Controller(backend.candidates(), costs, backend.kv_bytes_per_token, depth)
+
+
+def auto(**kwargs) -> PlanRequest:
+    return PlanRequest(None, PROMPT, NEW, **kwargs)
+
+
+def explicit(backend: FakeBackend, precision: str, **kwargs) -> PlanRequest:
+    return PlanRequest(backend.describe(backend.resolve(precision)), PROMPT, NEW, **kwargs)
+
+
+def kv() -> int:
+    return (PROMPT + NEW) * FakeBackend.kv_bytes_per_token
+
+
+def test_auto_without_budget_takes_the_best_quality_plan(backend):
+    decision = make_controller(backend).decide(auto(), Load())
+    assert decision.plan.name == "w8" and not decision.degraded
+
+
+def test_tight_latency_budget_takes_the_best_plan_that_fits(backend):
+    decision = make_controller(backend).decide(auto(budget=Budget(latency_s=3.9)), Load())
+    assert decision.plan.name == "w5"  # w6 needs 4.01 s
+    assert decision.prediction.latency_s == pytest.approx(3.51)
+    assert not decision.degraded
+
+
+def test_quality_order_follows_measured_perplexity_not_bits(backend):
+    # 3.3 s rules out w5 (3.51 s); mixed:4.50 (3.21 s, ppl +5) beats w4 (3.01 s, ppl +8).
+    decision = make_controller(backend).decide(auto(budget=Budget(latency_s=3.3)), Load())
+    assert decision.plan.name == "mixed:4.50"
+
+
+def test_memory_budget_counts_weights_and_this_requests_kv_cache(backend):
+    w6 = backend.describe(backend.resolve("w6")).weight_bytes
+    w7 = backend.describe(backend.resolve("w7")).weight_bytes
+    budget = Budget(memory_bytes=kv() + (w6 + w7) // 2)
+    decision = make_controller(backend).decide(auto(budget=budget), Load())
+    assert decision.plan.name == "w6"
+    assert decision.prediction.memory_bytes == w6 + kv()
+
+
+def test_both_budgets_must_hold(backend):
+    w6 = backend.describe(backend.resolve("w6")).weight_bytes
+    decision = make_controller(backend).decide(auto(budget=Budget(3.9, kv() + w6)), Load())
+    assert decision.plan.name == "w5"  # memory allows w6, latency only w5
+
+
+def test_queue_wait_and_sharing_count_against_the_latency_budget(backend):
+    controller = make_controller(backend)
+    assert controller.decide(auto(budget=Budget(latency_s=4.3)), Load()).plan.name == "w6"  # 4.01 s
+    waited = controller.decide(auto(budget=Budget(latency_s=4.3)), Load(queue_wait_s=1.0))
+    assert waited.plan.name == "mixed:4.50"  # w6 5.01 s, w5 4.51 s, mixed 4.21 s
+    assert waited.prediction.queue_s == 1.0
+    shared = controller.decide(auto(budget=Budget(latency_s=6.3)), Load(sharing=2))
+    assert shared.plan.name == "w4"  # every step now takes two turns: mixed 6.42 s, w4 6.02 s
+
+
+def test_min_precision_is_a_floor_for_auto(backend):
+    controller = make_controller(backend)
+    decision = controller.decide(auto(budget=Budget(latency_s=4.5), floor_bits=6.0), Load())
+    assert decision.plan.name == "w6"
+    with pytest.raises(ServiceError) as raised:
+        controller.decide(auto(budget=Budget(latency_s=3.9), floor_bits=6.0), Load())
+    error = raised.value
+    assert error.status == 422 and error.param == "latency_budget_ms"
+    assert "the fastest plan, w6" in error.message and "4010 ms" in error.message
+
+
+def test_infeasible_memory_budget_names_the_smallest_plan(backend):
+    with pytest.raises(ServiceError) as raised:
+        make_controller(backend).decide(auto(budget=Budget(memory_bytes=1000)), Load())
+    assert raised.value.param == "memory_budget_mb"
+    assert "the smallest plan, w3" in raised.value.message
+
+
+def test_explicit_precision_is_served_as_asked(backend):
+    decision = make_controller(backend).decide(explicit(backend, "w4"), Load())
+    assert decision.plan.name == "w4" and not decision.degraded  # never "upgraded" either
+
+
+def test_explicit_precision_over_budget_degrades_when_allowed(backend):
+    decision = make_controller(backend).decide(explicit(backend, "w8", budget=Budget(latency_s=3.9)), Load())
+    assert decision.plan.name == "w5"
+    assert decision.degraded and decision.reason == LATENCY and decision.downgraded_from.name == "w8"
+
+
+def test_explicit_precision_over_memory_budget_degrades_for_memory(backend):
+    w5 = backend.describe(backend.resolve("w5")).weight_bytes
+    decision = make_controller(backend).decide(explicit(backend, "w8", budget=Budget(memory_bytes=kv() + w5)),
+                                               Load())
+    assert decision.plan.name == "w5" and decision.reason == MEMORY
+
+
+def test_explicit_precision_over_budget_without_degrade_is_refused_with_the_cheapest_cost(backend):
+    request = explicit(backend, "w8", budget=Budget(latency_s=3.9), allow_degrade=False)
+    with pytest.raises(ServiceError) as raised:
+        make_controller(backend).decide(request, Load())
+    message = raised.value.message
+    assert raised.value.status == 422 and raised.value.param == "latency_budget_ms"
+    assert "by w8 (5010 ms" in message and "allow_degrade is false" in message
+    assert "the fastest plan, w3, is predicted at 2810 ms" in message
+
+
+def test_requested_precision_below_min_precision_is_invalid(backend):
+    with pytest.raises(ServiceError) as raised:
+        make_controller(backend).decide(explicit(backend, "w4", floor_bits=6.0), Load())
+    assert raised.value.param == "min_precision"
+
+
+def test_brownout_steps_auto_down_one_plan_per_queue_depth_multiple(backend):
+    controller = make_controller(backend, depth=8)
+    assert controller.decide(auto(), Load(waiting=7)).plan.name == "w8"
+    first = controller.decide(auto(), Load(waiting=8))
+    assert first.plan.name == "w7" and first.reason == BROWNOUT and first.downgraded_from.name == "w8"
+    assert controller.decide(auto(), Load(waiting=16)).plan.name == "w6"
+
+
+def test_brownout_respects_allow_degrade_and_min_precision(backend):
+    controller = make_controller(backend, depth=8)
+    kept = controller.decide(explicit(backend, "w8", allow_degrade=False), Load(waiting=40))
+    assert kept.plan.name == "w8" and not kept.degraded
+    degraded = controller.decide(explicit(backend, "w6"), Load(waiting=8))
+    assert degraded.plan.name == "w5" and degraded.reason == BROWNOUT
+    floored = controller.decide(auto(floor_bits=7.0), Load(waiting=40))
+    assert floored.plan.name == "w7"
+    assert controller.decide(auto(allow_degrade=False), Load(waiting=40)).plan.name == "w8"
+
+
+def test_quality_falls_back_to_bits_when_a_plan_has_no_measurement(backend):
+    costs = CostModel(backend.numels)
+    for name, decode in DECODE.items():
+        costs.record(name, PlanCost(0.001, decode))
+    unmeasured = [c.__class__(c.plan, c.average_bits, c.weight_bytes, None) if c.plan.name == "w5" else c
+                  for c in backend.candidates()]
+    controller = Controller(unmeasured, costs, backend.kv_bytes_per_token, 8)
+    # By bits, w5 (5.0) ranks above mixed:4.50 although mixed's perplexity is known.
+    assert controller.decide(auto(budget=Budget(latency_s=3.6)), Load()).plan.name == "w5"
+
+
+def test_cost_model_blends_real_requests_into_the_warm_up_measurement(backend):
+    costs = CostModel(backend.numels, alpha=0.5)
+    costs.record("w4", PlanCost(0.002, 0.030))
+    w4 = backend.resolve("w4")
+    costs.observe_decode(w4, 0.060)
+    costs.observe_prefill(w4, 0.040, tokens=10)
+    assert costs.measured("w4").decode_s_per_step == pytest.approx(0.045)
+    assert costs.measured("w4").prefill_s_per_token == pytest.approx(0.003)
+
+
+def test_a_mixed_plan_learns_from_its_own_requests_starting_at_the_estimate(backend):
+    costs = CostModel(backend.numels, alpha=0.5)
+    costs.record("w4", PlanCost(0.001, 0.030))
+    costs.record("w5", PlanCost(0.001, 0.040))
+    plan = backend.resolve("mixed:4.5")
+    estimate = costs.cost(plan).decode_s_per_step
+    costs.observe_decode(plan, 0.100)
+    assert costs.measured(plan.name).decode_s_per_step == pytest.approx((estimate + 0.100) / 2)
+
+
+def test_cost_of_an_unmeasured_mixed_plan_is_the_parameter_weighted_mix(backend):
+    costs = CostModel(backend.numels)
+    costs.record("w4", PlanCost(0.001, 0.030))
+    costs.record("w5", PlanCost(0.003, 0.040))
+    plan = backend.resolve("mixed:4.5")
+    share_w4 = sum(backend.numels[n] for n, b in plan.layer_bits.items() if b == 4) / sum(backend.numels.values())
+    cost = costs.cost(plan)
+    assert cost.decode_s_per_step == pytest.approx(share_w4 * 0.030 + (1 - share_w4) * 0.040)
+    with pytest.raises(KeyError):
+        costs.cost(backend.resolve("w6"))

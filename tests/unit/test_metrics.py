@@ -1,0 +1,80 @@
+"""service/metrics.py defines exactly the contract's metrics (serving-conventions.md), and /metrics lints clean."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from prometheus_client.metrics import MetricWrapperBase
+
+from service.metrics import Metrics
+
+CONTRACT = Path(__file__).resolve().parents[2].parent / "shared" / "docs" / "serving-conventions.md"
+
+
+def contract_table() -> dict[str, tuple[str, tuple[str, ...]]]:
+    """name -> (type, labels) from the Metrics table of the contract."""
+    text = CONTRACT.read_text()
+    section = text[text.index("## Metrics"):]
+    rows = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) != 3 or not cells[0].startswith("`quept_"):
+            continue
+        kind = cells[1].split()[0]
+        labels = tuple(re.findall(r"`([a-z_]+)`", cells[2]))
+        for name in re.findall(r"`(quept_[a-z_]+)`", cells[0]):
+            rows[name] = (kind, labels)
+    return rows
+
+
+def defined() -> dict[str, tuple[str, tuple[str, ...]]]:
+    metrics = Metrics()
+    found = {}
+    for value in vars(metrics).values():
+        if isinstance(value, MetricWrapperBase):
+            name = value._name + ("_total" if value._type == "counter" else "")
+            found[name] = (value._type, tuple(value._labelnames))
+    return found
+
+
+def test_the_contract_table_is_read():
+    table = contract_table()
+    assert len(table) == 18 and table["quept_requests_total"][0] == "counter"
+
+
+def test_every_metric_has_the_contract_name_type_and_labels():
+    assert defined() == contract_table()
+
+
+def test_inter_token_latency_buckets_start_at_one_millisecond():
+    assert Metrics().inter_token_latency._upper_bounds[0] == 0.001
+
+
+def test_metric_label_values_stay_within_fixed_sets(make_client):
+    client = make_client()
+    client.post("/generate", json={"prompt": "x", "max_new_tokens": 2, "precision": "mixed:4.5"})
+    client.post("/generate", json={"prompt": "x", "max_new_tokens": 2, "precision": "fp"})
+    client.post("/generate", json={"prompt": "x", "max_new_tokens": 2, "precision": "w8", "latency_budget_ms": 1e-3})
+    text = client.get("/metrics").text
+    served = set(re.findall(r'precision_served="([^"]+)"', text))
+    assert served <= {"fp", "w2", "w3", "w4", "w5", "w6", "w7", "w8", "mixed", "none"}
+    assert {"mixed", "fp"} <= served
+    assert set(re.findall(r'quept_controller_decisions_total\{mode="([^"]+)"', text)) == {"uniform", "mixed"}
+
+
+def test_metrics_pass_promtool(make_client, tmp_path):
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool is not installed (Debian package `prometheus`)")
+    client = make_client()
+    client.post("/generate", json={"prompt": "x", "max_new_tokens": 3, "precision": "w4"})
+    client.post("/generate", json={"prompt": "x", "max_new_tokens": 3, "stream": True})
+    exposition = client.get("/metrics")
+    assert exposition.headers["content-type"].startswith("text/plain")
+    result = subprocess.run([promtool, "check", "metrics"], input=exposition.content, capture_output=True, check=False,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr.decode() + result.stdout.decode()

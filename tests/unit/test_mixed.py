@@ -1,0 +1,105 @@
+"""The bit allocator: exact against brute force, within budget, and a monotone front."""
+
+import itertools
+
+import numpy as np
+import pytest
+
+from quept_core import mixed
+from quept_core.bitconfig import BitConfig
+from quept_core.costs import plan_bits_per_weight
+from quept_core.mixed import Allocator, backtrack, knapsack, pareto_front, resolve_mixed
+from quept_core.plans import PrecisionError
+from quept_core.sensitivity import SensitivityTable
+
+BIT_CONFIG = BitConfig()
+
+
+def toy_table(seed: int = 0, layers: int = 6) -> SensitivityTable:
+    rng = np.random.default_rng(seed)
+    shapes = [(64, 64), (32, 64), (64, 128), (128, 64), (64, 64), (96, 128)][:layers]
+    names = tuple(f"model.layers.0.l{i}" for i in range(layers))
+    bits = BIT_CONFIG.bits
+    # Sensitivity falls roughly 4x per extra bit, with per-layer scale and noise.
+    values = np.array([[rng.uniform(0.5, 5) * 4.0 ** -(b - 3) * rng.uniform(0.7, 1.3) for b in bits]
+                       for _ in names])
+    return SensitivityTable("proxy", bits, names, values, dict(zip(names, shapes, strict=True)))
+
+
+def brute_force(values, costs, capacity):
+    best = (np.inf, None)
+    for picks in itertools.product(range(values.shape[1]), repeat=values.shape[0]):
+        rows = np.arange(len(picks))
+        if costs[rows, picks].sum() <= capacity:
+            best = min(best, (values[rows, picks].sum(), picks))
+    return best
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_knapsack_matches_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    values = rng.uniform(0, 10, (5, 3))
+    costs = rng.integers(1, 9, (5, 3))
+    best, choice = knapsack(values, costs, capacity=40)
+    for capacity in range(41):
+        expected, _ = brute_force(values, costs, capacity)
+        assert best[capacity] == pytest.approx(expected)
+        if np.isfinite(expected):
+            picks = backtrack(choice, costs, capacity)
+            rows = np.arange(5)
+            assert costs[rows, picks].sum() <= capacity
+            assert values[rows, picks].sum() == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_allocator_plan_is_the_brute_force_optimum_within_budget(seed):
+    table = toy_table(seed, layers=4)
+    allocator = Allocator(table, BIT_CONFIG)
+    costs = mixed.cost_bits(table, BIT_CONFIG)
+    total = sum(o * i for o, i in table.shapes.values())
+    for target in (3.5, 4.2, 5.0, 6.6, 7.9):
+        point = allocator.point(target)
+        expected, _ = brute_force(table.values, costs, target * total)
+        assert point.sensitivity == pytest.approx(expected)
+        assert point.bits_per_weight <= target
+        assert point.bits_per_weight == pytest.approx(plan_bits_per_weight(point.plan, table.shapes, BIT_CONFIG))
+
+
+def test_coarse_cost_units_still_meet_the_budget(monkeypatch):
+    monkeypatch.setattr(mixed, "MAX_UNITS", 500)
+    table = toy_table(1)
+    allocator = Allocator(table, BIT_CONFIG)
+    assert allocator.unit > 1
+    for target in np.arange(3.5, 8.0, 0.1):
+        assert allocator.point(float(target)).bits_per_weight <= target + 1e-12
+
+
+def test_front_is_monotone_and_spaced_by_step():
+    table = toy_table(2)
+    front = pareto_front(table, BIT_CONFIG, step=0.25)
+    targets = [float(p.plan.name.split(":")[1]) for p in front]
+    assert np.allclose(np.diff(targets), 0.25)
+    assert all(p.bits_per_weight <= t + 1e-12 for p, t in zip(front, targets, strict=True))
+    sensitivities = [p.sensitivity for p in front]
+    assert all(later <= earlier for earlier, later in itertools.pairwise(sensitivities))
+    assert sensitivities[-1] < sensitivities[0]
+
+
+def test_resolve_mixed_names_the_plan_and_covers_every_layer():
+    table = toy_table(0)
+    plan = resolve_mixed(4.5, table, BIT_CONFIG)
+    assert plan.name == "mixed:4.50" and plan.mode == "mixed"
+    assert set(plan.layer_bits) == set(table.layers)
+    assert set(plan.layer_bits.values()) <= set(BIT_CONFIG.bits)
+
+
+def test_budget_below_the_cheapest_plan_is_refused_with_the_range():
+    with pytest.raises(PrecisionError, match=r"mixed:3.00 is below the cheapest plan; allowed .*: 3\.\d\d\.\.8\.\d\d"):
+        resolve_mixed(3.0, toy_table(0), BIT_CONFIG)
+
+
+def test_table_round_trips_through_json_types():
+    table = toy_table(0)
+    again = SensitivityTable.from_dict(table.to_dict())
+    assert again.layers == table.layers and again.shapes == table.shapes
+    assert np.array_equal(again.values, table.values)
