@@ -103,6 +103,12 @@ class QueptEngine:
         self._all_slots.append(self.model.head)
         self._bound: dict[int, _Bound] = {}
 
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """KV cache bytes one token of one sequence occupies (keys and values, every layer)."""
+        d = self.model.dims
+        return 2 * d.n_layers * d.n_kv_heads * d.head_dim * self.kv_dtype.itemsize
+
     @classmethod
     def from_calibrated(cls, calibrated, **kwargs) -> QueptEngine:
         """From a calibrated artifact (anything with .loaded, .elastic and .bit_config)."""

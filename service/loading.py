@@ -28,7 +28,7 @@ class ModelBackend:
         self.tokenizer = engine.tokenizer
         dims = engine.model.dims
         self.context_length = dims.max_positions
-        self.kv_bytes_per_token = 2 * dims.n_layers * dims.n_kv_heads * dims.head_dim * engine.dtype.itemsize
+        self.kv_bytes_per_token = engine.kv_bytes_per_token
         self.numels = {name: linear.weight.numel() for name, linear in engine.elastic.items()}
         self._front = list(front)
         self._quality = dict(quality or {})

@@ -209,3 +209,9 @@ def test_bad_memory_limit_names_the_variable(monkeypatch, value):
     monkeypatch.setenv("QUEPT_MEMORY_LIMIT_MB", value)
     with pytest.raises(ValueError, match="QUEPT_MEMORY_LIMIT_MB"):
         memory_limit_from_env()
+
+
+def test_kv_bytes_per_token_matches_the_allocated_cache(engine):
+    batch = engine.start_batch([SequenceRequest([1, 2, 3], SamplingParams(max_new_tokens=7))], engine.plan("w4"))
+    cache = batch._cache
+    assert cache.k.nbytes + cache.v.nbytes == engine.kv_bytes_per_token * cache.max_len
