@@ -27,8 +27,9 @@ from quept_core.quantizer import QuantizedWeight
 
 log = logging.getLogger(__name__)
 
-# Up to this many activation rows (decode of a batch) a call takes the packed kernel.
-DECODE_MAX_ROWS = 16
+# Up to this many tokens per sequence a call takes the packed kernel (decode, short prompts). Deciding
+# per sequence, not per batch, keeps a sequence's output the same alone or batched with others.
+PACKED_MAX_TOKENS = 16
 # Rows used to time the prefill path when choosing between it and dequantize-then-matmul.
 PREFILL_PROBE_ROWS = 256
 # The stated tolerance of a packed matmul against the dequantized float32 reference (bf16
@@ -70,7 +71,8 @@ class PackedWeight:
         raise NotImplementedError
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.prefill_dense and x.numel() // x.shape[-1] > DECODE_MAX_ROWS:
+        """x [batch, tokens, in] or [tokens, in]."""
+        if self.prefill_dense and x.shape[-2] > PACKED_MAX_TOKENS:
             return F.linear(x, self.dense())
         return self.linear(x)
 

@@ -14,7 +14,9 @@ import pytest
 
 pytestmark = pytest.mark.e2e
 
-CAPITAL = [{"role": "user", "content": "What is the capital of France?"}]
+# Asked for one word, the model answers "Paris" with a wide margin at every bit-width; the bare question
+# leaves "The" and "L'" (L'Étoile) within 0.1 logits of each other, so kernel rounding could flip it.
+CAPITAL = [{"role": "user", "content": "What is the capital of France? Answer with one word."}]
 TIMEOUT = httpx.Timeout(300.0)
 
 

@@ -27,7 +27,8 @@ def backend() -> ModelBackend:
 
 def test_shapes_and_kv_bytes_of_the_default_model(backend):
     assert backend.model_id == "smollm2-135m" and backend.context_length == 8192
-    assert backend.kv_bytes_per_token == 2 * 30 * 3 * 64 * 2  # K and V, 30 layers, 3 KV heads of 64, bf16
+    # K and V, 30 layers, 3 KV heads of 64, float32 (the CPU KV cache)
+    assert backend.kv_bytes_per_token == 2 * 30 * 3 * 64 * 4
     assert len(backend.numels) == 210 and sum(backend.numels.values()) == 30 * (2 * 576 * 576 + 2 * 192 * 576
                                                                                   + 3 * 576 * 1536)
 
@@ -56,7 +57,7 @@ def test_candidates_and_resident_bytes(backend):
 def test_greedy_chat_through_the_service_prompt_names_paris(backend):
     pipeline = Pipeline(backend, controller=None, scheduler=None, metrics=None, max_new_tokens_limit=64,
                         queue_timeout_s=1)
-    spec = GenerationSpec(None, [{"role": "user", "content": "What is the capital of France?"}], SamplingParams())
+    spec = GenerationSpec(None, [{"role": "user", "content": "What is the capital of France? Answer with one word."}], SamplingParams())
     tokens = backend.engine.generate(pipeline.prompt_ids(spec), backend.resolve("w8"),
                                      SamplingParams(max_new_tokens=16))
     assert "Paris" in backend.tokenizer.decode(tokens, skip_special_tokens=True)

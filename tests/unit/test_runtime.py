@@ -53,6 +53,21 @@ def test_switching_mid_stream_gives_each_batch_its_own_plans_logits(engine):
     assert not torch.equal(solo4[1][0], solo8[1][0])
 
 
+@pytest.mark.parametrize("precision", ["w3", "w8", "mixed"])
+def test_a_sequence_gets_the_same_tokens_alone_and_batched(engine, precision):
+    plan = engine.plan(precision) if precision != "mixed" else Plan(
+        "mixed", {name: (4, 6, 8)[i % 3] for i, name in enumerate(engine.linear_names)}, 8)
+    long_prompt = list(range(10, 40))  # past the packed kernel's per-sequence limit: the dense prefill path
+    for prompt in (PROMPTS[0], long_prompt):
+        alone, alone_logits = run(engine.start_batch([SequenceRequest(prompt, SamplingParams(max_new_tokens=6))], plan))
+        mates = [SequenceRequest(p, SamplingParams(max_new_tokens=6)) for p in (*PROMPTS[1:], long_prompt)]
+        batched, batched_logits = run(engine.start_batch([SequenceRequest(prompt, SamplingParams(max_new_tokens=6)),
+                                                          *mates], plan))
+        assert batched[0] == alone[0]
+        # Not bit for bit: batch mates change matmul shapes and so the order of float sums.
+        torch.testing.assert_close(batched_logits[0][0], alone_logits[0][0], rtol=0, atol=1e-2)
+
+
 def test_switch_between_resident_plans_is_a_pointer_swap(engine):
     w3, w6 = engine.plan("w3"), engine.plan("w6")
     engine.set_plan(w3)
