@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 import signal
 from types import FrameType
 
@@ -11,6 +13,9 @@ import uvicorn
 from service.app import create_app
 from service.logs import configure_logging
 from service.settings import Settings
+from service.state import LOADING, WARMING
+
+log = logging.getLogger(__name__)
 
 _GRACE_S = 5.0  # after the drain, how long uvicorn waits for responses to finish sending
 
@@ -31,11 +36,22 @@ class DrainingServer(uvicorn.Server):
         await super().serve(sockets)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.state.phase in (LOADING, WARMING) and sig in (signal.SIGTERM, signal.SIGINT):
+            self._exit_during_start_up(sig)
         if self._draining or self._loop is None or sig not in (signal.SIGTERM, signal.SIGINT):
             self.should_exit = self.force_exit = True
             return
         self._draining = True
         self._loop.call_soon_threadsafe(lambda: self._loop.create_task(self._drain_then_exit()))
+
+    @staticmethod
+    def _exit_during_start_up(sig: int) -> None:
+        """Nothing is in flight before ready, and every file start-up writes (model cache, calibration
+        checkpoints, artifact) is committed by an atomic rename, so stopping here loses no work. A plain
+        interpreter exit would tear torch down under the loading thread and abort the process."""
+        log.info("stopped during start-up", extra={"signal": signal.Signals(sig).name})
+        logging.shutdown()
+        os._exit(0)
 
     async def _drain_then_exit(self) -> None:
         await self.state.drain()

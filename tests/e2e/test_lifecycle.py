@@ -69,3 +69,22 @@ def test_sigterm_drains_in_flight_requests_then_exits_zero(tmp_path):
         assert final["finish_reason"] in ("length", "eos") and final["usage"]["completion_tokens"] >= 1
     finally:
         server.stop()
+
+
+def test_sigterm_during_start_up_exits_zero_and_leaves_no_half_written_model(tmp_path):
+    cache = tmp_path / "cache"  # empty: start-up spends its first seconds converting the GGUF file
+    server = ServerProcess(tmp_path / "serve.log", env={"QUEPT_CACHE_DIR": str(cache)})
+    try:
+        def loading() -> bool:
+            try:
+                return httpx.get(f"{server.url}/health", timeout=2).json()["phase"] == "loading"
+            except httpx.TransportError:
+                return False
+
+        wait_for(loading, 120)
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(30) == 0, server.log_tail()
+        assert "stopped during start-up" in server.log_tail()
+        assert not [p for p in (cache / "models").glob("*") if not p.name.endswith(".partial")]
+    finally:
+        server.stop()
