@@ -277,7 +277,7 @@ def calibrate_artifact(loaded: LoadedModel, config: CalibrationConfig, out_dir: 
     """Calibrate `loaded.model` in place and write the artifact to `out_dir`, resuming an interrupted
     run for the same model, data and config. Returns the CalibrationResult."""
     tokens = calibration_tokens(loaded, text_file, n_samples=config.n_samples, seqlen=config.seqlen,
-                                seed=config.seed)
+                                seed=config.seed, progress=progress)
     data = {"source": "text-file" if text_file is not None else "model-generated",
             "file": None if text_file is None else Path(text_file).name,
             "n_samples": config.n_samples, "seqlen": config.seqlen,

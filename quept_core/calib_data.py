@@ -11,6 +11,7 @@ import random
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from quept_core.models import LoadedModel
 from quept_core.paths import cache_dir
@@ -57,7 +58,7 @@ def text_file_tokens(loaded: LoadedModel, text_file: Path, n_samples: int, seqle
 
 
 @torch.inference_mode()
-def _generate_stream(loaded: LoadedModel, n_tokens: int, seed: int) -> torch.Tensor:
+def _generate_stream(loaded: LoadedModel, n_tokens: int, seed: int, progress: bool) -> torch.Tensor:
     """Sample the model's answers to seed prompts until `n_tokens` tokens of text exist."""
     tokenizer, model = loaded.tokenizer, loaded.model
     rng = random.Random(seed)
@@ -65,6 +66,7 @@ def _generate_stream(loaded: LoadedModel, n_tokens: int, seed: int) -> torch.Ten
     tokenizer.padding_side = "left"
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     stream: list[int] = []
+    bar = tqdm(total=n_tokens, desc="calibration text (model-generated)", unit="tok", disable=not progress)
     while len(stream) < n_tokens:
         topics = rng.sample(SEED_TOPICS, GENERATION_BATCH)
         prompts = [
@@ -80,16 +82,20 @@ def _generate_stream(loaded: LoadedModel, n_tokens: int, seed: int) -> torch.Ten
             **batch, do_sample=True, temperature=0.9, top_p=0.95, repetition_penalty=1.1,
             max_new_tokens=512, pad_token_id=pad_id,
         )
+        before = len(stream)
         for row in output[:, batch["input_ids"].shape[1] :].tolist():
             stream.extend(t for t in row if t not in (pad_id, tokenizer.eos_token_id))
+        bar.update(min(len(stream), n_tokens) - before)
+    bar.close()
     return torch.tensor(stream[:n_tokens], dtype=torch.long)
 
 
-def generated_tokens(loaded: LoadedModel, n_samples: int, seqlen: int, seed: int) -> torch.Tensor:
+def generated_tokens(loaded: LoadedModel, n_samples: int, seqlen: int, seed: int,
+                     progress: bool = False) -> torch.Tensor:
     path = cache_dir() / "calib" / f"{loaded.checksum[:16]}-seed{seed}-{n_samples}x{seqlen}.pt"
     if path.is_file():
         return torch.load(path)
-    tokens = _generate_stream(loaded, n_samples * seqlen, seed).reshape(n_samples, seqlen)
+    tokens = _generate_stream(loaded, n_samples * seqlen, seed, progress).reshape(n_samples, seqlen)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".partial")
     torch.save(tokens, partial)
@@ -98,11 +104,12 @@ def generated_tokens(loaded: LoadedModel, n_samples: int, seqlen: int, seed: int
 
 
 def calibration_tokens(
-    loaded: LoadedModel, text_file: Path | None = None, n_samples: int = 16, seqlen: int = 512, seed: int = 0
+    loaded: LoadedModel, text_file: Path | None = None, n_samples: int = 16, seqlen: int = 512, seed: int = 0,
+    progress: bool = False,
 ) -> torch.Tensor:
     """LongTensor [n_samples, seqlen] of calibration tokens (model-generated unless a text file is given)."""
     if n_samples < 1 or seqlen < 2:
         raise CalibrationDataError("n_samples must be >= 1 and seqlen >= 2")
     if text_file is not None:
         return text_file_tokens(loaded, text_file, n_samples, seqlen, seed)
-    return generated_tokens(loaded, n_samples, seqlen, seed)
+    return generated_tokens(loaded, n_samples, seqlen, seed, progress)

@@ -31,7 +31,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture
 def calibration_text(monkeypatch):
     """Calibration tokens without generating text (the tiny tokenizer has no chat template)."""
-    def tokens(loaded, text_file=None, n_samples=16, seqlen=512, seed=0):
+    def tokens(loaded, text_file=None, n_samples=16, seqlen=512, seed=0, progress=False):
         return torch.randint(0, 256, (n_samples, seqlen), generator=torch.Generator().manual_seed(seed))
 
     monkeypatch.setattr(artifact_module, "calibration_tokens", tokens)
