@@ -65,7 +65,7 @@ class LevelResult:
     sent: int = 0
     ok: int = 0
     rejected: int = 0  # 503 with Retry-After: shed on purpose
-    invalid: int = 0  # 422: a budget no plan meets (allow_degrade false) is the client's problem
+    invalid: int = 0  # 422: a budget no plan meets even on an idle server is the client's problem
     errors: Counter = field(default_factory=Counter)  # anything else: status code or exception name
     downgraded: int = 0
     tokens: int = 0

@@ -4,6 +4,10 @@ For every candidate plan it predicts `queue wait + (prefill + max_new_tokens x d
 (sharing: batches decoded in turn with this one) and `weight bytes + KV bytes`, then picks the
 best-quality plan that meets every budget and is not below `min_precision`. Under queue pressure
 ("brownout") auto and degradable requests step down to cheaper plans before anything is refused.
+
+A budget no allowed plan meets is refused: with a 422 when no plan would meet it even on an idle
+server (the client must change the request), with a 503 + Retry-After when only the current load
+puts it out of reach (the client, or a load balancer, should try again or elsewhere).
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from quept_core.plans import Plan
-from service.errors import ServiceError, invalid
+from service.errors import ServiceError, invalid, unavailable
 
 MIB = 2**20
 # Reasons a request is served by another plan than it asked for (label values of the downgrade metric).
@@ -21,6 +25,7 @@ LATENCY = "latency_budget"
 MEMORY = "memory_budget"
 BROWNOUT = "brownout"
 INFEASIBLE = "infeasible_budget"  # error type of a budget no allowed plan can meet
+OVERLOADED = "overloaded"  # error type of a latency budget that only the current queue puts out of reach
 
 
 @dataclass(frozen=True)
@@ -195,7 +200,7 @@ class Controller:
         requested = request.requested
         if requested is None:
             if not feasible:
-                raise self._infeasible(request, pool, predictions)
+                raise self._refusal(request, pool, predictions, load)
             chosen, reason, origin = max(feasible, key=quality), None, None
         else:
             if request.floor_bits is not None and requested.average_bits < request.floor_bits:
@@ -207,11 +212,11 @@ class Controller:
             if violated is None:
                 chosen, reason, origin = requested, None, None
             elif not request.allow_degrade:
-                raise self._infeasible(request, pool, predictions, requested)
+                raise self._refusal(request, pool, predictions, load, requested)
             else:
                 cheaper = [c for c in feasible if quality(c) <= quality(requested)]
                 if not cheaper:
-                    raise self._infeasible(request, pool, predictions, requested)
+                    raise self._refusal(request, pool, predictions, load, requested)
                 chosen, reason, origin = max(cheaper, key=quality), violated, requested.plan
         if request.allow_degrade:  # brownout: auto included, unless the client refuses any downgrade
             level = load.waiting // self.brownout_queue_depth
@@ -224,6 +229,19 @@ class Controller:
                 chosen, reason = cheaper[min(level, len(cheaper)) - 1], BROWNOUT
         return Decision(chosen, predictions[chosen.plan.name], degraded=origin is not None, reason=reason,
                         downgraded_from=origin)
+
+    def _refusal(self, request: PlanRequest, pool: list[Candidate], predictions: dict[str, Prediction],
+                 load: Load, requested: Candidate | None = None) -> ServiceError:
+        """503 when some allowed plan would meet every budget on an idle server, else the 422."""
+        idle = Load()
+        allowed = pool if request.allow_degrade or requested is None else [requested]
+        if load != idle and any(_violated(self.predict(c, request, idle), request.budget) is None for c in allowed):
+            fastest = min(allowed, key=lambda c: predictions[c.plan.name].latency_s)
+            return unavailable(OVERLOADED, f"latency_budget_ms {request.budget.latency_s * 1000:g} cannot be met "
+                               f"under the current load: the fastest allowed plan, {fastest.plan.name}, is "
+                               f"predicted at {_describe(predictions[fastest.plan.name], LATENCY)}",
+                               max(1.0, load.queue_wait_s))
+        return self._infeasible(request, pool, predictions, requested)
 
     def _infeasible(self, request: PlanRequest, pool: list[Candidate], predictions: dict[str, Prediction],
                     requested: Candidate | None = None) -> ServiceError:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
 
-from service.controller import INFEASIBLE
+from service.controller import INFEASIBLE, OVERLOADED
 from service.errors import ServiceError
 from service.middleware import RequestRecord
 from service.pipeline import ClientGone, GenerationSpec, Pipeline, Prepared
@@ -97,8 +97,8 @@ async def start_run(request: Request, spec: GenerationSpec) -> Run:
     try:
         prepared = pipeline.prepare(spec)
     except ServiceError as error:
-        if error.type == INFEASIBLE:
-            state.metrics.admission_rejections.labels("infeasible").inc()
+        if error.type in (INFEASIBLE, OVERLOADED):
+            state.metrics.admission_rejections.labels("infeasible" if error.type == INFEASIBLE else "overloaded").inc()
         raise
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[Event] = asyncio.Queue()

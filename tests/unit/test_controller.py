@@ -89,6 +89,22 @@ def test_queue_wait_and_sharing_count_against_the_latency_budget(backend):
     assert shared.plan.name == "w4"  # every step now takes two turns: mixed 6.42 s, w4 6.02 s
 
 
+def test_a_budget_only_the_queue_puts_out_of_reach_is_a_503_with_retry_after(backend):
+    controller = make_controller(backend)
+    with pytest.raises(ServiceError) as raised:  # w3 alone takes 2.81 s; 2 s of queue makes 4.81 s
+        controller.decide(auto(budget=Budget(latency_s=3.0)), Load(queue_wait_s=2.0))
+    error = raised.value
+    assert error.status == 503 and error.type == "overloaded" and error.headers["Retry-After"] == "2"
+    assert "the fastest allowed plan, w3, is predicted at 4810 ms (queue 2000 ms" in error.message
+    with pytest.raises(ServiceError) as still:  # pinned to w8 (5.01 s alone): only the queue is in the way
+        controller.decide(explicit(backend, "w8", budget=Budget(latency_s=5.5), allow_degrade=False),
+                          Load(queue_wait_s=1.0))
+    assert still.value.status == 503
+    with pytest.raises(ServiceError) as never:  # 2 s is out of reach of every plan even when idle
+        controller.decide(auto(budget=Budget(latency_s=2.0)), Load(queue_wait_s=2.0))
+    assert never.value.status == 422 and never.value.type == "infeasible_budget"
+
+
 def test_min_precision_is_a_floor_for_auto(backend):
     controller = make_controller(backend)
     decision = controller.decide(auto(budget=Budget(latency_s=4.5), floor_bits=6.0), Load())
