@@ -30,6 +30,8 @@ SEED_TOPICS = (
     "how airplanes fly", "the mathematics of prime numbers",
 )
 GENERATION_BATCH = 8
+# Answers stop at this length, or earlier when the batch has written all the tokens still needed.
+MAX_ANSWER_TOKENS = 512
 
 
 class CalibrationDataError(ValueError):
@@ -80,7 +82,8 @@ def _generate_stream(loaded: LoadedModel, n_tokens: int, seed: int, progress: bo
         batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
         output = model.generate(
             **batch, do_sample=True, temperature=0.9, top_p=0.95, repetition_penalty=1.1,
-            max_new_tokens=512, pad_token_id=pad_id,
+            max_new_tokens=min(MAX_ANSWER_TOKENS, -(-(n_tokens - len(stream)) // GENERATION_BATCH)),
+            pad_token_id=pad_id,
         )
         before = len(stream)
         for row in output[:, batch["input_ids"].shape[1] :].tolist():
