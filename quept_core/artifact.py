@@ -295,14 +295,22 @@ def ensure_artifact(loaded: LoadedModel, preset: str = "fast", progress: bool = 
     missing, incomplete, or made for another base model or format version. A calibration here leaves
     `loaded.model` calibrated in place; `load_artifact` then reuses its elastic linears."""
     out_dir = default_artifact_dir(loaded.name, preset)
+    config = CalibrationConfig.from_preset(preset)
     try:
-        verify_artifact(out_dir, loaded)
-        return out_dir
+        manifest = verify_artifact(out_dir, loaded)
+        if _preset_settings(manifest["calibration"]) == _preset_settings(config.to_dict()):
+            return out_dir
+        log.warning("recalibrating: %s was made with other '%s' preset settings than this version's", out_dir, preset)
     except ArtifactError as error:
         if out_dir.exists():
             log.warning("recalibrating: %s", error)
     if elastic_linears(loaded.model):
         raise ArtifactError(f"{out_dir}: needs calibration, but '{loaded.name}' already carries elastic linears; "
                             f"load a fresh base model")
-    calibrate_artifact(loaded, CalibrationConfig.from_preset(preset), out_dir, progress=progress)
+    calibrate_artifact(loaded, config, out_dir, progress=progress)
     return out_dir
+
+
+def _preset_settings(calibration: dict) -> dict:
+    """A manifest's calibration settings without what the run added (its fingerprint and device)."""
+    return {k: v for k, v in calibration.items() if k not in ("fingerprint", "device")}

@@ -1,5 +1,6 @@
 """The artifact: atomic save, verified load, refusal messages, extras, reproducible bytes, ensure."""
 
+import dataclasses
 import json
 
 import pytest
@@ -67,7 +68,7 @@ def test_manifest_records_what_binds_and_reproduces_the_artifact(calibrated):
     assert manifest["format_version"] == FORMAT_VERSION
     assert manifest["model"]["checksum"] == loaded.checksum
     assert manifest["bits"] == [3, 4, 5, 6, 7, 8]
-    assert manifest["bit_config"]["tier_ranks"] == [32, 24, 16, 8]
+    assert manifest["bit_config"]["tier_ranks"] == [32, 24, 0, 0]
     assert manifest["bit_config"]["group_sizes"]["3"] == 64
     assert manifest["calibration"]["seed"] == 0 and manifest["calibration"]["n_samples"] == 4
     assert set(manifest["versions"]) >= {"torch", "transformers", "safetensors"}
@@ -154,6 +155,11 @@ def test_ensure_artifact_calibrates_once_then_reuses(tmp_path, monkeypatch, cali
 
     monkeypatch.setattr(artifact_module, "calibrate_artifact", no_calibration)
     assert ensure_artifact(tiny_loaded(), preset="fast", progress=False) == folder
+    changed = dataclasses.replace(CONFIG, lora_lr=CONFIG.lora_lr / 2)  # a new version's preset
+    monkeypatch.setattr(CalibrationConfig, "from_preset", classmethod(lambda cls, name, **kw: changed))
+    with pytest.raises(AssertionError, match="calibrated again"):
+        ensure_artifact(tiny_loaded(), preset="fast", progress=False)
+    monkeypatch.setattr(CalibrationConfig, "from_preset", classmethod(lambda cls, name, **kw: CONFIG))
     (folder / "manifest.json").unlink()
     with pytest.raises(AssertionError, match="calibrated again"):
         ensure_artifact(tiny_loaded(), preset="fast", progress=False)

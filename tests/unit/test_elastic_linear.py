@@ -86,3 +86,23 @@ def test_trainable_state_round_trips_and_checks_shapes():
     state["lin.lora_A"] = torch.zeros(3, 3)
     with pytest.raises(ValueError, match="lin.lora_A: shape"):
         load_trainable_state({"lin": target}, state)
+
+
+def test_a_tier_of_rank_zero_has_no_correction_and_keeps_its_own_clips():
+    config = BitConfig(tier_ranks=(12, 8, 0, 0), group_sizes={3: 16, 4: 16, 5: 16, 6: 16, 7: -1, 8: -1})
+    torch.manual_seed(0)
+    linear = ElasticLinear(nn.Linear(48, 20), config, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        linear.lora_B.normal_()
+    assert linear.correction(4).abs().sum() > 0
+    for bits in (5, 6, 7, 8):
+        assert torch.equal(linear.correction(bits), torch.zeros(20, 48))
+        plain = fake_quantize(linear.weight, bits, config.group_size_for(bits), linear.clip_up[str(bits)],
+                              linear.clip_low[str(bits)])
+        assert torch.equal(linear.fake_quant_weight(bits), plain)
+
+
+@pytest.mark.parametrize("ranks", [(12, 8, 4, -1), (0, 0, 0, 0), (8, 12, 4, 2)])
+def test_bad_tier_ranks_are_refused(ranks):
+    with pytest.raises(ValueError, match="tier_ranks"):
+        BitConfig(tier_ranks=ranks)
