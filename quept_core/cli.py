@@ -167,6 +167,8 @@ def bench(
     model: Annotated[str, typer.Option(help="model name, .gguf file or Hugging Face folder")] = DEFAULT_MODEL,
     precisions: Annotated[str, typer.Option(help="comma list of fp, w<b>")] = "fp,w8,w7,w6,w5,w4,w3",
     mixed: Annotated[str, typer.Option(help="comma list of average bits for mixed plans, e.g. 3.5,4.5")] = "",
+    artifact: Annotated[Path | None, typer.Option(help="calibrated artifact folder (default: the one "
+                                                       "`quept serve` uses, calibrated first if missing)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
     text: Annotated[Path, typer.Option(help="evaluation text for prompts and perplexity")] = DEFAULT_TEXT,
     prompt_tokens: Annotated[int, typer.Option(min=8)] = 256,
@@ -186,8 +188,7 @@ def bench(
 
     from quept_core import bench as runner
     from quept_core import bench_report
-    from quept_core.bitconfig import BitConfig
-    from quept_core.elastic_linear import make_elastic
+    from quept_core.artifact import ensure_artifact, load_artifact
     from quept_core.plans import PrecisionError
     from quept_core.runtime import QueptEngine
 
@@ -198,7 +199,8 @@ def bench(
                                 seqlen=seqlen, repeats=repeats)
 
     def make_engine(loaded):
-        engine = QueptEngine(loaded, make_elastic(loaded.model, BitConfig()))
+        """The served model: the calibrated artifact's weights, not plain quantization."""
+        engine = QueptEngine.from_calibrated(load_artifact(artifact or ensure_artifact(loaded), loaded))
         engine.mixed_resolver = runner.allocator_resolver(loaded, engine)
         return engine
 
@@ -209,7 +211,7 @@ def bench(
         source = resolve_model(model)
         result = runner.run_bench(model, make_engine, names, config, text if text.is_file() else None,
                                   source.path if source.kind == "gguf" else None)
-    except (ModelError, PrecisionError, ValueError) as error:
+    except (ModelError, ArtifactError, PrecisionError, ValueError) as error:
         fail(str(error))
     if as_json:
         typer.echo(json.dumps(result.to_dict()))
