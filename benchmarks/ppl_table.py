@@ -46,7 +46,8 @@ def markdown(header: dict, rows: list[dict]) -> str:
     lines = [f"| precision | bits/weight | {' | '.join(methods)} |", f"|---|---|{'---|' * len(methods)}"]
     fp = next((r for r in rows if r["method"] == "fp"), None)
     if fp is not None:
-        lines.append(f"| fp | {fp['bits_per_weight']:.0f} | {fp['ppl']:.2f} |{' |' * (len(methods) - 1)}")
+        fp_cell = f"{fp['ppl']:.2f}"
+        lines.append(f"| fp | {fp['bits_per_weight']:.0f} | {' | '.join(fp_cell for _ in methods)} |")
     for precision in sorted({r["precision"] for r in rows if r["method"] != "fp"}, key=_precision_key):
         found = {r["method"]: r for r in rows if r["precision"] == precision}
         mixed = precision.startswith("mixed:")
