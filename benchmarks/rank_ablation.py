@@ -1,7 +1,7 @@
 """LoRA ranks and learning rate: calibrate one variant, then its perplexity at a few bit-widths.
 
     python benchmarks/rank_ablation.py --ranks 32,24,16,8 --lora-lr 1e-3 \
-        --text ../shared/data/wikitext-2-raw/wiki.test.raw --out /tmp/ablation
+        --text ../shared/data/wikitext-2-raw/wiki.test.raw --out ablation-runs
 
 Each variant is calibrated with the given preset (fast by default) into `--out/<ranks>-lr<lr>` (kept,
 so a rerun only evaluates) on the same model-written calibration text, and evaluated on the first
