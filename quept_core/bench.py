@@ -248,18 +248,13 @@ def run_bench(
     return BenchResult(rows, switch_ms, reload_s, uniform_bytes, fp32_bytes, notes, settings)
 
 
-def allocator_resolver(loaded: LoadedModel, engine: QueptEngine) -> Callable[[float], Plan] | None:
-    """`mixed:<avg>` through the bit allocator on a proxy sensitivity table of the engine's weights.
+def allocator_resolver(loaded: LoadedModel, engine: QueptEngine) -> Callable[[float], Plan]:
+    """`mixed:<avg>` through the bit allocator on a proxy sensitivity table of the engine's weights."""
+    from quept_core.calib_data import calibration_tokens
+    from quept_core.mixed import Allocator
+    from quept_core.sensitivity import proxy_sensitivity, sensitivity_tokens
+    from quept_core.weights import QueptWeights
 
-    None when this installation has no allocator (quept_core.mixed).
-    """
-    try:
-        from quept_core.calib_data import calibration_tokens
-        from quept_core.mixed import Allocator
-        from quept_core.sensitivity import proxy_sensitivity, sensitivity_tokens
-        from quept_core.weights import QueptWeights
-    except ImportError:
-        return None
     allocator: list[Allocator] = []
 
     def resolve(avg_bits: float) -> Plan:
