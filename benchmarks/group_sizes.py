@@ -15,12 +15,12 @@ from pathlib import Path
 
 import torch
 
-from quept_core.evaluate import make_windows, perplexity, read_text, tokenize_text
-from quept_core.models import load_model
-from quept_core.plans import uniform_plan
-from quept_core.quantizer import quantize, storage_bits_per_weight
-from quept_core.sensitivity import layer_names
-from quept_core.weights import float_weights, use_weights
+from quept_core.eval.perplexity import make_windows, perplexity, read_text, tokenize_text
+from quept_core.io.models import load_model
+from quept_core.layers import model_linear_names
+from quept_core.planning.plan import uniform_plan
+from quept_core.quant.grid import quantize, storage_bits_per_weight
+from quept_core.quant.sources import float_weights, use_weights
 
 
 def main() -> None:
@@ -37,7 +37,7 @@ def main() -> None:
 
     loaded = load_model(args.model)
     windows = make_windows(tokenize_text(loaded.tokenizer, read_text(args.text)), args.seqlen, args.max_tokens)
-    names = layer_names(loaded.model)
+    names = model_linear_names(loaded.model)
     weights = float_weights(loaded.model, names)
     groups = [int(g) for g in args.groups.split(",")]
     bits_list = [int(b) for b in args.bits.split(",")]

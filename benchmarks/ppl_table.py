@@ -47,13 +47,13 @@ def markdown(header: dict, rows: list[dict]) -> str:
     fp = next((r for r in rows if r["method"] == "fp"), None)
     if fp is not None:
         fp_cell = f"{fp['ppl']:.2f}"
-        lines.append(f"| fp | {fp['bits_per_weight']:.0f} | {' | '.join(fp_cell for _ in methods)} |")
+        lines.append(f"| fp | {fp['storage_bits']:.0f} | {' | '.join(fp_cell for _ in methods)} |")
     for precision in sorted({r["precision"] for r in rows if r["method"] != "fp"}, key=_precision_key):
         found = {r["method"]: r for r in rows if r["precision"] == precision}
         mixed = precision.startswith("mixed:")
-        bits = f"≤ {precision.split(':')[1]}" if mixed else f"{next(iter(found.values()))['bits_per_weight']:.3f}"
+        bits = f"≤ {precision.split(':')[1]}" if mixed else f"{next(iter(found.values()))['storage_bits']:.3f}"
         cells = ["–" if m not in found else f"{found[m]['ppl']:.2f}" +
-                 (f" ({found[m]['bits_per_weight']:.2f})" if mixed else "") for m in methods]
+                 (f" ({found[m]['storage_bits']:.2f})" if mixed else "") for m in methods]
         lines.append(f"| {precision} | {bits} | {' | '.join(cells)} |")
     return "\n".join(lines)
 
@@ -61,7 +61,7 @@ def markdown(header: dict, rows: list[dict]) -> str:
 def plot(header: dict, rows: list[dict], path: Path) -> None:
     figure, axis = plt.subplots(figsize=(7, 4.5))
     for method in METHOD_ORDER:
-        points = sorted((r["bits_per_weight"], r["ppl"], r["precision"]) for r in rows if r["method"] == method)
+        points = sorted((r["storage_bits"], r["ppl"], r["precision"]) for r in rows if r["method"] == method)
         if not points:
             continue
         color, marker = STYLE[method]

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import torch
 
-from quept_core.artifact import calibrate_artifact, load_artifact
-from quept_core.bitconfig import BitConfig
-from quept_core.calibrate import CalibrationConfig
-from quept_core.elastic_linear import set_bits
-from quept_core.evaluate import make_windows, perplexity, read_text, tokenize_text
-from quept_core.models import load_model
+from quept_core.artifact.store import calibrate_artifact, load_artifact
+from quept_core.calibration.loop import CalibrationConfig
+from quept_core.config import BitConfig
+from quept_core.eval.perplexity import make_windows, perplexity, read_text, tokenize_text
+from quept_core.io.models import load_model
+from quept_core.quant.elastic import set_bits
 
 
 def main() -> None:

@@ -19,12 +19,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from quept_core.artifact import ensure_artifact, load_artifact
-from quept_core.mixed import Allocator
-from quept_core.models import load_model
-from quept_core.quality import artifact_tokens
-from quept_core.sensitivity import kl_sensitivity, proxy_sensitivity, rank_correlation, sensitivity_tokens
-from quept_core.weights import QueptWeights
+from quept_core.artifact.store import ensure_artifact, load_artifact
+from quept_core.eval.plan_quality import artifact_tokens
+from quept_core.io.models import load_model
+from quept_core.planning.allocator import Allocator
+from quept_core.planning.sensitivity import (
+    kl_sensitivity,
+    proxy_sensitivity,
+    rank_correlation,
+    sensitivity_tokens,
+)
+from quept_core.quant.sources import QueptWeights
 
 log = logging.getLogger("sensitivity_check")
 

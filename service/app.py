@@ -13,11 +13,11 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
 from quept_core import __version__
-from service import routes_native, routes_openai, routes_ops
+from service.api import native, openai, ops
+from service.api.middleware import CLIENT_CLOSED, BodyLimit, RequestContext
+from service.engine.pipeline import ClientGone
 from service.errors import ServiceError, from_validation, invalid, status_for_path
-from service.metrics import Metrics
-from service.middleware import CLIENT_CLOSED, BodyLimit, RequestContext
-from service.pipeline import ClientGone
+from service.observability.metrics import Metrics
 from service.settings import Settings
 from service.state import Loader, ServiceState
 
@@ -37,7 +37,7 @@ def create_app(settings: Settings, loader: Loader | None = None,
     the background so /health and /ready answer while the model loads. `on_fatal` hears about a
     failed start-up (the `serve` command stops the server with it)."""
     if loader is None:
-        from service.loading import load_backend
+        from service.engine.loading import load_backend
 
         loader = load_backend
     metrics = Metrics()
@@ -53,7 +53,7 @@ def create_app(settings: Settings, loader: Loader | None = None,
 
     app = FastAPI(title="QuEPT-serve", version=__version__, lifespan=lifespan)
     app.state.service = state
-    for module in (routes_ops, routes_native, routes_openai):
+    for module in (ops, native, openai):
         app.include_router(module.router)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes, metrics=metrics)
     app.add_middleware(RequestContext, metrics=metrics)

@@ -11,7 +11,7 @@ from types import FrameType
 import uvicorn
 
 from service.app import create_app
-from service.logs import configure_logging
+from service.observability.logs import configure_logging
 from service.settings import Settings
 from service.state import LOADING, WARMING
 

@@ -13,7 +13,7 @@ from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from pydantic_settings import SettingsError as CliError
 
-from quept_core.models import DEFAULT_MODEL
+from quept_core.io.models import DEFAULT_MODEL
 
 
 class SettingsError(ValueError):

@@ -10,17 +10,18 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from quept_core import __version__
-from quept_core.artifact import ArtifactError
-from quept_core.models import ModelError
-from quept_core.plans import Plan
-from service.backend import Backend
-from service.controller import Controller, CostModel
+from quept_core.artifact.store import ArtifactError
+from quept_core.io.models import ModelError
+from quept_core.planning.plan import Plan
+from quept_core.precision import uniform_precisions
+from service.engine.backend import Backend
+from service.engine.controller import Controller, CostModel
+from service.engine.pipeline import Pipeline
+from service.engine.scheduler import Scheduler, SchedulerLimits
+from service.engine.warmup import measure_costs
 from service.errors import ServiceError, unavailable
-from service.metrics import Metrics
-from service.pipeline import Pipeline
-from service.scheduler import Scheduler, SchedulerLimits
+from service.observability.metrics import Metrics
 from service.settings import Settings
-from service.warmup import measure_costs
 
 log = logging.getLogger(__name__)
 
@@ -69,9 +70,9 @@ class ServiceState:
         backend, settings = self.backend, self.settings
         self.metrics.build_info.labels(__version__, backend.model_id, backend.artifact_id).set(1)
         candidates = backend.candidates()
-        uniform = [backend.resolve(p) for p in ["fp", *(f"w{b}" for b in backend.bit_set)]]
+        uniform = [backend.resolve(p) for p in uniform_precisions(backend.bit_set)]
         self.plans = uniform + [c.plan for c in candidates if c.plan.mode == "mixed"]
-        self.costs = CostModel(backend.numels, settings.ewma_alpha)
+        self.costs = CostModel(backend.shapes, settings.ewma_alpha)
         measure_costs(backend.engine, uniform, backend.tokenizer, self.costs)
         controller = Controller(candidates, self.costs, backend.kv_bytes_per_token, settings.brownout_queue_depth)
         limits = SchedulerLimits(settings.max_queue, settings.max_queue_tokens, settings.max_batch_size,

@@ -17,8 +17,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from quept_core.artifact import MANIFEST, STATE, default_artifact_dir
-from quept_core.models import DEFAULT_MODEL
+from quept_core.artifact.store import MANIFEST, STATE, default_artifact_dir
+from quept_core.io.models import DEFAULT_MODEL
 from tests.e2e.tiny_model import write_tiny_model
 from tests.support import REPO_ROOT, STARTUP_TIMEOUT_S, ServerProcess, free_port
 
@@ -44,7 +44,7 @@ def wait_for(condition, timeout_s: float = 60) -> None:
 
 def serve_until_exit(*flags: str, timeout_s: float = 600) -> subprocess.CompletedProcess:
     """`quept serve` expected to refuse start-up: its exit status and output."""
-    command = [sys.executable, "-m", "quept_core", "serve", "--host", "127.0.0.1", "--port", str(free_port()),
+    command = [sys.executable, "-m", "service", "serve", "--host", "127.0.0.1", "--port", str(free_port()),
                *flags]
     return subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout_s, check=False)
 
@@ -236,9 +236,9 @@ def test_a_memory_limit_that_fits_one_plan_at_a_time_evicts_and_stays_within_it(
 CALIBRATE = """
 import json, sys
 import torch
-from quept_core.artifact import calibrate_artifact
-from quept_core.calibrate import CalibrationConfig
-from quept_core.models import load_model
+from quept_core.artifact.store import calibrate_artifact
+from quept_core.calibration.loop import CalibrationConfig
+from quept_core.io.models import load_model
 
 torch.set_num_threads(1)
 config = CalibrationConfig(n_samples=4, seqlen=64, batch_size=2, clip_search_grid=4, clip_search_samples=2)

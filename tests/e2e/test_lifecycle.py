@@ -25,7 +25,7 @@ def wait_for(condition, timeout_s: float = 30) -> None:
 
 
 def serve(*flags: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "quept_core", "serve", *flags], cwd=REPO_ROOT, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "service", "serve", *flags], cwd=REPO_ROOT, capture_output=True,
                           text=True, timeout=600, check=False)
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from quept_core.models import DEFAULT_MODEL, float_folder, resolve_model
+from quept_core.io.models import DEFAULT_MODEL, float_folder, resolve_model
 
 
 def write_tiny_model(folder: Path, layers: int = 4, seed: int = 0) -> Path:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from quept_core import calib_data
-from quept_core.models import load_model
+from quept_core.calibration import data as calib_data
+from quept_core.io.models import load_model
 from tests.e2e.tiny_model import write_tiny_model
 
 pytestmark = pytest.mark.integration

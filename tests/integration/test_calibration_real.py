@@ -5,12 +5,12 @@ from pathlib import Path
 
 import pytest
 
-from quept_core.artifact import ensure_artifact, load_artifact
-from quept_core.evaluate import make_windows, perplexity, read_text, tokenize_text
-from quept_core.models import load_model
-from quept_core.plans import uniform_plan
-from quept_core.sensitivity import layer_names
-from quept_core.weights import QueptWeights, RtnWeights, float_weights, plan_weights, use_weights
+from quept_core.artifact.store import ensure_artifact, load_artifact
+from quept_core.eval.perplexity import make_windows, perplexity, read_text, tokenize_text
+from quept_core.io.models import load_model
+from quept_core.layers import model_linear_names
+from quept_core.planning.plan import uniform_plan
+from quept_core.quant.sources import QueptWeights, RtnWeights, float_weights, plan_weights, use_weights
 
 pytestmark = pytest.mark.integration
 
@@ -23,7 +23,7 @@ def setting():
     calibrated = load_artifact(ensure_artifact(loaded, "fast"), loaded)  # calibrated once, then cached
     base = load_model()
     windows = make_windows(tokenize_text(base.tokenizer, read_text(TEST)), 512, max_tokens=4096)
-    names = layer_names(base.model)
+    names = model_linear_names(base.model)
     return base, windows, names, QueptWeights(calibrated.elastic), RtnWeights(float_weights(base.model, names),
                                                                                calibrated.bit_config)
 

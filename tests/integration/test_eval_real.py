@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from quept_core.evaluate import make_windows, perplexity, read_text, tokenize_text
-from quept_core.models import load_model
+from quept_core.eval.perplexity import make_windows, perplexity, read_text, tokenize_text
+from quept_core.io.models import load_model
 
 pytestmark = pytest.mark.integration
 
@@ -31,7 +31,7 @@ def test_fp_perplexity_is_finite_and_identical_across_runs():
 
 
 def test_quept_eval_json_schema():
-    command = [sys.executable, "-m", "quept_core", "eval", "--text", str(TEST), "--precision", "fp",
+    command = [sys.executable, "-m", "service", "eval", "--text", str(TEST), "--precision", "fp",
                "--seqlen", "512", "--max-tokens", "4096", "--json"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     done = subprocess.run(command, check=False, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
@@ -39,5 +39,5 @@ def test_quept_eval_json_schema():
     data = json.loads(done.stdout)
     assert data["model"] == "smollm2-135m" and data["seqlen"] == 512 and data["tokens"] == 4096
     (row,) = data["results"]
-    assert row["precision"] == "fp" and row["method"] == "fp" and row["bits_per_weight"] == 16.0
+    assert row["precision"] == "fp" and row["method"] == "fp" and row["storage_bits"] == 16.0
     assert math.isfinite(row["ppl"]) and row["ppl"] > 1.0

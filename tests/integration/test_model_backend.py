@@ -5,14 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from quept_core.bitconfig import BitConfig
-from quept_core.elastic_linear import make_elastic
-from quept_core.generation import SamplingParams
-from quept_core.models import load_model
-from quept_core.plans import Plan, PrecisionError
-from quept_core.runtime import QueptEngine
-from service.loading import ModelBackend
-from service.pipeline import GenerationSpec, Pipeline
+from quept_core.config import BitConfig
+from quept_core.io.models import load_model
+from quept_core.planning.plan import Plan
+from quept_core.precision import Precision, PrecisionError
+from quept_core.quant.elastic import make_elastic
+from quept_core.runtime.engine import QueptEngine
+from quept_core.runtime.protocol import SamplingParams
+from service.engine.loading import ModelBackend
+from service.engine.pipeline import GenerationSpec, Pipeline
 
 pytestmark = pytest.mark.integration
 
@@ -29,16 +30,16 @@ def test_shapes_and_kv_bytes_of_the_default_model(backend):
     assert backend.model_id == "smollm2-135m" and backend.context_length == 8192
     # K and V, 30 layers, 3 KV heads of 64, float32 (the CPU KV cache)
     assert backend.kv_bytes_per_token == 2 * 30 * 3 * 64 * 4
-    assert len(backend.numels) == 210 and sum(backend.numels.values()) == 30 * (2 * 576 * 576 + 2 * 192 * 576
-                                                                                  + 3 * 576 * 1536)
+    assert len(backend.shapes) == 210
+    assert sum(out * inp for out, inp in backend.shapes.values()) == 30 * (2 * 576 * 576 + 2 * 192 * 576 + 3 * 576 * 1536)
 
 
 def test_plan_bytes_are_the_engines_and_a_mix_is_estimated_from_its_bits(backend):
     engine = backend.engine
     w4, w8 = backend.resolve("w4"), backend.resolve("w8")
     assert backend.describe(w4).weight_bytes == engine.weight_bytes(w4)
-    names = list(backend.numels)
-    mix = Plan("half", {name: 4 if i % 2 else 8 for i, name in enumerate(names)}, w4.lm_head_bits)
+    names = list(backend.shapes)
+    mix = Plan(Precision.mixed(6.0), {name: 4 if i % 2 else 8 for i, name in enumerate(names)}, w4.lm_head_bits)
     estimate = backend.describe(mix).weight_bytes
     assert backend.describe(w4).weight_bytes < estimate < backend.describe(w8).weight_bytes
     assert estimate == pytest.approx(engine.weight_bytes(mix), rel=0.02)

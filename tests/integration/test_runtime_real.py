@@ -3,12 +3,12 @@
 import pytest
 import torch
 
-from quept_core.bitconfig import BitConfig
-from quept_core.elastic_linear import make_elastic, set_bits
-from quept_core.generation import SamplingParams, SequenceRequest
-from quept_core.models import load_model
-from quept_core.plans import Plan
-from quept_core.runtime import QueptEngine
+from quept_core.config import BitConfig
+from quept_core.io.models import load_model
+from quept_core.planning.plan import uniform_plan
+from quept_core.quant.elastic import make_elastic, set_bits
+from quept_core.runtime.engine import QueptEngine
+from quept_core.runtime.protocol import SamplingParams, SequenceRequest
 
 pytestmark = pytest.mark.integration
 
@@ -45,7 +45,7 @@ def test_float32_forward_matches_transformers(setup):
 def test_packed_plan_matches_fake_quantized_transformers(setup, bits):
     loaded, elastic, tokens = setup
     engine = QueptEngine(loaded, elastic, device="cpu")
-    plan = Plan(f"w{bits}", {name: bits for name in engine.linear_names}, None)  # head in full precision
+    plan = uniform_plan(engine.linear_names, bits, None)  # head in full precision
     got = engine.logits(tokens, plan)[0]
     expected = hf_logits(loaded, tokens, bits)
     # bf16 activations through 30 layers: compare distributions, not single logits.

@@ -7,16 +7,17 @@ import threading
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from quept_core.generation import SequenceRequest, TokenEvent
-from quept_core.plans import FP, Plan, PrecisionError, parse_precision, uniform_plan
-from service.controller import Candidate
+from quept_core.layers import linear_names, linear_type
+from quept_core.planning.bits import nominal_bits
+from quept_core.planning.plan import Plan, uniform_plan
+from quept_core.precision import FP, Precision, PrecisionError
+from quept_core.runtime.protocol import SequenceRequest, TokenEvent
+from service.engine.controller import Candidate
 
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
                  "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-SHAPES = {"q_proj": 64 * 64, "k_proj": 32 * 64, "v_proj": 32 * 64, "o_proj": 64 * 64,
-          "gate_proj": 128 * 64, "up_proj": 128 * 64, "down_proj": 64 * 128}
+SHAPES = {"q_proj": (64, 64), "k_proj": (32, 64), "v_proj": (32, 64), "o_proj": (64, 64),
+          "gate_proj": (128, 64), "up_proj": (128, 64), "down_proj": (64, 128)}
 
 
 def byte_tokenizer() -> PreTrainedTokenizerFast:
@@ -123,12 +124,8 @@ class FakeEngine:
             raise TimeoutError("the test never allowed this step")
 
 
-def layer_names(layers: int = 2) -> list[str]:
-    return [f"model.layers.{i}.{path}" for i in range(layers) for path in LINEARS]
-
-
 # Measured quality of the fake plans: perplexity increase over full precision, in percent.
-PPL_DELTA = {"w3": 40.0, "w4": 8.0, "w5": 4.0, "w6": 1.0, "w7": 0.4, "w8": 0.05, "mixed:4.50": 5.0, FP: 0.0}
+PPL_DELTA = {"w3": 40.0, "w4": 8.0, "w5": 4.0, "w6": 1.0, "w7": 0.4, "w8": 0.05, "mixed:4.50": 5.0, FP.name: 0.0}
 
 
 class FakeBackend:
@@ -142,27 +139,29 @@ class FakeBackend:
     def __init__(self, engine: FakeEngine | None = None):
         self.engine = engine or FakeEngine()
         self.tokenizer = self.engine.tokenizer
-        names = layer_names()
-        self.numels = {name: SHAPES[name.rsplit(".", 1)[-1]] for name in names}
+        names = linear_names(2)
+        self.shapes = {name: SHAPES[linear_type(name)] for name in names}
+        self.numels = {name: out * inp for name, (out, inp) in self.shapes.items()}
 
-    def resolve(self, precision: str) -> Plan:
-        spec = parse_precision(precision, self.bit_set)
-        names = list(self.numels)
-        if spec.kind == "fp":
+    def resolve(self, precision: Precision | str) -> Plan:
+        if isinstance(precision, str):
+            precision = Precision.parse(precision, self.bit_set)
+        names = list(self.shapes)
+        if precision.kind == "fp":
             return uniform_plan(names, None)
-        if spec.kind == "uniform":
-            return uniform_plan(names, int(spec.bits))
-        if spec.kind == "mixed":
-            low = int(spec.bits)
+        if precision.kind == "uniform":
+            return uniform_plan(names, precision.width)
+        if precision.kind == "mixed":
+            low = int(precision.budget_bits)
             half = len(names) // 2
             bits = {n: (low if i < half else min(low + 1, 8)) for i, n in enumerate(names)}
-            return Plan(f"mixed:{spec.bits:.2f}", bits)
+            return Plan(precision, bits)
         raise PrecisionError(f"unknown precision '{precision}'")
 
     def describe(self, plan: Plan) -> Candidate:
         if plan.mode == "fp":
-            return Candidate(plan, 16.0, sum(self.numels.values()) * 4, PPL_DELTA[FP])
-        bits = plan.average_bits(self.numels)
+            return Candidate(plan, 16.0, sum(self.numels.values()) * 4, PPL_DELTA[FP.name])
+        bits = nominal_bits(plan, self.shapes)
         size = sum(self.numels[n] * b for n, b in plan.layer_bits.items()) // 8
         return Candidate(plan, bits, size, PPL_DELTA.get(plan.name))
 
@@ -171,4 +170,4 @@ class FakeBackend:
         return [self.describe(p) for p in plans]
 
     def resident_bytes(self) -> dict[str, int]:
-        return {f"w{b}": 1000 * b for b in self.bit_set}
+        return {Precision.uniform(b).name: 1000 * b for b in self.bit_set}

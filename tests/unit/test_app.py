@@ -74,7 +74,7 @@ def test_generate_serves_the_requested_precision_with_body_and_headers(make_clie
     assert body["usage"] == {"prompt_tokens": 5, "completion_tokens": 6}
     precision = body["precision"]
     assert precision["requested"] == "w4" and precision["served"] == "w4" and not precision["degraded"]
-    assert precision["plan"]["mode"] == "uniform" and precision["plan"]["average_bits"] == 4.0
+    assert precision["plan"]["mode"] == "uniform" and precision["plan"]["nominal_bits"] == 4.0
     assert set(precision["plan"]["bits_by_layer_type"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                                             "up_proj", "down_proj"}
     assert body["timing"]["total_ms"] >= body["timing"]["ttft_ms"] >= body["timing"]["queue_ms"] >= 0
@@ -89,7 +89,7 @@ def test_mixed_precision_is_served_with_its_per_type_bits(make_client):
                                                  "precision": "mixed:4.5"}).json()
     plan = body["precision"]["plan"]
     assert body["precision"]["served"] == "mixed:4.50" and plan["mode"] == "mixed"
-    assert 4.0 < plan["average_bits"] < 5.0
+    assert 4.0 < plan["nominal_bits"] < 5.0
     assert body["generated_text"] == expected_text("mixed:4.50", 3)
 
 

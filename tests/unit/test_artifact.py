@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 
-from quept_core import artifact as artifact_module
-from quept_core.artifact import (
+from quept_core.artifact import store as artifact_module
+from quept_core.artifact.store import (
     FORMAT_VERSION,
     ArtifactError,
     calibrate_artifact,
@@ -19,8 +19,8 @@ from quept_core.artifact import (
     save_artifact,
     write_extra,
 )
-from quept_core.calibrate import CalibrationConfig
-from quept_core.elastic_linear import set_bits
+from quept_core.calibration.loop import CalibrationConfig
+from quept_core.quant.elastic import set_bits
 from tests.unit.tiny_llama import tiny_loaded
 
 CONFIG = CalibrationConfig(n_samples=4, seqlen=32, batch_size=2, clip_search_grid=4, clip_search_samples=2)

@@ -6,9 +6,18 @@ import pytest
 import torch
 from tiny_llama import tiny_elastic, tiny_loaded
 
-from quept_core.bench import BenchConfig, BenchResult, BenchRow, Speed, perplexity, run_bench, switch_latency
-from quept_core.bench_report import SECTION_BEGIN, SECTION_END, markdown, text_table, update_docs
-from quept_core.runtime import QueptEngine
+from quept_core.bench.report import SECTION_BEGIN, SECTION_END, markdown, text_table, update_docs
+from quept_core.bench.runner import (
+    BenchConfig,
+    BenchResult,
+    BenchRow,
+    Speed,
+    perplexity,
+    run_bench,
+    switch_latency,
+)
+from quept_core.precision import Precision
+from quept_core.runtime.engine import QueptEngine
 
 CONFIG = BenchConfig(prompt_tokens=16, new_tokens=4, batch=8, ppl_tokens=64, seqlen=32, switches=20, repeats=2)
 
@@ -40,7 +49,7 @@ def test_bench_runs_every_row(folder):
     assert 0 < result.switch_ms["p50"] <= result.switch_ms["p99"]
     # The six uniform plans share one 8-bit head pack (and the norms are no pack).
     engine = engines[0]
-    uniform = [engine.plan(f"w{b}") for b in engine.bit_config.bits]
+    uniform = [engine.plan(Precision.uniform(b)) for b in engine.bit_config.bits]
     norms = engine.weight_bytes(uniform[0]) - sum(engine.cache.nbytes(k) for k in engine.pack_keys(uniform[0]))
     head = engine.cache.nbytes(("lm_head", 8))
     total = sum(engine.weight_bytes(p) for p in uniform)

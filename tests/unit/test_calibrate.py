@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from quept_core.calib_checkpoint import CalibrationCheckpoint
-from quept_core.calibrate import CalibrationConfig, block_inputs, calibrate, summary_lines
-from quept_core.elastic_linear import set_bits, trainable_state
+from quept_core.calibration.checkpoint import CalibrationCheckpoint
+from quept_core.calibration.loop import CalibrationConfig, block_inputs, calibrate, summary_lines
+from quept_core.quant.elastic import set_bits, trainable_state
 from tests.unit.tiny_llama import tiny_loaded
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -3,7 +3,7 @@
 import pytest
 from typer.testing import CliRunner
 
-from quept_core.cli import app
+from service.cli import app
 
 
 @pytest.mark.parametrize("args,message", [

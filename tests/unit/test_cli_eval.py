@@ -6,7 +6,7 @@ import pytest
 from tiny_lm import tiny_folder, tiny_text
 from typer.testing import CliRunner
 
-from quept_core.cli import app
+from service.cli import app
 
 
 @pytest.fixture(scope="module")
@@ -32,11 +32,11 @@ def test_json_has_one_row_per_method_and_precision(model_dir, text_file):
     assert data["seqlen"] == 64 and data["tokens"] == 256
     rows = data["results"]
     assert [(r["precision"], r["method"]) for r in rows] == [("fp", "fp"), ("w3", "rtn"), ("w8", "rtn")]
-    assert all(set(r) == {"precision", "method", "ppl", "bits_per_weight"} for r in rows)
+    assert all(set(r) == {"precision", "method", "ppl", "storage_bits"} for r in rows)
     fp, w3, w8 = (r["ppl"] for r in rows)
     assert abs(w8 - fp) < abs(w3 - fp)
-    assert rows[0]["bits_per_weight"] == 16.0
-    assert rows[1]["bits_per_weight"] == pytest.approx(3 + 24 / 64)
+    assert rows[0]["storage_bits"] == 16.0
+    assert rows[1]["storage_bits"] == pytest.approx(3 + 24 / 64)
 
 
 def test_table_states_the_grid(model_dir, text_file):

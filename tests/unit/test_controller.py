@@ -2,7 +2,7 @@
 
 import pytest
 
-from service.controller import (
+from service.engine.controller import (
     BROWNOUT,
     LATENCY,
     MEMORY,
@@ -28,7 +28,7 @@ def backend() -> FakeBackend:
 
 
 def make_controller(backend: FakeBackend, depth: int = 8) -> Controller:
-    costs = CostModel(backend.numels, alpha=0.5)
+    costs = CostModel(backend.shapes, alpha=0.5)
     for name, decode in DECODE.items():
         costs.record(name, PlanCost(0.001, decode))
     return Controller(backend.candidates(), costs, backend.kv_bytes_per_token, depth)
@@ -177,10 +177,10 @@ def test_brownout_respects_allow_degrade_and_min_precision(backend):
 
 
 def test_quality_falls_back_to_bits_when_a_plan_has_no_measurement(backend):
-    costs = CostModel(backend.numels)
+    costs = CostModel(backend.shapes)
     for name, decode in DECODE.items():
         costs.record(name, PlanCost(0.001, decode))
-    unmeasured = [c.__class__(c.plan, c.average_bits, c.weight_bytes, None) if c.plan.name == "w5" else c
+    unmeasured = [c.__class__(c.plan, c.nominal_bits, c.weight_bytes, None) if c.plan.name == "w5" else c
                   for c in backend.candidates()]
     controller = Controller(unmeasured, costs, backend.kv_bytes_per_token, 8)
     # By bits, w5 (5.0) ranks above mixed:4.50 although mixed's perplexity is known.
@@ -188,7 +188,7 @@ def test_quality_falls_back_to_bits_when_a_plan_has_no_measurement(backend):
 
 
 def test_cost_model_blends_real_requests_into_the_warm_up_measurement(backend):
-    costs = CostModel(backend.numels, alpha=0.5)
+    costs = CostModel(backend.shapes, alpha=0.5)
     costs.record("w4", PlanCost(0.002, 0.030))
     w4 = backend.resolve("w4")
     costs.observe_decode(w4, 0.060)
@@ -198,7 +198,7 @@ def test_cost_model_blends_real_requests_into_the_warm_up_measurement(backend):
 
 
 def test_a_mixed_plan_learns_from_its_own_requests_starting_at_the_estimate(backend):
-    costs = CostModel(backend.numels, alpha=0.5)
+    costs = CostModel(backend.shapes, alpha=0.5)
     costs.record("w4", PlanCost(0.001, 0.030))
     costs.record("w5", PlanCost(0.001, 0.040))
     plan = backend.resolve("mixed:4.5")
@@ -208,7 +208,7 @@ def test_a_mixed_plan_learns_from_its_own_requests_starting_at_the_estimate(back
 
 
 def test_cost_of_an_unmeasured_mixed_plan_is_the_parameter_weighted_mix(backend):
-    costs = CostModel(backend.numels)
+    costs = CostModel(backend.shapes)
     costs.record("w4", PlanCost(0.001, 0.030))
     costs.record("w5", PlanCost(0.003, 0.040))
     plan = backend.resolve("mixed:4.5")

@@ -5,9 +5,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quept_core.bitconfig import BitConfig
-from quept_core.elastic_linear import ElasticLinear, load_trainable_state, set_bits, trainable_state
-from quept_core.quantizer import fake_quantize
+from quept_core.config import BitConfig
+from quept_core.quant.elastic import ElasticLinear, load_trainable_state, set_bits, trainable_state
+from quept_core.quant.grid import fake_quantize
 
 CONFIG = BitConfig(tiers=((3,), (4,), (5, 6), (7, 8)), tier_ranks=(12, 8, 6, 2),
                    group_sizes={3: 16, 4: 16, 5: 16, 6: 32, 7: -1, 8: -1})

@@ -6,7 +6,7 @@ import pytest
 import torch
 from tiny_lm import tiny_model, tiny_tokenizer
 
-from quept_core.evaluate import EvaluationError, make_windows, perplexity, read_text, tokenize_text
+from quept_core.eval.perplexity import EvaluationError, make_windows, perplexity, read_text, tokenize_text
 
 
 def test_perplexity_is_exp_of_mean_token_nll_from_the_model_loss():

@@ -4,10 +4,10 @@ import pytest
 import torch
 from tiny_lm import tiny_model
 
-from quept_core.bitconfig import BitConfig
-from quept_core.gptq import gptq_model, gptq_quantize
-from quept_core.quantizer import quantize
-from quept_core.sensitivity import layer_names
+from quept_core.config import BitConfig
+from quept_core.eval.baselines.gptq import gptq_model, gptq_quantize
+from quept_core.layers import model_linear_names
+from quept_core.quant.grid import quantize
 
 
 def correlated_inputs(tokens: int, features: int, seed: int = 0) -> torch.Tensor:
@@ -53,7 +53,7 @@ def test_gptq_model_quantizes_every_linear_without_touching_the_model():
     before = {n: p.clone() for n, p in model.named_parameters()}
     tokens = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(4))
     result = gptq_model(model, tokens, 4, BitConfig())
-    assert sorted(result) == sorted(layer_names(model))
+    assert sorted(result) == sorted(model_linear_names(model))
     for name, qweight in result.items():
         assert qweight.bits == 4
         assert qweight.dequantize().shape == model.get_submodule(name).weight.shape

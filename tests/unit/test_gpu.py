@@ -4,8 +4,8 @@ import pytest
 import torch
 from tiny_llama import tiny_elastic, tiny_loaded
 
-from quept_core.generation import SamplingParams, SequenceRequest
-from quept_core.runtime import QueptEngine
+from quept_core.runtime.engine import QueptEngine
+from quept_core.runtime.protocol import SamplingParams, SequenceRequest
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]

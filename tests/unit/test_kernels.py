@@ -4,9 +4,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from quept_core.bitconfig import BitConfig
-from quept_core.elastic_linear import ElasticLinear
-from quept_core.kernels import (
+from quept_core.config import BitConfig
+from quept_core.quant.elastic import ElasticLinear
+from quept_core.quant.grid import QuantizedWeight, quantize
+from quept_core.runtime.kernels.formats import (
     BitPlanes,
     DenseWeight,
     Int4Packed,
@@ -15,7 +16,6 @@ from quept_core.kernels import (
     pack_weight,
     unpack_planes,
 )
-from quept_core.quantizer import QuantizedWeight, quantize
 
 BITS = BitConfig().bits
 # bf16 activations and bf16 scales: relative error of a 128..256-term dot product stays under 2 %.

@@ -3,7 +3,7 @@ import json
 import logging
 import sys
 
-from service.logs import JsonFormatter
+from service.observability.logs import JsonFormatter
 
 
 def test_access_log_is_one_json_object_per_line_with_the_request_id(make_client):

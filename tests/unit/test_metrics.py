@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.metrics import MetricWrapperBase
 
-from service.metrics import Metrics
+from service.observability.metrics import Metrics
 
 CONTRACT = Path(__file__).resolve().parents[2].parent / "shared" / "docs" / "serving-conventions.md"
 

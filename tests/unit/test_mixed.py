@@ -5,12 +5,12 @@ import itertools
 import numpy as np
 import pytest
 
-from quept_core import mixed
-from quept_core.bitconfig import BitConfig
-from quept_core.costs import plan_bits_per_weight
-from quept_core.mixed import Allocator, backtrack, knapsack, pareto_front, resolve_mixed
-from quept_core.plans import PrecisionError
-from quept_core.sensitivity import SensitivityTable
+from quept_core.config import BitConfig
+from quept_core.planning import allocator as mixed
+from quept_core.planning.allocator import Allocator, backtrack, knapsack, pareto_front, resolve_mixed
+from quept_core.planning.bits import storage_bits
+from quept_core.planning.sensitivity import SensitivityTable
+from quept_core.precision import PrecisionError
 
 BIT_CONFIG = BitConfig()
 
@@ -61,8 +61,8 @@ def test_allocator_plan_is_the_brute_force_optimum_within_budget(seed):
         point = allocator.point(target)
         expected, _ = brute_force(table.values, costs, target * total)
         assert point.sensitivity == pytest.approx(expected)
-        assert point.bits_per_weight <= target
-        assert point.bits_per_weight == pytest.approx(plan_bits_per_weight(point.plan, table.shapes, BIT_CONFIG))
+        assert point.storage_bits <= target
+        assert point.storage_bits == pytest.approx(storage_bits(point.plan, table.shapes, BIT_CONFIG))
 
 
 def test_coarse_cost_units_still_meet_the_budget(monkeypatch):
@@ -71,7 +71,7 @@ def test_coarse_cost_units_still_meet_the_budget(monkeypatch):
     allocator = Allocator(table, BIT_CONFIG)
     assert allocator.unit > 1
     for target in np.arange(3.5, 8.0, 0.1):
-        assert allocator.point(float(target)).bits_per_weight <= target + 1e-12
+        assert allocator.point(float(target)).storage_bits <= target + 1e-12
 
 
 def test_front_is_monotone_and_spaced_by_step():
@@ -79,7 +79,7 @@ def test_front_is_monotone_and_spaced_by_step():
     front = pareto_front(table, BIT_CONFIG, step=0.25)
     targets = [float(p.plan.name.split(":")[1]) for p in front]
     assert np.allclose(np.diff(targets), 0.25)
-    assert all(p.bits_per_weight <= t + 1e-12 for p, t in zip(front, targets, strict=True))
+    assert all(p.storage_bits <= t + 1e-12 for p, t in zip(front, targets, strict=True))
     sensitivities = [p.sensitivity for p in front]
     assert all(later <= earlier for earlier, later in itertools.pairwise(sensitivities))
     assert sensitivities[-1] < sensitivities[0]

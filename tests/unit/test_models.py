@@ -7,7 +7,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from quept_core.models import ModelError, load_model, resolve_model
+from quept_core.io.models import ModelError, load_model, resolve_model
 
 
 def _tiny_tokenizer(folder: Path) -> None:

@@ -4,10 +4,10 @@ import pytest
 import torch
 from torch.utils import cpp_extension
 
-from quept_core.kernels import PACK_REL_TOL, Int4Packed, pack_planes, relative_error
-from quept_core.native import SOURCE, planes_gemv
-from quept_core.paths import cache_dir
-from quept_core.quantizer import quantize
+from quept_core.io.paths import cache_dir
+from quept_core.quant.grid import quantize
+from quept_core.runtime.kernels.formats import PACK_REL_TOL, Int4Packed, pack_planes, relative_error
+from quept_core.runtime.kernels.native import SOURCE, planes_gemv
 
 
 @pytest.fixture(scope="module")

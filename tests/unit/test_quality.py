@@ -7,15 +7,15 @@ import torch
 from tiny_lm import tiny_folder, tiny_text
 from typer.testing import CliRunner
 
-from quept_core import quality
-from quept_core.artifact import calibrate_artifact, load_artifact, read_extra
-from quept_core.calibrate import CalibrationConfig
-from quept_core.cli import app
-from quept_core.evaluate import perplexity
-from quept_core.models import load_model
-from quept_core.plans import uniform_plan
-from quept_core.sensitivity import layer_names
-from quept_core.weights import QueptWeights, plan_weights, use_weights
+from quept_core.artifact.store import calibrate_artifact, load_artifact, read_extra
+from quept_core.calibration.loop import CalibrationConfig
+from quept_core.eval import plan_quality as quality
+from quept_core.eval.perplexity import perplexity
+from quept_core.io.models import load_model
+from quept_core.layers import model_linear_names
+from quept_core.planning.plan import uniform_plan
+from quept_core.quant.sources import QueptWeights, plan_weights, use_weights
+from service.cli import app
 
 CONFIG = CalibrationConfig(n_samples=4, seqlen=32, batch_size=2, clip_search_grid=4, clip_search_samples=2)
 
@@ -50,11 +50,11 @@ def test_extras_are_computed_once_and_stored(artifact, monkeypatch):
     assert read_extra(folder, "sensitivity") == extras["sensitivity"]
     assert read_extra(folder, "plans") == extras["plans"]
     assert read_extra(folder, "quality") == extras["quality"]
-    names = [p["name"] for p in extras["plans"]]
+    names = [p["name"] for p in extras["plans"]["points"]]
     assert names and all(n.startswith("mixed:") for n in names)
     measured = extras["quality"]["plans"]
     assert set(measured) == {"fp", "w3", "w4", "w5", "w6", "w7", "w8", *names}
-    assert measured["fp"]["ppl_delta_pct"] == 0.0 and measured["fp"]["bits_per_weight"] == 16.0
+    assert measured["fp"]["ppl_delta_pct"] == 0.0 and measured["fp"]["storage_bits"] == 16.0
     for entry in measured.values():
         assert entry["ppl_delta_pct"] == pytest.approx(100 * (entry["ppl"] / measured["fp"]["ppl"] - 1))
 
@@ -78,7 +78,7 @@ def test_held_out_windows_are_not_calibration_windows(artifact):
 def test_plan_quality_is_the_plans_perplexity(artifact):
     model = calibrated(artifact)
     tokens = torch.randint(0, 127, (2, 24), generator=torch.Generator().manual_seed(5))
-    plan = uniform_plan(layer_names(model.loaded.model), 4)
+    plan = uniform_plan(model_linear_names(model.loaded.model), 4)
     result = quality.measure_plan_quality(model, [plan], tokens)
     with use_weights(model.loaded.model, plan_weights(QueptWeights(model.elastic), plan)):
         expected = perplexity(model.loaded.model, tokens).ppl
@@ -106,7 +106,7 @@ def test_eval_compares_all_methods_on_uniform_and_mixed_rows(artifact, tmp_path)
         ("gptq", "w4"), ("gptq", "mixed:5.00")]
     for row in rows[1:]:
         limit = 5.0 if row["precision"] == "mixed:5.00" else 4.375
-        assert row["bits_per_weight"] <= limit + 1e-9
+        assert row["storage_bits"] <= limit + 1e-9
         assert row["ppl"] > 1.0
 
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from quept_core.quantizer import (
+from quept_core.quant.grid import (
     fake_quantize,
     init_clip_logits,
     num_groups,

@@ -4,11 +4,12 @@ import pytest
 import torch
 from tiny_llama import tiny_elastic, tiny_loaded
 
-from quept_core.generation import SamplingParams, SequenceRequest
-from quept_core.packcache import MemoryLimitError
-from quept_core.plans import Plan, PrecisionError
-from quept_core.runtime import QueptEngine, memory_limit_from_env
-from quept_core.sampling import RequestError
+from quept_core.planning.plan import Plan
+from quept_core.precision import Precision, PrecisionError
+from quept_core.runtime.engine import QueptEngine
+from quept_core.runtime.packcache import MemoryLimitError
+from quept_core.runtime.protocol import SamplingParams, SequenceRequest
+from quept_core.runtime.sampling import RequestError
 
 PROMPTS = [[5, 9, 17, 3, 44, 12], [7, 8, 200], [100, 101, 102, 103]]
 
@@ -56,7 +57,7 @@ def test_switching_mid_stream_gives_each_batch_its_own_plans_logits(engine):
 @pytest.mark.parametrize("precision", ["w3", "w8", "mixed"])
 def test_a_sequence_gets_the_same_tokens_alone_and_batched(engine, precision):
     plan = engine.plan(precision) if precision != "mixed" else Plan(
-        "mixed", {name: (4, 6, 8)[i % 3] for i, name in enumerate(engine.linear_names)}, 8)
+        Precision.mixed(6.0), {name: (4, 6, 8)[i % 3] for i, name in enumerate(engine.linear_names)}, 8)
     long_prompt = list(range(10, 40))  # past the packed kernel's per-sequence limit: the dense prefill path
     for prompt in (PROMPTS[0], long_prompt):
         alone, alone_logits = run(engine.start_batch([SequenceRequest(prompt, SamplingParams(max_new_tokens=6))], plan))
@@ -103,7 +104,7 @@ def test_plan_larger_than_the_limit_is_a_clear_error():
 def test_mixed_plan_runs_each_layer_at_its_own_bits(engine):
     names = engine.linear_names
     layer_bits = {name: (3 if i % 2 else 8) for i, name in enumerate(names)}
-    mixed = Plan("mixed:5.50", layer_bits, 8)
+    mixed = Plan(Precision.mixed(5.5), layer_bits, 8)
     engine.set_plan(mixed)
     for slot in engine.model.linear_slots():
         # q, k, v (and gate, up) differ in bits here, so each runs its own pack.
@@ -121,7 +122,7 @@ def test_mixed_precision_resolves_through_the_resolver():
 
     def resolver(avg_bits):
         calls.append(avg_bits)
-        return Plan(f"mixed:{avg_bits:.2f}", {name: 4 if i < 7 else 6 for i, name in enumerate(names)})
+        return Plan(Precision.mixed(avg_bits), {name: 4 if i < 7 else 6 for i, name in enumerate(names)})
 
     engine = make_engine(mixed_resolver=resolver)
     names = engine.linear_names
@@ -208,22 +209,9 @@ def test_unknown_or_unresolvable_precisions_are_rejected(engine, precision):
 
 
 def test_plan_with_a_bit_width_outside_the_bit_set_is_rejected(engine):
-    bad = Plan("w2", {name: 2 for name in engine.linear_names}, None)
+    bad = Plan(Precision.uniform(2), {name: 2 for name in engine.linear_names}, None)
     with pytest.raises(PrecisionError, match="allowed"):
         engine.set_plan(bad)
-
-
-@pytest.mark.parametrize(("value", "expected"), [("64", 64 * 2**20), ("0.5", 2**19), ("", None)])
-def test_memory_limit_from_the_environment(monkeypatch, value, expected):
-    monkeypatch.setenv("QUEPT_MEMORY_LIMIT_MB", value)
-    assert memory_limit_from_env() == expected
-
-
-@pytest.mark.parametrize("value", ["lots", "-3", "0"])
-def test_bad_memory_limit_names_the_variable(monkeypatch, value):
-    monkeypatch.setenv("QUEPT_MEMORY_LIMIT_MB", value)
-    with pytest.raises(ValueError, match="QUEPT_MEMORY_LIMIT_MB"):
-        memory_limit_from_env()
 
 
 def test_kv_bytes_per_token_matches_the_allocated_cache(engine):

@@ -8,12 +8,20 @@ import time
 
 import pytest
 
-from quept_core.generation import SamplingParams
-from service.controller import CostModel, PlanCost
+from quept_core.runtime.protocol import SamplingParams
+from service.engine.controller import CostModel, PlanCost
+from service.engine.scheduler import (
+    AdmissionError,
+    Failed,
+    Finished,
+    Job,
+    Scheduler,
+    SchedulerLimits,
+    TokenOut,
+)
+from service.engine.textstream import TextStream
 from service.errors import unavailable
-from service.metrics import Metrics
-from service.scheduler import AdmissionError, Failed, Finished, Job, Scheduler, SchedulerLimits, TokenOut
-from service.textstream import TextStream
+from service.observability.metrics import Metrics
 from tests.unit.fakes import FakeBackend, FakeClock, FakeEngine, expected_text
 
 
@@ -50,7 +58,7 @@ class Harness:
         self.engine = FakeEngine(gated=gated, clock=self.clock)
         self.backend = FakeBackend(self.engine)
         self.metrics = Metrics()
-        self.costs = CostModel(self.backend.numels, alpha=0.5)
+        self.costs = CostModel(self.backend.shapes, alpha=0.5)
         for precision in ("w4", "w6", "w8"):
             self.costs.record(precision, PlanCost(0.001, 0.03))
         self.scheduler = Scheduler(self.engine, SchedulerLimits(**limits), self.metrics, self.costs, self.clock)

@@ -5,24 +5,24 @@ import pytest
 import torch
 from tiny_lm import tiny_model
 
-from quept_core.bitconfig import BitConfig
-from quept_core.blocks import input_basis
-from quept_core.sensitivity import (
+from quept_core.config import BitConfig
+from quept_core.layers import model_linear_names
+from quept_core.planning.sensitivity import (
     KLProbe,
     kl_sensitivity,
-    layer_names,
     proxy_sensitivity,
     rank_correlation,
     relative_errors,
 )
-from quept_core.weights import RtnWeights, float_weights
+from quept_core.quant.blockwise import input_basis
+from quept_core.quant.sources import RtnWeights, float_weights
 
 BIT_CONFIG = BitConfig()
 
 
 def setup(seed: int = 0):
     model = tiny_model(seed)
-    source = RtnWeights(float_weights(model, layer_names(model)), BIT_CONFIG)
+    source = RtnWeights(float_weights(model, model_linear_names(model)), BIT_CONFIG)
     tokens = torch.randint(0, 128, (3, 40), generator=torch.Generator().manual_seed(seed))
     return model, source, tokens
 
@@ -41,7 +41,7 @@ def test_relative_error_matches_the_definition_on_recorded_inputs():
     expected = [float((x @ (source.quantized(name, b).dequantize() - weight).T).square().sum()
                       / (x @ weight.T).square().sum()) for b in BIT_CONFIG.bits]
     errors = relative_errors(model, source, tokens, BIT_CONFIG.bits)
-    row = layer_names(model).index(name)
+    row = model_linear_names(model).index(name)
     assert errors[row] == pytest.approx(expected, rel=1e-4)
     assert all(a > b for a, b in zip(errors[row], errors[row][1:], strict=False))  # more bits, less error
 
@@ -69,7 +69,7 @@ def test_proxy_block_sums_at_the_lowest_bit_equal_the_block_kl():
     assert table.values.shape == (14, len(BIT_CONFIG.bits)) and len(table.block_factors) == 2
     probe = KLProbe(model, tokens[:2, :16])
     for block in range(2):
-        names = layer_names(model)[block * 7 : (block + 1) * 7]
+        names = model_linear_names(model)[block * 7 : (block + 1) * 7]
         block_kl = probe.kl(block, {n: source.quantized(n, 3).dequantize() for n in names})
         assert table.values[block * 7 : (block + 1) * 7, 0].sum() == pytest.approx(block_kl, rel=1e-5)
 

@@ -33,3 +33,21 @@ def test_bad_values_are_one_line_errors_naming_the_setting(monkeypatch):
     assert str(raised.value).startswith("QUEPT_MAX_QUEUE / --max-queue:") and "\n" not in str(raised.value)
     with pytest.raises(SettingsError, match="unrecognized arguments: --colour"):
         load_settings(["--colour", "blue"])
+
+
+@pytest.mark.parametrize(("value", "expected"), [("64", 64 * 2**20), ("0.5", 2**19)])
+def test_memory_limit_from_the_environment(monkeypatch, value, expected):
+    monkeypatch.setenv("QUEPT_MEMORY_LIMIT_MB", value)
+    assert load_settings().memory_limit_bytes == expected
+
+
+def test_no_memory_limit_by_default(monkeypatch):
+    monkeypatch.delenv("QUEPT_MEMORY_LIMIT_MB", raising=False)
+    assert load_settings().memory_limit_bytes is None
+
+
+@pytest.mark.parametrize("value", ["lots", "-3", "0"])
+def test_bad_memory_limit_names_the_variable(monkeypatch, value):
+    monkeypatch.setenv("QUEPT_MEMORY_LIMIT_MB", value)
+    with pytest.raises(SettingsError, match="QUEPT_MEMORY_LIMIT_MB"):
+        load_settings()

@@ -8,7 +8,7 @@ import threading
 import pytest
 from fastapi.testclient import TestClient
 
-from quept_core.artifact import ArtifactError
+from quept_core.artifact.store import ArtifactError
 from service.app import create_app
 from service.settings import Settings
 

@@ -1,4 +1,4 @@
-from service.textstream import TextStream
+from service.engine.textstream import TextStream
 from tests.unit.fakes import byte_tokenizer
 
 

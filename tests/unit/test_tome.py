@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from quept_core.tome import default_tome_weights, keep_mask, merge_tiers
+from quept_core.calibration.tome import default_tome_weights, keep_mask, merge_tiers
 
 
 @pytest.mark.parametrize("tokens,ratio", [(8, 0.5), (7, 0.5), (5, 0.25), (9, 1.0), (6, 0.0)])

@@ -3,11 +3,12 @@
 import torch
 from tiny_lm import tiny_model
 
-from quept_core.bitconfig import BitConfig
-from quept_core.elastic_linear import ElasticLinear, make_elastic, set_bits
-from quept_core.plans import Plan, uniform_plan
-from quept_core.sensitivity import layer_names
-from quept_core.weights import QueptWeights, RtnWeights, float_weights, plan_weights, use_weights
+from quept_core.config import BitConfig
+from quept_core.layers import model_linear_names
+from quept_core.planning.plan import Plan, uniform_plan
+from quept_core.precision import Precision
+from quept_core.quant.elastic import ElasticLinear, make_elastic, set_bits
+from quept_core.quant.sources import QueptWeights, RtnWeights, float_weights, plan_weights, use_weights
 
 BIT_CONFIG = BitConfig()
 TOKENS = torch.randint(0, 128, (2, 20), generator=torch.Generator().manual_seed(0))
@@ -28,7 +29,7 @@ def calibrated_like(seed: int = 0):
 
 def test_materialized_plan_equals_fake_quant_forward():
     model, elastic = calibrated_like()
-    names = layer_names(model)
+    names = model_linear_names(model)
     source = QueptWeights(elastic)
     for bits in (3, 5, 8):
         set_bits(model, bits)
@@ -42,7 +43,7 @@ def test_materialized_plan_equals_fake_quant_forward():
 
 def test_mixed_plan_uses_each_layers_bits_and_restores_the_model():
     model, elastic = calibrated_like()
-    names = layer_names(model)
+    names = model_linear_names(model)
     layer_bits = {name: (3 if i % 2 else 8) for i, name in enumerate(names)}
     layer_bits[names[0]] = None  # full precision
     for name, bits in layer_bits.items():
@@ -50,7 +51,7 @@ def test_mixed_plan_uses_each_layers_bits_and_restores_the_model():
     with torch.no_grad():
         expected = model(TOKENS).logits
     set_bits(model, None)
-    weights = plan_weights(QueptWeights(elastic), Plan("mixed:5.00", layer_bits))
+    weights = plan_weights(QueptWeights(elastic), Plan(Precision.mixed(5.0), layer_bits))
     assert names[0] not in weights
     with torch.no_grad(), use_weights(model, weights):
         got = model(TOKENS).logits

@@ -6,9 +6,9 @@ import torch
 from tokenizers import Tokenizer, models
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from quept_core.bitconfig import BitConfig
-from quept_core.elastic_linear import ElasticLinear, make_elastic
-from quept_core.models import LoadedModel
+from quept_core.config import BitConfig
+from quept_core.io.models import LoadedModel
+from quept_core.quant.elastic import ElasticLinear, make_elastic
 
 VOCAB = 256
 

@@ -1,0 +1,151 @@
+"""What an artifact knows about its plans: sensitivity, the mixed-precision front and measured quality.
+
+`ensure_mixed_extras` computes, once per artifact, whichever is missing of:
+- `sensitivity`: the per-layer table (`sensitivity.py`, the proxy unless asked for the KL probe);
+- `plans`: the best mixed plan every `FRONT_STEP` bits per weight (`mixed.py`);
+- `quality`: perplexity and its change against full precision for fp, every uniform bit-width and
+  every stored mixed plan, on held-out windows of the calibration data (never the evaluation text).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from quept_core.artifact.store import ArtifactError, CalibratedModel, read_extra, write_extra
+from quept_core.calibration.data import calibration_tokens
+from quept_core.config import BitConfig
+from quept_core.eval.perplexity import perplexity
+from quept_core.io.models import LoadedModel
+from quept_core.layers import model_linear_names
+from quept_core.planning.allocator import Allocator
+from quept_core.planning.bits import linear_shapes, storage_bits
+from quept_core.planning.plan import Plan, uniform_plan
+from quept_core.planning.sensitivity import (
+    SensitivityTable,
+    kl_sensitivity,
+    proxy_sensitivity,
+    sensitivity_tokens,
+)
+from quept_core.precision import FP, Precision
+from quept_core.quant.sources import QueptWeights, WeightSource, plan_weights, use_weights
+
+log = logging.getLogger(__name__)
+
+FRONT_STEP = 0.5  # bits per weight between stored mixed plans
+QUALITY_TOKENS = 512  # held-out tokens behind each plan's perplexity
+HELD_OUT_SEED_OFFSET = 1_000_003  # held-out windows come from another seed of the same data source
+SENSITIVITY_KINDS = ("proxy", "kl")
+# The layout of the stored `plans` and `quality` documents; a document of another format is measured again.
+EXTRAS_FORMAT = 2
+
+
+def measure_plan_quality(calibrated: CalibratedModel, plans: list[Plan], tokens: torch.Tensor,
+                         batch_size: int = 4) -> dict[str, dict[str, float]]:
+    """{plan name: {"ppl", "ppl_delta_pct"}} on `tokens` [n, T], with full precision as "fp"."""
+    return plan_quality(calibrated.loaded.model, QueptWeights(calibrated.elastic), plans, tokens, batch_size)
+
+
+def plan_quality(model: nn.Module, source: WeightSource, plans: list[Plan], tokens: torch.Tensor,
+                 batch_size: int = 4) -> dict[str, dict[str, float]]:
+    reference = perplexity(model, tokens, batch_size).ppl
+    quality = {FP.name: {"ppl": reference, "ppl_delta_pct": 0.0}}
+    for plan in plans:
+        with use_weights(model, plan_weights(source, plan)):
+            ppl = perplexity(model, tokens, batch_size).ppl
+        quality[plan.name] = {"ppl": ppl, "ppl_delta_pct": 100.0 * (ppl / reference - 1.0)}
+    return quality
+
+
+def calibration_data(loaded: LoadedModel, manifest: dict, text_file: Path | None = None) -> torch.Tensor:
+    """The artifact's calibration tokens, checked against the manifest's checksum."""
+    data, seed = manifest["data"], manifest["calibration"]["seed"]
+    if data["source"] == "text-file" and text_file is None:
+        raise ArtifactError(f"the artifact was calibrated on the text file '{data['file']}': pass that file "
+                            f"(--calib-text) to reproduce its calibration data")
+    tokens = calibration_tokens(loaded, text_file, n_samples=data["n_samples"], seqlen=data["seqlen"], seed=seed)
+    if hashlib.sha256(tokens.to(torch.int64).numpy().tobytes()).hexdigest() != data["sha256"]:
+        raise ArtifactError(f"the calibration data does not match the artifact's (checksum differs); "
+                            f"pass the text file it was calibrated on ('{data['file']}')")
+    return tokens
+
+
+def held_out_tokens(loaded: LoadedModel, manifest: dict, calib: torch.Tensor,
+                    text_file: Path | None = None) -> torch.Tensor:
+    """Windows of the same data source that calibration never saw (another seed, overlaps dropped)."""
+    data, seed = manifest["data"], manifest["calibration"]["seed"]
+    rows = -(-QUALITY_TOKENS // data["seqlen"])
+    candidates = calibration_tokens(loaded, text_file, n_samples=rows, seqlen=data["seqlen"],
+                                    seed=seed + HELD_OUT_SEED_OFFSET)
+    seen = {tuple(row.tolist()) for row in calib}
+    held_out = [row for row in candidates if tuple(row.tolist()) not in seen]
+    if not held_out:
+        raise ArtifactError("the calibration data has no window left to hold out for measuring quality")
+    return torch.stack(held_out)
+
+
+def front_points(table: SensitivityTable, bit_config: BitConfig) -> dict:
+    points = [point.to_dict() for point in Allocator(table, bit_config).front(FRONT_STEP)]
+    return {"format": EXTRAS_FORMAT, "points": points}
+
+
+def stored_plans(document: dict) -> list[Plan]:
+    """The mixed plans of a stored `plans` document."""
+    return [Plan(Precision.mixed(entry["budget_bits"]), entry["layer_bits"]) for entry in document["points"]]
+
+
+def _current(document: dict | list | None) -> dict | None:
+    """A stored document in this version's format, or None (to be measured again)."""
+    return document if isinstance(document, dict) and document.get("format") == EXTRAS_FORMAT else None
+
+
+def ensure_mixed_extras(artifact_dir: Path, calibrated: CalibratedModel, text_file: Path | None = None,
+                        sensitivity: str = "proxy") -> dict:
+    """Compute and store whichever of `sensitivity`, `plans` and `quality` the artifact lacks.
+
+    `text_file`: the calibration text, for artifacts calibrated on one. `sensitivity`: "proxy"
+    (seconds) or "kl" (the faithful probe, minutes); a stored table of the other kind is replaced,
+    and the plans and quality that depend on it with it. Returns the three documents.
+    """
+    if sensitivity not in SENSITIVITY_KINDS:
+        raise ValueError(f"sensitivity must be one of {', '.join(SENSITIVITY_KINDS)}, got '{sensitivity}'")
+    table = read_extra(artifact_dir, "sensitivity")
+    plans = _current(read_extra(artifact_dir, "plans"))
+    quality = _current(read_extra(artifact_dir, "quality"))
+    if table is not None and table["kind"] == sensitivity and plans is not None and quality is not None:
+        return {"sensitivity": table, "plans": plans, "quality": quality}
+
+    start = time.perf_counter()
+    loaded, bit_config = calibrated.loaded, calibrated.bit_config
+    model = loaded.model
+    calib = calibration_data(loaded, calibrated.manifest, text_file)
+    source = QueptWeights(calibrated.elastic)
+    if table is None or table["kind"] != sensitivity:
+        proxy_tokens, probe_tokens = sensitivity_tokens(calib)
+        if sensitivity == "proxy":
+            computed = proxy_sensitivity(model, source, bit_config, proxy_tokens, probe_tokens)
+        else:
+            computed = kl_sensitivity(model, source, bit_config, probe_tokens)
+        table, plans, quality = computed.to_dict(), None, None
+        write_extra(artifact_dir, "sensitivity", table)
+        log.info("sensitivity (%s): %.1f s", sensitivity, time.perf_counter() - start)
+    if plans is None:
+        plans, quality = front_points(SensitivityTable.from_dict(table), bit_config), None
+        write_extra(artifact_dir, "plans", plans)
+    if quality is None:
+        tokens = held_out_tokens(loaded, calibrated.manifest, calib, text_file)
+        names = model_linear_names(model)
+        shapes = linear_shapes(model, names)
+        every = [uniform_plan(names, b) for b in bit_config.bits] + stored_plans(plans)
+        measured = plan_quality(model, source, every, tokens)
+        for plan in [Plan(FP), *every]:
+            measured[plan.name]["storage_bits"] = storage_bits(plan, shapes, bit_config)
+        quality = {"format": EXTRAS_FORMAT, "tokens": int(tokens.numel()), "plans": measured}
+        write_extra(artifact_dir, "quality", quality)
+    log.info("mixed-precision extras: %.1f s", time.perf_counter() - start)
+    return {"sensitivity": table, "plans": plans, "quality": quality}

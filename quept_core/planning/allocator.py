@@ -1,0 +1,156 @@
+"""Mixed precision: the bit allocator over the quantized linears and its quality/cost front.
+
+Choose b_i for every linear i to minimise Σ S_i(b_i) subject to Σ cost_i(b_i) ≤ budget_bits × Σ numel_i,
+where cost_i(b) = numel_i × storage bits per weight (b bits plus a 16-bit scale and an 8-bit
+zero-point per group): a multiple-choice knapsack over linears only, weighted by parameter count
+(QuEPT A8 fixed). Costs are exact integers in bits; the dynamic programme runs them in units of
+their greatest common divisor, so "≤" holds exactly. One programme answers every budget.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import reduce
+
+import numpy as np
+
+from quept_core.config import BitConfig
+from quept_core.layers import linear_type
+from quept_core.planning.bits import layer_storage_bits
+from quept_core.planning.plan import Plan
+from quept_core.planning.sensitivity import SensitivityTable
+from quept_core.precision import Precision, PrecisionError
+
+# Above this many cost units the costs are rounded up to a coarser unit (budgets still hold).
+MAX_UNITS = 1 << 18
+
+
+def cost_bits(table: SensitivityTable, bit_config: BitConfig) -> np.ndarray:
+    """Exact storage cost in bits of each (linear, bit-width), int64 [n_layers, n_bits]."""
+    costs = np.empty((len(table.layers), len(table.bits)), dtype=np.int64)
+    for i, name in enumerate(table.layers):
+        out_features, in_features = table.shapes[name]
+        for j, b in enumerate(table.bits):
+            costs[i, j] = round(layer_storage_bits(b, in_features, bit_config) * out_features * in_features)
+    return costs
+
+
+def knapsack(values: np.ndarray, costs: np.ndarray, capacity: int) -> tuple[np.ndarray, np.ndarray]:
+    """Multiple-choice knapsack, one choice per row, minimising value with total cost ≤ capacity.
+
+    Returns best[c] (the least total value with cost ≤ c, inf if none) for c = 0..capacity and
+    the argmin table choice[i, c] used by `backtrack`.
+    """
+    n_items, n_choices = values.shape
+    best = np.zeros(capacity + 1)
+    choice = np.zeros((n_items, capacity + 1), dtype=np.int8)
+    for i in range(n_items):
+        candidates = np.full((n_choices, capacity + 1), np.inf)
+        for j in range(n_choices):
+            cost = int(costs[i, j])
+            if cost <= capacity:
+                candidates[j, cost:] = best[: capacity + 1 - cost] + values[i, j]
+        choice[i] = candidates.argmin(axis=0)
+        best = candidates.min(axis=0)
+    return best, choice
+
+
+def backtrack(choice: np.ndarray, costs: np.ndarray, capacity: int) -> list[int]:
+    picks = []
+    for i in range(choice.shape[0] - 1, -1, -1):
+        j = int(choice[i, capacity])
+        picks.append(j)
+        capacity -= int(costs[i, j])
+    return picks[::-1]
+
+
+@dataclass(frozen=True)
+class FrontPoint:
+    plan: Plan
+    storage_bits: float  # storage bits per weight, scales and zero-points included
+    sensitivity: float  # Σ S_i(b_i)
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.plan.name,
+            "budget_bits": self.plan.precision.budget_bits,
+            "storage_bits": self.storage_bits,
+            "sensitivity": self.sensitivity,
+            "layer_bits": dict(self.plan.layer_bits),
+        }
+
+
+class Allocator:
+    """Best plan for any budget of storage bits per weight, from one sensitivity table."""
+
+    def __init__(self, table: SensitivityTable, bit_config: BitConfig):
+        self.table = table
+        self.costs = cost_bits(table, bit_config)
+        self.total_weights = sum(table.shapes[name][0] * table.shapes[name][1] for name in table.layers)
+        unit = reduce(math.gcd, self.costs.ravel().tolist())
+        if int(self.costs.max(axis=1).sum()) // unit > MAX_UNITS:
+            unit = -(-int(self.costs.max(axis=1).sum()) // MAX_UNITS)
+        self.unit = unit
+        self.unit_costs = -(-self.costs // unit)  # rounded up: a plan within budget in units is within it in bits
+        self.capacity = int(self.unit_costs.max(axis=1).sum())
+        self._best, self._choice = knapsack(table.values, self.unit_costs, self.capacity)
+
+    @property
+    def min_bits(self) -> float:
+        """The cheapest plan's storage bits per weight (every linear at the lowest bit-width)."""
+        return float(self.unit_costs.min(axis=1).sum() * self.unit) / self.total_weights
+
+    @property
+    def max_bits(self) -> float:
+        return float(self.costs.max(axis=1).sum()) / self.total_weights
+
+    def _picks(self, budget_bits: float) -> list[int]:
+        capacity = min(int(budget_bits * self.total_weights) // self.unit, self.capacity)
+        if not np.isfinite(self._best[capacity]):
+            raise PrecisionError(
+                f"{Precision.mixed(budget_bits)} is below the cheapest plan; allowed storage bits per weight "
+                f"(scales and zero-points included): {math.ceil(self.min_bits * 100) / 100:.2f}.."
+                f"{self.max_bits:.2f}"
+            )
+        return backtrack(self._choice, self.unit_costs, capacity)
+
+    def point(self, budget_bits: float) -> FrontPoint:
+        picks = self._picks(budget_bits)
+        layer_bits = {name: self.table.bits[j] for name, j in zip(self.table.layers, picks, strict=True)}
+        rows = np.arange(len(picks))
+        return FrontPoint(
+            Plan(Precision.mixed(budget_bits), layer_bits),
+            float(self.costs[rows, picks].sum()) / self.total_weights,
+            float(self.table.values[rows, picks].sum()),
+        )
+
+    def plan(self, budget_bits: float) -> Plan:
+        return self.point(budget_bits).plan
+
+    def front(self, step: float = 0.25) -> list[FrontPoint]:
+        """Best plans every `step` bits per weight from the cheapest plan to the dearest."""
+        start = math.ceil(self.min_bits / step - 1e-9) * step
+        targets = np.arange(start, self.max_bits + 1e-9, step)
+        return [self.point(float(t)) for t in targets]
+
+
+def resolve_mixed(budget_bits: float, table: SensitivityTable, bit_config: BitConfig) -> Plan:
+    """The least-sensitive plan within `budget_bits` storage bits per weight, named `mixed:<budget>`."""
+    return Allocator(table, bit_config).plan(budget_bits)
+
+
+def pareto_front(table: SensitivityTable, bit_config: BitConfig, step: float = 0.25) -> list[FrontPoint]:
+    return Allocator(table, bit_config).front(step)
+
+
+def bits_by_linear_type(plan: Plan, shapes: dict[str, tuple[int, int]]) -> dict[str, float]:
+    """Parameter-weighted mean bit-width per linear type (q_proj, ..., down_proj) of a plan."""
+    totals: dict[str, list[float]] = {}
+    for name, bits in plan.layer_bits.items():
+        kind = linear_type(name)
+        numel = shapes[name][0] * shapes[name][1]
+        entry = totals.setdefault(kind, [0.0, 0.0])
+        entry[0] += (bits or 16) * numel
+        entry[1] += numel
+    return {kind: weighted / count for kind, (weighted, count) in totals.items()}

@@ -1,0 +1,382 @@
+"""Packed weight formats and their matmul paths.
+
+Every format stores one quantized weight `Ŵ = (q - z) * s` (integer codes q, per-group scale s and
+integer zero-point z, see quantizer.py) in real low-bit storage and offers:
+
+- `linear(x)`: the decode path for a few rows of activations (packed kernel, no dense weight);
+- `dense()`: the weight dequantized to the compute dtype, for prefill's dense matmul;
+- `rows(ids)`: dequantized rows, for the tied embedding lookup;
+- `nbytes`: the resident bytes.
+
+Calling a pack picks the decode or the prefill path by the number of rows. Which format holds a
+weight, and whether prefill dequantizes to a dense matmul, is chosen once per weight shape and
+bit-width on the running device: correctness against the dequantized reference first, then speed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from quept_core.quant.grid import QuantizedWeight
+from quept_core.runtime.kernels.native import int4pack_dequant, planes_dequant, planes_gemv
+
+log = logging.getLogger(__name__)
+
+# Up to this many tokens per sequence a call takes the packed kernel (decode, short prompts). Deciding
+# per sequence, not per batch, keeps a sequence's output the same alone or batched with others.
+PACKED_MAX_TOKENS = 16
+# Rows used to time the prefill path when choosing between it and dequantize-then-matmul.
+PREFILL_PROBE_ROWS = 256
+# The stated tolerance of a packed matmul against the dequantized float32 reference (bf16
+# activations and bf16 outputs; relative Frobenius error).
+PACK_REL_TOL = 0.02
+# The CPU int4 kernel packs 64 output rows per block: byte (k, j) holds rows j (low) and j + 32 (high).
+_INT4_BLOCK_N = 64
+_INT4_GROUPS = (32, 64, 128, 256)
+# Bit planes per bit-width, lowest bits first: a b-bit code costs exactly b bits of storage.
+PLANES: dict[int, tuple[int, ...]] = {2: (2,), 3: (2, 1), 4: (4,), 5: (4, 1), 6: (4, 2), 7: (4, 2, 1), 8: (8,)}
+# Codes are packed in chunks of this many consecutive input features.
+CHUNK = 64
+
+
+class PackedWeight:
+    """Base class: shapes, dequantization from codes, and the two matmul paths."""
+
+    out_features: int
+    in_features: int
+    dtype: torch.dtype
+    # Whether calls with many rows dequantize and run one dense matmul (else they take `linear`).
+    prefill_dense: bool = True
+
+    def linear(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """x [..., in] -> [..., out] in `out_dtype` (default: x's); the output head asks for float32 logits."""
+        raise NotImplementedError
+
+    def dense(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    def tensors(self) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x [batch, tokens, in] or [tokens, in]."""
+        if self.prefill_dense and x.shape[-2] > PACKED_MAX_TOKENS:
+            return F.linear(x, self.dense())
+        return self.linear(x)
+
+
+def _dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int,
+                dtype: torch.dtype) -> torch.Tensor:
+    """(codes - zero) * scale per group: codes [n, k], scale/zero [n, ceil(k / group)] -> [n, k]."""
+    n, k = codes.shape
+    pad = scale.shape[1] * group - k
+    grouped = F.pad(codes.float(), (0, pad)).reshape(n, -1, group)
+    weight = (grouped - zero.float().unsqueeze(-1)) * scale.float().unsqueeze(-1)
+    return weight.reshape(n, -1)[:, :k].to(dtype)
+
+
+class DenseWeight(PackedWeight):
+    """An unquantized weight (the `fp` plan).
+
+    On CPU a float32 weight is kept as it is, by reference (no copy), and multiplied in float32:
+    float32 matrix-vector products beat bf16 ones on CPUs (69 µs against 175 µs for 1536 x 576 on
+    the development machine). Elsewhere it is converted to the compute dtype.
+    """
+
+    def __init__(self, weight: torch.Tensor, dtype: torch.dtype):
+        weight = weight.detach()
+        keep = weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.is_contiguous()
+        self.weight = weight if keep else weight.to(dtype).contiguous()
+        self.out_features, self.in_features = self.weight.shape
+        self.dtype = dtype
+
+    def linear(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        return F.linear(x.to(self.weight.dtype), self.weight).to(out_dtype or x.dtype)
+
+    def dense(self) -> torch.Tensor:
+        return self.weight.to(self.dtype)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.weight).to(self.dtype)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.weight]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x)
+
+
+class Int4Packed(PackedWeight):
+    """Codes of <= 4 bits in PyTorch's CPU int4 layout, for `_weight_int4pack_mm_for_cpu`.
+
+    The kernel computes w = (c - 8) * s + m per group; with m = (8 - z) * s this is exactly
+    (c - z) * s, up to bf16 rounding of s and m.
+    """
+
+    def __init__(self, qw: QuantizedWeight, dtype: torch.dtype):
+        n, k = qw.codes.shape
+        self.out_features, self.in_features, self.dtype, self.group = n, k, dtype, qw.group_size
+        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(qw.codes.to(torch.int32).contiguous(), 2)
+        offset = (8 - qw.zero) * qw.scale
+        self._native_dequant = int4pack_dequant() if dtype == torch.bfloat16 else None
+        self.scale_zero = torch.stack([qw.scale, offset], dim=-1).transpose(0, 1).contiguous().to(dtype)
+        if not torch.equal(self._codes(torch.arange(n, device=qw.codes.device)), qw.codes):
+            raise ValueError(f"int4 layout check failed for a [{n}, {k}] weight")
+
+    @staticmethod
+    def supports(qw: QuantizedWeight, device: torch.device) -> bool:
+        n, k = qw.codes.shape
+        # 4 bits only: storing 3-bit codes here would spend a bit per weight for nothing.
+        return (device.type == "cpu" and qw.bits == 4 and qw.group_size in _INT4_GROUPS
+                and k % qw.group_size == 0 and n % _INT4_BLOCK_N == 0)
+
+    def _codes(self, ids: torch.Tensor) -> torch.Tensor:
+        blocks = self.packed.reshape(self.out_features // _INT4_BLOCK_N, self.in_features, _INT4_BLOCK_N // 2)
+        half = _INT4_BLOCK_N // 2
+        within = ids % _INT4_BLOCK_N
+        byte = blocks[ids // _INT4_BLOCK_N, :, within % half]  # [len(ids), k]
+        shift = (4 * (within // half)).to(torch.uint8).unsqueeze(-1)
+        return (byte >> shift) & 15
+
+    def _scale_zero_rows(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scale = self.scale_zero[:, ids, 0].float().T
+        zero = 8 - self.scale_zero[:, ids, 1].float().T / scale
+        return scale, zero
+
+    def linear(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features)
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, self.group, self.scale_zero)
+        return out.reshape(*x.shape[:-1], self.out_features).to(out_dtype or x.dtype)
+
+    def dense(self) -> torch.Tensor:
+        if self._native_dequant is not None:
+            return self._native_dequant(self.packed, self.scale_zero, self.group).to(self.dtype)
+        # Whole blocks unpack with a reshape: [blocks, k, 32] bytes -> [blocks, 64 rows, k] codes.
+        blocks = self.packed.reshape(self.out_features // _INT4_BLOCK_N, self.in_features, _INT4_BLOCK_N // 2)
+        codes = torch.cat([blocks & 15, blocks >> 4], dim=2).transpose(1, 2).reshape(self.out_features, -1)
+        return self._dequant(codes, torch.arange(self.out_features, device=self.packed.device))
+
+    def _dequant(self, codes: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        # w = (c - 8) * s + m, the kernel's own formula, so dense and packed paths agree.
+        n, k = codes.shape
+        s = self.scale_zero[:, ids, 0].float().T.unsqueeze(-1)
+        m = self.scale_zero[:, ids, 1].float().T.unsqueeze(-1)
+        weight = (codes.float().reshape(n, -1, self.group) - 8) * s + m
+        return weight.reshape(n, k).to(self.dtype)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1)
+        return self._dequant(self._codes(flat), flat).reshape(*ids.shape, self.in_features)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.packed, self.scale_zero]
+
+
+class Int8Channel(PackedWeight):
+    """Per-channel codes of <= 8 bits as int8, for `_weight_int8pack_mm` (w = c8 * s).
+
+    With c8 = q - 2^(b-1) the kernel gives x @ ((q - 2^(b-1)) * s)^T; adding sum(x) * (2^(b-1) - z) * s
+    per output channel makes it exactly x @ ((q - z) * s)^T.
+    """
+
+    def __init__(self, qw: QuantizedWeight, dtype: torch.dtype):
+        n, k = qw.codes.shape
+        self.out_features, self.in_features, self.dtype = n, k, dtype
+        half = 2 ** (qw.bits - 1)
+        self.codes = (qw.codes.to(torch.int16) - half).to(torch.int8).contiguous()
+        self.scale = qw.scale[:, 0].to(dtype).contiguous()
+        self.offset = ((half - qw.zero[:, 0]) * self.scale.float()).contiguous()  # float32 [n]
+
+    @staticmethod
+    def supports(qw: QuantizedWeight, device: torch.device) -> bool:
+        # 8 bits only: fewer bits per channel belong in dense bit planes.
+        return qw.bits == 8 and (qw.group_size == -1 or qw.group_size >= qw.codes.shape[1])
+
+    def linear(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features)
+        out = torch.ops.aten._weight_int8pack_mm(flat, self.codes, self.scale)
+        out = (out.float() + flat.float().sum(-1, keepdim=True) * self.offset).to(out_dtype or x.dtype)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def dense(self) -> torch.Tensor:
+        return ((self.codes.float() * self.scale.float().unsqueeze(-1)) + self.offset.unsqueeze(-1)).to(self.dtype)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        weight = self.codes[ids].float() * self.scale[ids].float().unsqueeze(-1) + self.offset[ids].unsqueeze(-1)
+        return weight.to(self.dtype)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.codes, self.scale, self.offset]
+
+
+def pack_planes(codes: torch.Tensor, bits: int) -> list[torch.Tensor]:
+    """Split b-bit codes [n, k] into dense bit planes (exactly b bits per code in total).
+
+    A plane of width w packs 8 / w codes per byte. Inside each chunk of 64 input features, byte j
+    holds codes j, j + 8w, j + 16w, ... at shifts 0, w, 2w, ...: unpacking is a shift and a mask
+    over contiguous bytes, which vectorizes.
+    """
+    n, k = codes.shape
+    chunks = codes.to(torch.uint8).reshape(n, k // CHUNK, CHUNK)
+    planes, low = [], 0
+    for width in PLANES[bits]:
+        values = (chunks >> low) & ((1 << width) - 1)
+        per_byte = 8 // width
+        parts = values.reshape(n, k // CHUNK, per_byte, CHUNK // per_byte)
+        plane = parts[:, :, 0].clone()
+        for t in range(1, per_byte):
+            plane |= parts[:, :, t] << (width * t)
+        planes.append(plane.reshape(n, -1).contiguous())
+        low += width
+    return planes
+
+
+def unpack_planes(planes: list[torch.Tensor], bits: int, k: int) -> torch.Tensor:
+    """The inverse of `pack_planes`: uint8 codes [n, k]."""
+    n = planes[0].shape[0]
+    codes = torch.zeros(n, k // CHUNK, CHUNK, dtype=torch.uint8, device=planes[0].device)
+    low = 0
+    for plane, width in zip(planes, PLANES[bits]):
+        per_byte = 8 // width
+        chunk_bytes = CHUNK // per_byte
+        grouped = plane.reshape(n, k // CHUNK, 1, chunk_bytes)
+        shifts = (torch.arange(per_byte, device=plane.device, dtype=torch.uint8) * width).reshape(1, 1, per_byte, 1)
+        values = ((grouped >> shifts) & ((1 << width) - 1)).reshape(n, k // CHUNK, CHUNK)
+        codes |= values << low
+        low += width
+    return codes.reshape(n, k)
+
+
+class BitPlanes(PackedWeight):
+    """Any 2..8-bit codes in dense bit planes (exactly b bits per weight).
+
+    The decode path is the native kernel (quept_core/csrc/planes.cpp) on CPU; elsewhere, or without
+    a compiler, it dequantizes and multiplies.
+    """
+
+    def __init__(self, qw: QuantizedWeight, dtype: torch.dtype):
+        n, k = qw.codes.shape
+        self.out_features, self.in_features, self.dtype, self.bits = n, k, dtype, qw.bits
+        self.group = k if qw.group_size == -1 else qw.group_size
+        self.planes = pack_planes(qw.codes, qw.bits)
+        self.scale = qw.scale.float().contiguous()
+        self.zero = qw.zero.to(torch.int16).contiguous()
+        if not torch.equal(self.zero.float(), qw.zero):
+            raise ValueError("zero-points do not fit int16")
+        on_cpu = qw.codes.device.type == "cpu"
+        self._native = planes_gemv() if on_cpu else None
+        self._native_dequant = planes_dequant() if on_cpu else None
+
+    @staticmethod
+    def supports(qw: QuantizedWeight, device: torch.device) -> bool:
+        k = qw.codes.shape[1]
+        group = k if qw.group_size == -1 else qw.group_size
+        return qw.bits in PLANES and k % CHUNK == 0 and group % CHUNK == 0
+
+    def codes(self, ids: torch.Tensor | None = None) -> torch.Tensor:
+        planes = self.planes if ids is None else [p[ids] for p in self.planes]
+        return unpack_planes(planes, self.bits, self.in_features)
+
+    def linear(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        if self._native is None:
+            return F.linear(x, self.dense()).to(out_dtype or x.dtype)
+        flat = x.reshape(-1, self.in_features)
+        # The kernel returns the activations' dtype, accumulating in float32 either way.
+        out = self._native(flat.to(out_dtype or x.dtype), self.planes, self.bits, self.scale, self.zero, self.group)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def dense(self) -> torch.Tensor:
+        if self._native_dequant is not None:
+            weight = self._native_dequant(self.planes, self.bits, self.scale, self.zero, self.group, self.in_features)
+            return weight.to(self.dtype)
+        return _dequantize(self.codes(), self.scale, self.zero, self.group, self.dtype)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1)
+        weight = _dequantize(self.codes(flat), self.scale[flat], self.zero[flat], self.group, self.dtype)
+        return weight.reshape(*ids.shape, self.in_features)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [*self.planes, self.scale, self.zero]
+
+
+FORMATS: tuple[type[PackedWeight], ...] = (Int4Packed, Int8Channel, BitPlanes)
+
+
+def relative_error(out: torch.Tensor, reference: torch.Tensor) -> float:
+    return ((out.float() - reference).norm() / reference.norm().clamp_min(1e-12)).item()
+
+
+def _seconds(fn: Callable[[], torch.Tensor], device: torch.device, repeats: int = 5) -> float:
+    """The best of a few timed calls (after a warm-up call): the minimum shrugs off other load."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+# (device type, bits, group size, out, in, dtype) -> (format, prefill_dense), measured once per process.
+_CHOICES: dict[tuple, tuple[type[PackedWeight], bool]] = {}
+
+
+def _choose(qw: QuantizedWeight, dtype: torch.dtype, candidates: list[type[PackedWeight]]) -> PackedWeight:
+    device = qw.codes.device
+    generator = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(PREFILL_PROBE_ROWS, qw.codes.shape[1], generator=generator, device=device).to(dtype)
+    reference = x.float() @ qw.dequantize().T
+    best: tuple[float, PackedWeight] | None = None
+    for fmt in candidates:
+        try:
+            pack = fmt(qw, dtype)
+            error = relative_error(pack.linear(x[:4]), reference[:4])
+        except (RuntimeError, ValueError) as failure:
+            log.info("%s cannot run %d-bit [%d, %d] weights here: %s", fmt.__name__, qw.bits, *qw.codes.shape, failure)
+            continue
+        if error > PACK_REL_TOL:
+            log.warning("%s is off by %.3g on %d-bit weights; not used", fmt.__name__, error, qw.bits)
+            continue
+        seconds = _seconds(lambda pack=pack: pack.linear(x[:1]), device)
+        if best is None or seconds < best[0]:
+            best = (seconds, pack)
+    if best is None:
+        return DenseWeight(qw.dequantize(), dtype)
+    pack = best[1]
+    packed = _seconds(lambda: pack.linear(x), device, repeats=3)
+    dense = _seconds(lambda: F.linear(x, pack.dense()), device, repeats=3)
+    pack.prefill_dense = dense < packed
+    return pack
+
+
+def pack_weight(qw: QuantizedWeight, dtype: torch.dtype) -> PackedWeight:
+    """Pack a quantized weight into the fastest correct format for it on its device."""
+    device = qw.codes.device
+    key = (device.type, qw.bits, qw.group_size, *qw.codes.shape, dtype)
+    if key in _CHOICES:
+        fmt, prefill_dense = _CHOICES[key]
+        pack = fmt(qw, dtype) if fmt is not DenseWeight else DenseWeight(qw.dequantize(), dtype)
+        pack.prefill_dense = prefill_dense
+        return pack
+    pack = _choose(qw, dtype, [fmt for fmt in FORMATS if fmt.supports(qw, device)])
+    _CHOICES[key] = (type(pack), pack.prefill_dense)
+    log.info("%d-bit [%d, %d] weights: %s, prefill %s", qw.bits, *qw.codes.shape, type(pack).__name__,
+             "dequantize + dense matmul" if pack.prefill_dense else "packed kernel")
+    return pack

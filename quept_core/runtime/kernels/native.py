@@ -1,0 +1,82 @@
+"""The native CPU kernels (bit-plane matmul and dequantization, int4 dequantization), compiled once
+per torch version and CPU.
+
+Building needs a C++ compiler (about 15 s, once; the result is cached under the QuEPT cache
+folder); ninja comes with the package. Without a compiler, or with QUEPT_NATIVE=0, bit-plane weights
+dequantize then multiply in PyTorch, which is correct but slower.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import sys
+from collections.abc import Callable
+from functools import cache
+from pathlib import Path
+
+import torch
+
+from quept_core.io.paths import cache_dir
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).parent / "csrc" / "planes.cpp"
+
+
+def _cpu_key() -> str:
+    """Identifies the instruction set the kernel is compiled for (-march=native)."""
+    flags = platform.processor()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                flags += line
+                break
+    return hashlib.sha256(flags.encode()).hexdigest()[:10]
+
+
+def planes_gemv() -> Callable | None:
+    """`torch.ops.quept.planes_gemv(x, planes, bits, scale, zero, group)`, or None without the kernel."""
+    return torch.ops.quept.planes_gemv.default if _build() else None
+
+
+def planes_dequant() -> Callable | None:
+    """`torch.ops.quept.planes_dequant(planes, bits, scale, zero, group, in_features)` -> bf16, or None."""
+    return torch.ops.quept.planes_dequant.default if _build() else None
+
+
+def int4pack_dequant() -> Callable | None:
+    """`torch.ops.quept.int4pack_dequant(packed, scale_zero, group)` -> bf16 [n, k], or None."""
+    return torch.ops.quept.int4pack_dequant.default if _build() else None
+
+
+@cache
+def _build() -> bool:
+    """Compile and load the kernels once per process; False when they cannot be built."""
+    if os.environ.get("QUEPT_NATIVE", "1") == "0":
+        return False
+    from torch.utils import cpp_extension
+
+    # The `ninja` package installs its binary next to the interpreter, which may not be on PATH.
+    scripts = Path(sys.executable).parent
+    if shutil.which("ninja") is None and (scripts / "ninja").is_file():
+        os.environ["PATH"] = f"{scripts}{os.pathsep}{os.environ.get('PATH', '')}"
+    folder = cache_dir() / "kernels" / f"torch-{torch.__version__}-{_cpu_key()}"
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        cpp_extension.load(
+            name="quept_planes",
+            sources=[str(SOURCE)],
+            extra_cflags=["-O3", "-march=native", "-ffast-math"],
+            build_directory=str(folder),
+            is_python_module=False,
+            verbose=False,
+        )
+    except (OSError, RuntimeError, ImportError, SystemExit) as error:
+        log.warning("native bit-plane kernel unavailable (%s); using dequantize-then-matmul", error)
+        return False
+    return True

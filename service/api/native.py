@@ -1,0 +1,69 @@
+"""POST /generate and POST /generate/plan."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from quept_core.runtime.protocol import SamplingParams
+from service.api.schemas import GenerateRequest, GenerateResponse, PlanResponse, StreamToken, TokenView, Usage
+from service.api.streaming import Run, sse, start_run
+from service.engine.pipeline import GenerationSpec, Prepared, prediction_view, timing_view
+from service.engine.scheduler import Event, Finished, TokenOut
+from service.state import ServiceState
+
+router = APIRouter()
+
+
+def to_spec(body: GenerateRequest) -> GenerationSpec:
+    sampling = SamplingParams(max_new_tokens=body.max_new_tokens, temperature=body.temperature, top_p=body.top_p,
+                              top_k=body.top_k, repetition_penalty=body.repetition_penalty, seed=body.seed)
+    messages = None if body.messages is None else [m.model_dump() for m in body.messages]
+    return GenerationSpec(body.prompt, messages, sampling, tuple(body.stop), body.precision,
+                          body.latency_budget_ms, body.memory_budget_mb, body.min_precision, body.allow_degrade)
+
+
+def response_body(run: Run, finished: Finished) -> GenerateResponse:
+    prepared: Prepared = run.prepared
+    return GenerateResponse(
+        generated_text=finished.text,
+        finish_reason=finished.finish_reason,
+        usage=Usage(prompt_tokens=len(prepared.prompt_ids), completion_tokens=finished.completion_tokens),
+        precision=run.pipeline.precision_view(prepared),
+        timing=timing_view(finished),
+        seed=prepared.sampling.seed,
+    )
+
+
+@router.post("/generate", response_model=GenerateResponse,
+             responses={200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE when stream"}})
+async def generate(body: GenerateRequest, request: Request):
+    run = await start_run(request, to_spec(body))
+    if body.stream:
+        async def render(event: Event) -> AsyncIterator[str]:
+            if isinstance(event, TokenOut):
+                yield sse(StreamToken(token=TokenView(id=event.token_id, text=event.text),
+                                      index=event.index).model_dump())
+            elif isinstance(event, Finished):
+                yield sse(response_body(run, event).model_dump())
+            else:
+                yield sse(event.error.body(), event="error")
+
+        return run.stream(render)
+    finished = await run.finish()
+    return JSONResponse(response_body(run, finished).model_dump(), headers=run.headers)
+
+
+@router.post("/generate/plan", response_model=PlanResponse)
+async def generate_plan(body: GenerateRequest, request: Request) -> PlanResponse:
+    """The plan and its predicted latency and memory for this request, without generating."""
+    state: ServiceState = request.app.state.service
+    pipeline = state.ready_pipeline()
+    prepared = pipeline.prepare(to_spec(body))
+    return PlanResponse(precision=pipeline.precision_view(prepared), predicted=prediction_view(prepared.decision),
+                        usage=Usage(prompt_tokens=len(prepared.prompt_ids), completion_tokens=0))
+
+
+

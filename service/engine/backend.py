@@ -1,0 +1,37 @@
+"""What the service needs from a loaded, calibrated model: an engine plus facts about its plans."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from transformers import PreTrainedTokenizerBase
+
+from quept_core.planning.bits import Shapes
+from quept_core.planning.plan import Plan
+from quept_core.precision import Precision
+from quept_core.runtime.protocol import Engine
+from service.engine.controller import Candidate
+
+
+class Backend(Protocol):
+    model_id: str  # e.g. "smollm2-135m"
+    artifact_id: str  # content hash of the calibrated artifact
+    device: str
+    bit_set: tuple[int, ...]
+    tokenizer: PreTrainedTokenizerBase
+    engine: Engine
+    context_length: int
+    kv_bytes_per_token: int  # KV cache bytes one token of one sequence occupies
+    shapes: Shapes  # (out_features, in_features) per quantized linear
+
+    def resolve(self, precision: Precision) -> Plan:
+        """A concrete precision (fp, uniform, mixed) to a plan; raises PrecisionError listing what is allowed."""
+
+    def candidates(self) -> list[Candidate]:
+        """The plans `auto` chooses among (the artifact's quality/cost front), best quality first."""
+
+    def describe(self, plan: Plan) -> Candidate:
+        """Nominal bits, resident weight bytes and measured quality of any servable plan."""
+
+    def resident_bytes(self) -> dict[str, int]:
+        """Weight bytes held in memory now, by precision label (fp, w2..w8); engine thread only."""

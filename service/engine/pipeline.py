@@ -1,0 +1,238 @@
+"""From a validated request to events: prompt tokens, the controller's decision, the queue.
+
+Both route families (native and OpenAI-compatible) turn their bodies into a `GenerationSpec`
+and share everything below it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, replace
+from typing import TypeVar
+
+from starlette.requests import Request
+
+from quept_core.planning.allocator import bits_by_linear_type
+from quept_core.planning.bits import Shapes, nominal_bits
+from quept_core.planning.plan import Plan
+from quept_core.precision import Precision, PrecisionError
+from quept_core.runtime.protocol import SamplingParams
+from service.api.schemas import PlanView, PrecisionView, PredictionView, TimingView
+from service.engine.backend import Backend
+from service.engine.controller import MIB, Budget, Controller, Decision, PlanRequest
+from service.engine.scheduler import AdmissionError, Event, Failed, Finished, Job, Scheduler
+from service.engine.textstream import TextStream
+from service.errors import invalid
+from service.observability.metrics import Metrics, requested_label
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class GenerationSpec:
+    prompt: str | None
+    messages: list[dict[str, str]] | None
+    sampling: SamplingParams
+    stop: tuple[str, ...] = ()
+    precision: str = "auto"
+    latency_budget_ms: float | None = None
+    memory_budget_mb: float | None = None
+    min_precision: str | None = None
+    allow_degrade: bool = True
+    max_tokens_field: str = "max_new_tokens"  # how the route family names it, for error messages
+
+
+@dataclass(frozen=True)
+class Prepared:
+    spec: GenerationSpec
+    prompt_ids: list[int]
+    sampling: SamplingParams  # with the seed drawn for sampled requests
+    decision: Decision
+
+    @property
+    def plan(self) -> Plan:
+        return self.decision.plan
+
+
+class ClientGone(Exception):
+    """The client disconnected before its response was complete."""
+
+
+def _is_utf8(text: str) -> bool:
+    """JSON may carry lone surrogate escapes that no tokenizer accepts."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+class Pipeline:
+    def __init__(self, backend: Backend, controller: Controller, scheduler: Scheduler, metrics: Metrics,
+                 max_new_tokens_limit: int, queue_timeout_s: float):
+        self.backend = backend
+        self.controller = controller
+        self.scheduler = scheduler
+        self.metrics = metrics
+        self.max_new_tokens_limit = max_new_tokens_limit
+        self.queue_timeout_s = queue_timeout_s
+
+    def requested_label(self, precision: str) -> str:
+        return requested_label(precision, self.backend.bit_set)
+
+    def prompt_ids(self, spec: GenerationSpec) -> list[int]:
+        tokenizer = self.backend.tokenizer
+        if (spec.prompt is None) == (spec.messages is None):
+            raise invalid("give exactly one of prompt and messages", "prompt")
+        field = "prompt" if spec.prompt is not None else "messages"
+        texts = [spec.prompt] if spec.prompt is not None else [m["content"] for m in spec.messages]
+        if not all(_is_utf8(text) for text in texts):
+            raise invalid(f"{field}: contains a lone surrogate escape (\\ud800-\\udfff), not text", field)
+        if spec.messages is not None:
+            text = tokenizer.apply_chat_template(spec.messages, add_generation_prompt=True, tokenize=False)
+            ids = tokenizer(text, add_special_tokens=False).input_ids
+        else:
+            ids = tokenizer(spec.prompt).input_ids
+        if not ids:
+            raise invalid("the prompt is empty", field)
+        return ids
+
+    def _parse(self, text: str, field: str) -> Precision:
+        try:
+            return Precision.parse(text, self.backend.bit_set)
+        except PrecisionError as error:
+            raise invalid(f"{field}: {error}", field) from None
+
+    def _resolve(self, precision: Precision, field: str) -> Plan:
+        try:
+            return self.backend.resolve(precision)
+        except PrecisionError as error:
+            raise invalid(f"{field}: {error}", field) from None
+
+    def prepare(self, spec: GenerationSpec) -> Prepared:
+        """Validate against this model and server, and choose the plan (no side effects)."""
+        sampling, field = spec.sampling, spec.max_tokens_field
+        if sampling.max_new_tokens > self.max_new_tokens_limit:
+            raise invalid(f"{field}: at most {self.max_new_tokens_limit} on this server", field)
+        ids = self.prompt_ids(spec)
+        if len(ids) + sampling.max_new_tokens > self.backend.context_length:
+            raise invalid(f"{field}: the prompt's {len(ids)} tokens plus {sampling.max_new_tokens} new "
+                          f"tokens exceed the context length {self.backend.context_length}", field)
+        requested = None
+        precision = self._parse(spec.precision, "precision")
+        if precision.kind != "auto":
+            requested = self.backend.describe(self._resolve(precision, "precision"))
+        floor = None
+        if spec.min_precision is not None:
+            minimum = self._parse(spec.min_precision, "min_precision")
+            if minimum.kind == "auto":
+                raise invalid("min_precision: give fp, w<b> or mixed:<storage bits>, not auto", "min_precision")
+            floor = self.backend.describe(self._resolve(minimum, "min_precision")).nominal_bits
+        budget = Budget(
+            None if spec.latency_budget_ms is None else spec.latency_budget_ms / 1000,
+            None if spec.memory_budget_mb is None else int(spec.memory_budget_mb * MIB),
+        )
+        request = PlanRequest(requested, len(ids), sampling.max_new_tokens, budget, floor, spec.allow_degrade)
+        decision = self.controller.decide(request, self.scheduler.load())
+        if sampling.temperature > 0 and sampling.seed is None:
+            sampling = replace(sampling, seed=secrets.randbelow(2**31))
+        return Prepared(spec, ids, sampling, decision)
+
+    def submit(self, prepared: Prepared, request_id: str, arrival: float,
+               deliver: Callable[[Event], None]) -> Job:
+        """Queue a prepared request; raises a 503 ServiceError when the queue is full."""
+        decision = prepared.decision
+        deadline = arrival + self.queue_timeout_s
+        if prepared.spec.latency_budget_ms is not None:
+            deadline = min(deadline, arrival + prepared.spec.latency_budget_ms / 1000)
+        job = Job(request_id, prepared.prompt_ids, prepared.sampling, decision.plan,
+                  TextStream(self.backend.tokenizer, prepared.prompt_ids, prepared.spec.stop), deliver,
+                  arrival, deadline, work_s=decision.prediction.work_s)
+        try:
+            self.scheduler.submit(job)
+        except AdmissionError as error:
+            self.metrics.admission_rejections.labels(error.reason).inc()
+            raise error.error from None
+        mode = "mixed" if decision.plan.mode == "mixed" else "uniform"
+        self.metrics.controller_decisions.labels(mode).inc()
+        if decision.degraded:
+            self.metrics.precision_downgrades.labels(decision.downgraded_from.label, decision.plan.label,
+                                                     decision.reason).inc()
+        return job
+
+    def check_budgets(self, prepared: Prepared, finished: Finished) -> None:
+        """Count served requests that exceeded their latency or memory budget."""
+        spec = prepared.spec
+        if spec.latency_budget_ms is not None and finished.timing.total_s * 1000 > spec.latency_budget_ms:
+            self.metrics.budget_violations.labels("latency").inc()
+        if spec.memory_budget_mb is not None:
+            tokens = len(prepared.prompt_ids) + finished.completion_tokens
+            used = self.backend.describe(prepared.plan).weight_bytes + tokens * self.backend.kv_bytes_per_token
+            if used > spec.memory_budget_mb * MIB:
+                self.metrics.budget_violations.labels("memory").inc()
+
+    async def events(self, job: Job, queue: asyncio.Queue, request: Request) -> AsyncIterator[Event]:
+        """The job's events until it ends; a client disconnect cancels the job."""
+        disconnect = asyncio.ensure_future(_wait_disconnect(request))
+        try:
+            while True:
+                event = await _first(queue.get(), disconnect)
+                yield event
+                if isinstance(event, Finished | Failed):
+                    return
+        finally:
+            disconnect.cancel()
+            if not job.finished:
+                self.scheduler.cancel(job, "dropped")
+
+    def precision_view(self, prepared: Prepared) -> PrecisionView:
+        decision = prepared.decision
+        return PrecisionView(requested=prepared.spec.precision, served=decision.plan.name,
+                             plan=plan_view(decision.plan, self.backend.shapes), degraded=decision.degraded,
+                             reason=decision.reason)
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _first(awaitable, disconnect: asyncio.Future) -> T:
+    """The awaitable's result, or ClientGone if the client disconnects first."""
+    task = asyncio.ensure_future(awaitable)
+    try:
+        done, _ = await asyncio.wait({task, disconnect}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not task.done():
+            task.cancel()
+    if task in done:
+        return task.result()
+    raise ClientGone
+
+
+def plan_view(plan: Plan, shapes: Shapes) -> PlanView:
+    """Mode, nominal bits and the parameter-weighted bits of each linear type (q_proj, ..., down_proj)."""
+    is_fp = plan.mode == "fp"
+    by_type = bits_by_linear_type(plan, shapes)
+    return PlanView(
+        name=plan.name, mode=plan.mode,
+        nominal_bits=None if is_fp else round(nominal_bits(plan, shapes), 3),
+        bits_by_layer_type={kind: None if is_fp else round(bits, 3) for kind, bits in by_type.items()},
+        lm_head_bits=plan.lm_head_bits,
+    )
+
+
+def prediction_view(decision: Decision) -> PredictionView:
+    p = decision.prediction
+    return PredictionView(latency_ms=p.latency_s * 1000, queue_ms=p.queue_s * 1000, prefill_ms=p.prefill_s * 1000,
+                          decode_ms=p.decode_s * 1000, memory_mb=p.memory_bytes / MIB,
+                          weights_mb=p.weight_bytes / MIB, kv_cache_mb=p.kv_bytes / MIB)
+
+
+def timing_view(finished: Finished) -> TimingView:
+    t = finished.timing
+    return TimingView(queue_ms=round(t.queue_s * 1000, 3), ttft_ms=round(t.ttft_s * 1000, 3),
+                      total_ms=round(t.total_s * 1000, 3),
+                      decode_tokens_per_s=None if t.decode_tokens_per_s is None else round(t.decode_tokens_per_s, 2))

@@ -1,0 +1,76 @@
+"""Every metric of the service, defined once (names, types and labels follow serving-conventions.md).
+
+Each `Metrics` owns its registry, so several apps (tests) can live in one process.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from quept_core.precision import Precision, PrecisionError
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+# Label value for `precision_served` / `precision_requested` when no plan was chosen or the
+# requested string named nothing servable: label values stay a small fixed set.
+NO_PLAN = "none"
+INVALID = "invalid"
+
+_LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+_TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+_QUEUE_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_SWITCH_BUCKETS = (0.0001, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0)
+
+
+def requested_label(precision: str, bit_set: tuple[int, ...]) -> str:
+    """`auto`, `fp`, `w<b>`, `mixed` or `invalid`: never the client's free-form string."""
+    try:
+        return Precision.parse(precision, bit_set).label
+    except PrecisionError:
+        return INVALID
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter("quept_requests_total", "Generation requests by outcome.",
+                                ["route", "status", "precision_requested", "precision_served"], registry=r)
+        self.request_duration = Histogram("quept_request_duration_seconds", "End-to-end request time.",
+                                          ["precision_served"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.time_to_first_token = Histogram("quept_time_to_first_token_seconds",
+                                             "Time from arrival to the first generated token.",
+                                             ["precision_served"], buckets=_TTFT_BUCKETS, registry=r)
+        self.inter_token_latency = Histogram("quept_inter_token_latency_seconds",
+                                             "Time between consecutive generated tokens of a request.",
+                                             ["precision_served"], buckets=_ITL_BUCKETS, registry=r)
+        self.queue_duration = Histogram("quept_queue_duration_seconds", "Time from admission to batch start.",
+                                        buckets=_QUEUE_BUCKETS, registry=r)
+        self.requests_running = Gauge("quept_requests_running", "Requests in a running batch.", registry=r)
+        self.requests_waiting = Gauge("quept_requests_waiting", "Requests waiting for a batch.", registry=r)
+        self.prompt_tokens = Counter("quept_prompt_tokens_total", "Prompt tokens processed.",
+                                     ["precision_served"], registry=r)
+        self.generation_tokens = Counter("quept_generation_tokens_total", "Tokens generated.",
+                                         ["precision_served"], registry=r)
+        self.precision_downgrades = Counter("quept_precision_downgrades_total",
+                                            "Requests served by a cheaper plan than requested or chosen.",
+                                            ["from", "to", "reason"], registry=r)
+        self.controller_decisions = Counter("quept_controller_decisions_total", "Plans chosen by the controller.",
+                                            ["mode"], registry=r)
+        self.budget_violations = Counter("quept_budget_violations_total",
+                                         "Served requests that exceeded their budget.", ["budget"], registry=r)
+        self.admission_rejections = Counter("quept_admission_rejections_total",
+                                            "Requests refused before they were queued.", ["reason"], registry=r)
+        self.request_failures = Counter("quept_request_failures_total", "Admitted requests that did not finish.",
+                                        ["reason"], registry=r)
+        self.weights_resident = Gauge("quept_weights_resident_bytes", "Resident weight bytes per precision.",
+                                      ["precision"], registry=r)
+        self.kv_cache_usage = Gauge("quept_kv_cache_usage_ratio", "Share of the KV cache in use.", registry=r)
+        self.precision_switch = Histogram("quept_precision_switch_seconds", "Time to switch the model's plan.",
+                                          buckets=_SWITCH_BUCKETS, registry=r)
+        self.build_info = Gauge("quept_build_info", "Version, model and artifact of this server (always 1).",
+                                ["version", "model", "artifact"], registry=r)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
