@@ -14,6 +14,7 @@ from quept_core.artifact.store import ArtifactError
 from quept_core.io.models import ModelError
 from quept_core.planning.plan import Plan
 from quept_core.precision import uniform_precisions
+from quept_core.runtime.packcache import MemoryLimitError
 from service.engine.backend import Backend
 from service.engine.controller import Controller, CostModel
 from service.engine.pipeline import Pipeline
@@ -57,6 +58,8 @@ class ServiceState:
         except Exception as error:  # start-up must end in one line, whatever went wrong
             self.phase = FAILED
             self.failure = str(error) or type(error).__name__
+            if isinstance(error, MemoryLimitError):
+                self.failure += " (QUEPT_MEMORY_LIMIT_MB / --memory-limit-mb)"
             log.error("start-up failed", extra={"error": self.failure},
                       exc_info=log.isEnabledFor(logging.DEBUG) or not isinstance(error, _EXPECTED))
             if on_fatal is not None:

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -21,6 +22,26 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+# `quept serve` as a subprocess, before its flags.
+SERVE_COMMAND = [sys.executable, "-m", "service", "serve"]
+
+
+def wait_for(condition: Callable[[], object], timeout_s: float = 60, interval_s: float = 0.02) -> None:
+    """Poll `condition()` until it is true; fail the test after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(interval_s)
+
+
+def metric(url: str, sample: str) -> float:
+    """The value of one exposition line (`name{labels}`) of GET /metrics; 0 when it is absent."""
+    for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines():
+        if line.startswith(sample + " "):
+            return float(line.split()[-1])
+    return 0.0
 
 
 def wait_ready(url: str, timeout_s: float, alive=lambda: True) -> None:
@@ -46,8 +67,7 @@ class ServerProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         self._log = log_path.open("wb")
-        command = [sys.executable, "-m", "service", "serve", "--host", "127.0.0.1", "--port", str(self.port),
-                   *flags]
+        command = [*SERVE_COMMAND, "--host", "127.0.0.1", "--port", str(self.port), *flags]
         self.process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=self._log, stderr=subprocess.STDOUT,
                                         env={**os.environ, **(env or {})})
 

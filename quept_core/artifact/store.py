@@ -186,7 +186,7 @@ def _elastic_for(loaded: LoadedModel, bit_config: BitConfig, artifact_dir: Path)
     return existing
 
 
-def load_artifact(artifact_dir: Path, loaded: LoadedModel) -> CalibratedModel:
+def load_artifact(artifact_dir: Path | str, loaded: LoadedModel) -> CalibratedModel:
     """Verify an artifact against `loaded` and swap its calibrated elastic linears into `loaded.model`."""
     artifact_dir = Path(artifact_dir)
     manifest = verify_artifact(artifact_dir, loaded)
@@ -265,11 +265,13 @@ def partial_dir(out_dir: Path) -> Path:
     return out_dir.with_name(f".{out_dir.name}.partial")
 
 
-def calibrate_artifact(loaded: LoadedModel, config: CalibrationConfig, out_dir: Path,
-                       text_file: Path | None = None, progress: bool = True,
+def calibrate_artifact(loaded: LoadedModel, config: CalibrationConfig, out_dir: Path | str,
+                       text_file: Path | str | None = None, progress: bool = True,
                        device: torch.device | str | None = None) -> CalibrationResult:
     """Calibrate `loaded.model` in place and write the artifact to `out_dir`, resuming an interrupted
     run for the same model, data and config. Returns the CalibrationResult."""
+    out_dir = Path(out_dir)
+    text_file = None if text_file is None else Path(text_file)
     tokens = calibration_tokens(loaded, text_file, n_samples=config.n_samples, seqlen=config.seqlen,
                                 seed=config.seed, progress=progress)
     data = {"source": "text-file" if text_file is not None else "model-generated",

@@ -50,8 +50,8 @@ from quept_core.quant.sources import (
     RtnWeights,
     TableWeights,
     WeightSource,
+    dequantized_weights,
     float_weights,
-    plan_weights,
     use_weights,
 )
 
@@ -201,7 +201,7 @@ def fp_row(model: nn.Module, windows: torch.Tensor, batch_size: int = 4) -> Eval
 def _evaluate_plan(method: str, setup: MethodSetup, plan: Plan, windows: torch.Tensor,
                    shapes: dict[str, tuple[int, int]], bit_config: BitConfig, batch_size: int) -> EvalRow:
     start = time.perf_counter()
-    with use_weights(setup.model, plan_weights(setup.source, plan)):
+    with use_weights(setup.model, dequantized_weights(setup.source, plan.layer_bits)):
         ppl = perplexity(setup.model, windows, batch_size).ppl
     bits = storage_bits(plan, shapes, bit_config)
     log.info("%s %s: ppl %.3f at %.3f bits/weight (%.1f s)", method, plan.name, ppl, bits,

@@ -33,7 +33,7 @@ from quept_core.planning.sensitivity import (
     sensitivity_tokens,
 )
 from quept_core.precision import FP, Precision
-from quept_core.quant.sources import QueptWeights, WeightSource, plan_weights, use_weights
+from quept_core.quant.sources import QueptWeights, WeightSource, dequantized_weights, use_weights
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ def plan_quality(model: nn.Module, source: WeightSource, plans: list[Plan], toke
     reference = perplexity(model, tokens, batch_size).ppl
     quality = {FP.name: {"ppl": reference, "ppl_delta_pct": 0.0}}
     for plan in plans:
-        with use_weights(model, plan_weights(source, plan)):
+        with use_weights(model, dequantized_weights(source, plan.layer_bits)):
             ppl = perplexity(model, tokens, batch_size).ppl
         quality[plan.name] = {"ppl": ppl, "ppl_delta_pct": 100.0 * (ppl / reference - 1.0)}
     return quality

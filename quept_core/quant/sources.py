@@ -17,7 +17,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from quept_core.config import BitConfig
-from quept_core.planning.plan import Plan
 from quept_core.quant.elastic import ElasticLinear
 from quept_core.quant.grid import QuantizedWeight, quantize
 
@@ -74,10 +73,9 @@ def float_weights(model: nn.Module, names: list[str]) -> dict[str, torch.Tensor]
     return {name: model.get_submodule(name).weight.detach() for name in names}
 
 
-def plan_weights(source: WeightSource, plan: Plan) -> dict[str, torch.Tensor]:
-    """Dequantized float32 weights for every linear the plan quantizes (fp layers are left out)."""
-    return {name: source.quantized(name, bits).dequantize() for name, bits in plan.layer_bits.items()
-            if bits is not None}
+def dequantized_weights(source: WeightSource, layer_bits: Mapping[str, int | None]) -> dict[str, torch.Tensor]:
+    """Dequantized float32 weights for every linear given a bit-width (None: left in full precision)."""
+    return {name: source.quantized(name, bits).dequantize() for name, bits in layer_bits.items() if bits is not None}
 
 
 class DenseLinear(nn.Module):

@@ -74,5 +74,5 @@ class PackCache:
                     self.generation += 1
             raise MemoryLimitError(
                 f"the plan needs more than {needed / 2**20:.1f} MB of packed weights; the memory limit is "
-                f"{self.limit_bytes / 2**20:.1f} MB (QUEPT_MEMORY_LIMIT_MB)"
+                f"{self.limit_bytes / 2**20:.1f} MB"
             )

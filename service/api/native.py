@@ -10,7 +10,8 @@ from fastapi.responses import JSONResponse
 from quept_core.runtime.protocol import SamplingParams
 from service.api.schemas import GenerateRequest, GenerateResponse, PlanResponse, StreamToken, TokenView, Usage
 from service.api.streaming import Run, sse, start_run
-from service.engine.pipeline import GenerationSpec, Prepared, prediction_view, timing_view
+from service.api.views import precision_view, prediction_view, timing_view
+from service.engine.pipeline import GenerationSpec, Prepared
 from service.engine.scheduler import Event, Finished, TokenOut
 from service.state import ServiceState
 
@@ -31,7 +32,7 @@ def response_body(run: Run, finished: Finished) -> GenerateResponse:
         generated_text=finished.text,
         finish_reason=finished.finish_reason,
         usage=Usage(prompt_tokens=len(prepared.prompt_ids), completion_tokens=finished.completion_tokens),
-        precision=run.pipeline.precision_view(prepared),
+        precision=precision_view(prepared, run.pipeline.backend.shapes),
         timing=timing_view(finished),
         seed=prepared.sampling.seed,
     )
@@ -62,7 +63,7 @@ async def generate_plan(body: GenerateRequest, request: Request) -> PlanResponse
     state: ServiceState = request.app.state.service
     pipeline = state.ready_pipeline()
     prepared = pipeline.prepare(to_spec(body))
-    return PlanResponse(precision=pipeline.precision_view(prepared), predicted=prediction_view(prepared.decision),
+    return PlanResponse(precision=precision_view(prepared, pipeline.backend.shapes), predicted=prediction_view(prepared.decision),
                         usage=Usage(prompt_tokens=len(prepared.prompt_ids), completion_tokens=0))
 
 

@@ -17,7 +17,8 @@ from quept_core.precision import Precision, PrecisionError, uniform_precisions
 from quept_core.runtime.protocol import SamplingParams
 from service.api.schemas import ChatCompletionRequest, CompletionRequest, OpenAIFields
 from service.api.streaming import Run, sse, start_run
-from service.engine.pipeline import GenerationSpec, timing_view
+from service.api.views import precision_view, timing_view
+from service.engine.pipeline import GenerationSpec
 from service.engine.scheduler import Event, Finished, TokenOut
 from service.errors import ServiceError, invalid
 from service.state import ServiceState
@@ -75,7 +76,7 @@ def _usage(run: Run, finished: Finished) -> dict:
 
 
 def _extensions(run: Run, finished: Finished) -> dict:
-    return {"precision": run.pipeline.precision_view(run.prepared).model_dump(),
+    return {"precision": precision_view(run.prepared, run.pipeline.backend.shapes).model_dump(),
             "timing": timing_view(finished).model_dump()}
 
 

@@ -14,12 +14,9 @@ from typing import TypeVar
 
 from starlette.requests import Request
 
-from quept_core.planning.allocator import bits_by_linear_type
-from quept_core.planning.bits import Shapes, nominal_bits
 from quept_core.planning.plan import Plan
 from quept_core.precision import Precision, PrecisionError
 from quept_core.runtime.protocol import SamplingParams
-from service.api.schemas import PlanView, PrecisionView, PredictionView, TimingView
 from service.engine.backend import Backend
 from service.engine.controller import MIB, Budget, Controller, Decision, PlanRequest
 from service.engine.scheduler import AdmissionError, Event, Failed, Finished, Job, Scheduler
@@ -187,12 +184,6 @@ class Pipeline:
             if not job.finished:
                 self.scheduler.cancel(job, "dropped")
 
-    def precision_view(self, prepared: Prepared) -> PrecisionView:
-        decision = prepared.decision
-        return PrecisionView(requested=prepared.spec.precision, served=decision.plan.name,
-                             plan=plan_view(decision.plan, self.backend.shapes), degraded=decision.degraded,
-                             reason=decision.reason)
-
 
 async def _wait_disconnect(request: Request) -> None:
     while (await request.receive())["type"] != "http.disconnect":
@@ -210,29 +201,3 @@ async def _first(awaitable, disconnect: asyncio.Future) -> T:
     if task in done:
         return task.result()
     raise ClientGone
-
-
-def plan_view(plan: Plan, shapes: Shapes) -> PlanView:
-    """Mode, nominal bits and the parameter-weighted bits of each linear type (q_proj, ..., down_proj)."""
-    is_fp = plan.mode == "fp"
-    by_type = bits_by_linear_type(plan, shapes)
-    return PlanView(
-        name=plan.name, mode=plan.mode,
-        nominal_bits=None if is_fp else round(nominal_bits(plan, shapes), 3),
-        bits_by_layer_type={kind: None if is_fp else round(bits, 3) for kind, bits in by_type.items()},
-        lm_head_bits=plan.lm_head_bits,
-    )
-
-
-def prediction_view(decision: Decision) -> PredictionView:
-    p = decision.prediction
-    return PredictionView(latency_ms=p.latency_s * 1000, queue_ms=p.queue_s * 1000, prefill_ms=p.prefill_s * 1000,
-                          decode_ms=p.decode_s * 1000, memory_mb=p.memory_bytes / MIB,
-                          weights_mb=p.weight_bytes / MIB, kv_cache_mb=p.kv_bytes / MIB)
-
-
-def timing_view(finished: Finished) -> TimingView:
-    t = finished.timing
-    return TimingView(queue_ms=round(t.queue_s * 1000, 3), ttft_ms=round(t.ttft_s * 1000, 3),
-                      total_ms=round(t.total_s * 1000, 3),
-                      decode_tokens_per_s=None if t.decode_tokens_per_s is None else round(t.decode_tokens_per_s, 2))

@@ -20,7 +20,15 @@ import pytest
 from quept_core.artifact.store import MANIFEST, STATE, default_artifact_dir
 from quept_core.io.models import DEFAULT_MODEL
 from tests.e2e.tiny_model import write_tiny_model
-from tests.support import REPO_ROOT, STARTUP_TIMEOUT_S, ServerProcess, free_port
+from tests.support import (
+    REPO_ROOT,
+    SERVE_COMMAND,
+    STARTUP_TIMEOUT_S,
+    ServerProcess,
+    free_port,
+    metric,
+    wait_for,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -28,24 +36,13 @@ TIMEOUT = httpx.Timeout(300.0)
 DEFAULT_PRESET = "fast"  # what `quept serve` calibrates on first start
 
 
-def metric(url: str, sample: str) -> float:
-    for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines():
-        if line.startswith(sample + " "):
-            return float(line.split()[-1])
-    return 0.0
 
 
-def wait_for(condition, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.05)
 
 
 def serve_until_exit(*flags: str, timeout_s: float = 600) -> subprocess.CompletedProcess:
     """`quept serve` expected to refuse start-up: its exit status and output."""
-    command = [sys.executable, "-m", "service", "serve", "--host", "127.0.0.1", "--port", str(free_port()),
-               *flags]
+    command = [*SERVE_COMMAND, "--host", "127.0.0.1", "--port", str(free_port()), *flags]
     return subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout_s, check=False)
 
 

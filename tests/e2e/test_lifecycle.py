@@ -5,27 +5,20 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import sys
 import threading
-import time
 
 import httpx
 import pytest
 
-from tests.support import REPO_ROOT, STARTUP_TIMEOUT_S, ServerProcess, free_port
+from tests.support import REPO_ROOT, SERVE_COMMAND, STARTUP_TIMEOUT_S, ServerProcess, free_port, wait_for
 
 pytestmark = pytest.mark.e2e
 
 
-def wait_for(condition, timeout_s: float = 30) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.05)
 
 
 def serve(*flags: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "service", "serve", *flags], cwd=REPO_ROOT, capture_output=True,
+    return subprocess.run([*SERVE_COMMAND, *flags], cwd=REPO_ROOT, capture_output=True,
                           text=True, timeout=600, check=False)
 
 

@@ -13,6 +13,8 @@ import httpx
 import openai
 import pytest
 
+from tests.support import metric
+
 pytestmark = pytest.mark.e2e
 
 # Asked for one word, the model answers "Paris" with a wide margin at every bit-width; the bare question
@@ -25,11 +27,6 @@ def post(url: str, path: str, body: dict) -> httpx.Response:
     return httpx.post(f"{url}{path}", json=body, timeout=TIMEOUT)
 
 
-def metric(url: str, sample: str) -> float:
-    for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines():
-        if line.startswith(sample + " "):
-            return float(line.split()[-1])
-    return 0.0
 
 
 def precisions(url: str) -> list[dict]:

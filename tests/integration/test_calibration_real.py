@@ -10,7 +10,7 @@ from quept_core.eval.perplexity import make_windows, perplexity, read_text, toke
 from quept_core.io.models import load_model
 from quept_core.layers import model_linear_names
 from quept_core.planning.plan import uniform_plan
-from quept_core.quant.sources import QueptWeights, RtnWeights, float_weights, plan_weights, use_weights
+from quept_core.quant.sources import QueptWeights, RtnWeights, dequantized_weights, float_weights, use_weights
 
 pytestmark = pytest.mark.integration
 
@@ -34,7 +34,7 @@ def test_quept_is_no_worse_than_round_to_nearest(setting, bits):
     plan = uniform_plan(names, bits)
     ppl = {}
     for method, source in (("quept", quept), ("rtn", rtn)):
-        with use_weights(base.model, plan_weights(source, plan)):
+        with use_weights(base.model, dequantized_weights(source, plan.layer_bits)):
             ppl[method] = perplexity(base.model, windows).ppl
     # Within 0.2 % counts as a tie at 8 bits, where both sit on the full-precision perplexity.
     assert ppl["quept"] <= ppl["rtn"] * 1.002, ppl

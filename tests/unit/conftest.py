@@ -9,7 +9,7 @@ from fastapi.testclient import TestClient
 
 from service.app import create_app
 from service.settings import Settings
-from tests.support import free_port, wait_ready
+from tests.support import free_port, wait_for, wait_ready
 from tests.unit.fakes import FakeBackend, FakeEngine
 
 
@@ -23,10 +23,7 @@ def make_client():
         app = create_app(Settings(**settings), loader=lambda _: backend)
         client = TestClient(app).__enter__()
         opened.append(client)
-        for _ in range(500):
-            if client.get("/ready").status_code == 200:
-                break
-            threading.Event().wait(0.01)
+        wait_for(lambda: client.get("/ready").status_code == 200, timeout_s=10)
         client.backend = backend
         return client
 

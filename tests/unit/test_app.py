@@ -9,6 +9,7 @@ from fastapi.testclient import TestClient
 
 from service.app import create_app
 from service.settings import Settings
+from tests.support import wait_for
 from tests.unit.fakes import FakeBackend, FakeEngine, expected_text
 
 
@@ -41,11 +42,7 @@ def test_ready_is_503_until_the_model_is_loaded_and_health_is_always_200():
         assert refused.status_code == 503 and "Retry-After" in refused.headers
         assert client.get("/info").json()["phase"] == "loading"
         release.set()
-        for _ in range(500):
-            if client.get("/ready").status_code == 200:
-                break
-            threading.Event().wait(0.01)
-        assert client.get("/ready").status_code == 200
+        wait_for(lambda: client.get("/ready").status_code == 200, timeout_s=10)
 
 
 def test_a_failed_start_up_reports_once_and_stays_unready():
@@ -55,10 +52,7 @@ def test_a_failed_start_up_reports_once_and_stays_unready():
         raise ValueError("artifact /x/manifest.json is truncated; run `quept calibrate`")
 
     with TestClient(create_app(Settings(), loader=broken, on_fatal=reported.append)) as client:
-        for _ in range(500):
-            if reported:
-                break
-            threading.Event().wait(0.01)
+        wait_for(lambda: reported, timeout_s=10)
         assert reported == ["artifact /x/manifest.json is truncated; run `quept calibrate`"]
         assert "truncated" in client.get("/ready").json()["error"]["message"]
 

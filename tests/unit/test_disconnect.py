@@ -2,25 +2,10 @@
 
 from __future__ import annotations
 
-import time
-
 import httpx
 
+from tests.support import metric, wait_for
 from tests.unit.fakes import FakeEngine, expected_text
-
-
-def metric(url: str, sample: str) -> float:
-    for line in httpx.get(f"{url}/metrics").text.splitlines():
-        if line.startswith(sample + " "):
-            return float(line.split()[-1])
-    return 0.0
-
-
-def wait_for(condition, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.01)
 
 
 def gated_server(live_fake_server) -> tuple[str, FakeEngine]:

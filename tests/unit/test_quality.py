@@ -14,7 +14,7 @@ from quept_core.eval.perplexity import perplexity
 from quept_core.io.models import load_model
 from quept_core.layers import model_linear_names
 from quept_core.planning.plan import uniform_plan
-from quept_core.quant.sources import QueptWeights, plan_weights, use_weights
+from quept_core.quant.sources import QueptWeights, dequantized_weights, use_weights
 from service.cli import app
 
 CONFIG = CalibrationConfig(n_samples=4, seqlen=32, batch_size=2, clip_search_grid=4, clip_search_samples=2)
@@ -80,7 +80,7 @@ def test_plan_quality_is_the_plans_perplexity(artifact):
     tokens = torch.randint(0, 127, (2, 24), generator=torch.Generator().manual_seed(5))
     plan = uniform_plan(model_linear_names(model.loaded.model), 4)
     result = quality.measure_plan_quality(model, [plan], tokens)
-    with use_weights(model.loaded.model, plan_weights(QueptWeights(model.elastic), plan)):
+    with use_weights(model.loaded.model, dequantized_weights(QueptWeights(model.elastic), plan.layer_bits)):
         expected = perplexity(model.loaded.model, tokens).ppl
     assert result["w4"]["ppl"] == pytest.approx(expected)
     assert result["fp"]["ppl"] == pytest.approx(perplexity(model.loaded.model, tokens).ppl)

@@ -5,10 +5,9 @@ from tiny_lm import tiny_model
 
 from quept_core.config import BitConfig
 from quept_core.layers import model_linear_names
-from quept_core.planning.plan import Plan, uniform_plan
-from quept_core.precision import Precision
+from quept_core.planning.plan import uniform_plan
 from quept_core.quant.elastic import ElasticLinear, make_elastic, set_bits
-from quept_core.quant.sources import QueptWeights, RtnWeights, float_weights, plan_weights, use_weights
+from quept_core.quant.sources import QueptWeights, RtnWeights, dequantized_weights, float_weights, use_weights
 
 BIT_CONFIG = BitConfig()
 TOKENS = torch.randint(0, 128, (2, 20), generator=torch.Generator().manual_seed(0))
@@ -36,7 +35,7 @@ def test_materialized_plan_equals_fake_quant_forward():
         with torch.no_grad():
             expected = model(TOKENS).logits
         set_bits(model, None)
-        with torch.no_grad(), use_weights(model, plan_weights(source, uniform_plan(names, bits))):
+        with torch.no_grad(), use_weights(model, dequantized_weights(source, uniform_plan(names, bits).layer_bits)):
             got = model(TOKENS).logits
         assert torch.allclose(got, expected, atol=1e-5)
 
@@ -51,7 +50,7 @@ def test_mixed_plan_uses_each_layers_bits_and_restores_the_model():
     with torch.no_grad():
         expected = model(TOKENS).logits
     set_bits(model, None)
-    weights = plan_weights(QueptWeights(elastic), Plan(Precision.mixed(5.0), layer_bits))
+    weights = dequantized_weights(QueptWeights(elastic), layer_bits)
     assert names[0] not in weights
     with torch.no_grad(), use_weights(model, weights):
         got = model(TOKENS).logits
