@@ -1,8 +1,11 @@
 """The contract between the runtime and its callers (the service's scheduler, the CLI, benchmarks).
 
-A caller starts a batch of sequences under one plan and steps it; each `step()` advances every
-live sequence by one token (the first call runs the prefill). Stepping is how the scheduler
-interleaves plans fairly and aborts a disconnected client within one decode step.
+The engine owns one running set of sequences and a KV pool. A caller `add`s sequences (each with its
+own plan: any mix of precisions shares a step), `abort`s them, and calls `step()`: every call first
+prefills the sequences added since the last one, then decodes one token for every running sequence.
+A sequence leaves the running set when it ends (its KV slot is free before the next step) and never
+costs another sequence a copy. Stepping is how the scheduler keeps deadlines and fairness and aborts
+a disconnected client within one step.
 """
 
 from __future__ import annotations
@@ -23,40 +26,66 @@ class SamplingParams:
     top_k: int = 0  # 0: off
     repetition_penalty: float = 1.0
     seed: int | None = None
+    logprobs: int | None = None  # None: none; k >= 0: the chosen token's log-probability and the k likeliest
 
 
 @dataclass(frozen=True)
 class SequenceRequest:
     prompt_ids: list[int]
+    plan: Plan
     sampling: SamplingParams = field(default_factory=SamplingParams)
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float  # natural log of the probability the sampler drew from (after temperature and filters)
+
+
+@dataclass(frozen=True)
 class TokenEvent:
-    seq: int  # index of the sequence in the batch
+    seq_id: int
     token_id: int
     finish_reason: str | None = None  # "eos" or "length" on a sequence's last token, else None
+    logprob: TokenLogprob | None = None  # with SamplingParams.logprobs set
+    top_logprobs: tuple[TokenLogprob, ...] = ()  # the k likeliest tokens, likeliest first
 
 
-class GenerationBatch(Protocol):
-    plan: Plan
+@dataclass(frozen=True)
+class StepStats:
+    """What the latest `step()` did and how long each part took (for cost models and metrics)."""
 
-    def step(self) -> list[TokenEvent]:
-        """Advance every live sequence by one token (switching to this batch's plan if needed)."""
-
-    def cancel(self, seq: int) -> None:
-        """Stop a sequence now; it yields no further events and frees its KV slot."""
-
-    @property
-    def done(self) -> bool:
-        """True when no sequence is live."""
+    prefill_tokens: int = 0  # prompt tokens prefilled in this step
+    prefill_s: float = 0.0
+    decode_rows: int = 0  # sequences that decoded a token in this step
+    decode_s: float = 0.0
+    layout_s: float = 0.0  # rebuilding the running set's weight layout after its mix of plans changed
 
 
 class Engine(Protocol):
     model_name: str
     tokenizer: PreTrainedTokenizerBase
 
-    def start_batch(self, requests: list[SequenceRequest], plan: Plan) -> GenerationBatch: ...
+    def add(self, request: SequenceRequest, n: int = 1) -> list[int]:
+        """Queue `n` sequences of one prompt (they share one prefill; sampled ones draw the seeds seed,
+        seed + 1, ...) and return their ids. Raises RequestError naming the field that cannot run, and
+        KVPoolFull when fewer than `n` slots are free."""
 
-    def set_plan(self, plan: Plan) -> None:
-        """Make `plan` current now (a step does it too); lets a caller time the switch on its own."""
+    def abort(self, seq_id: int) -> None:
+        """Stop a sequence now: it yields no further events and its KV slot is free. Ids that are
+        unknown or already finished are ignored."""
+
+    def step(self) -> list[TokenEvent]:
+        """Prefill what was added since the last step, then one token for every running sequence."""
+
+    @property
+    def last_step(self) -> StepStats:
+        """The figures of the latest step."""
+
+    @property
+    def free_slots(self) -> int:
+        """Sequences that can still be added."""
+
+    @property
+    def running(self) -> int:
+        """Sequences in the running set (those awaiting their prefill included)."""
