@@ -89,3 +89,7 @@ class Engine(Protocol):
     @property
     def running(self) -> int:
         """Sequences in the running set (those awaiting their prefill included)."""
+
+    @property
+    def kv_usage(self) -> float:
+        """The share of the KV pool's positions that running sequences may fill (prompt + max_new_tokens)."""
