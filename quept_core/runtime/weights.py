@@ -1,0 +1,71 @@
+"""What the engine reads from a calibrated model: its config, norms and every (linear, bits) weight.
+
+Two sources answer the same questions:
+- `ElasticWeights` quantizes the calibrated elastic linears on demand (the float masters and LoRA
+  factors stay in memory): for calibration-time checks, tests and evaluation;
+- a serving store on disk (`quept_core/artifact/serving.py`) holds the integer codes of every
+  (linear, bits) and the bf16 weights once, so a serving process needs neither the transformers model
+  nor the masters.
+
+Names: a linear's full module name (`model.layers.3.self_attn.q_proj`), `HEAD` (the output head, tied
+to the embedding in small LLaMAs), `EMBEDDING` (the input embedding of an untied model), and norms
+by module name (`model.layers.3.input_layernorm`, `model.layers.3.post_attention_layernorm`, `model.norm`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Protocol
+
+import torch
+from transformers import PretrainedConfig
+
+from quept_core.config import BitConfig
+from quept_core.io.models import LoadedModel
+from quept_core.layers import HEAD
+from quept_core.quant.elastic import ElasticLinear
+from quept_core.quant.grid import QuantizedWeight, quantize
+
+EMBEDDING = "model.embed_tokens"
+
+
+class ServingWeights(Protocol):
+    config: PretrainedConfig  # the transformers config (dimensions, RoPE)
+    bit_config: BitConfig
+    tied: bool  # the output head shares the input embedding's weight
+
+    def quantized(self, name: str, bits: int) -> QuantizedWeight:
+        """A linear (or HEAD) at `bits`, on the bit config's grid."""
+
+    def dense(self, name: str) -> torch.Tensor:
+        """A linear's, HEAD's or EMBEDDING's full-precision weight [out, in] (float32 or bf16)."""
+
+    def norm(self, name: str) -> torch.Tensor:
+        """An RMSNorm weight [hidden]."""
+
+
+class ElasticWeights:
+    """ServingWeights over a loaded model and its calibrated elastic linears (kept in memory)."""
+
+    def __init__(self, loaded: LoadedModel, elastic: Mapping[str, ElasticLinear], bit_config: BitConfig | None = None):
+        self.model = loaded.model
+        self.config = loaded.model.config
+        self.elastic = dict(elastic)
+        self.bit_config = bit_config or next(iter(self.elastic.values())).bit_config
+        inner = loaded.model.model
+        self.tied = loaded.model.lm_head.weight.data_ptr() == inner.embed_tokens.weight.data_ptr()
+
+    def quantized(self, name: str, bits: int) -> QuantizedWeight:
+        if name == HEAD:
+            return quantize(self.model.lm_head.weight.detach(), bits, self.bit_config.group_size_for(bits))
+        return self.elastic[name].quantize(bits)
+
+    def dense(self, name: str) -> torch.Tensor:
+        if name == HEAD:
+            return self.model.lm_head.weight.detach()
+        if name == EMBEDDING:
+            return self.model.model.embed_tokens.weight.detach()
+        return self.elastic[name].weight.detach()
+
+    def norm(self, name: str) -> torch.Tensor:
+        return self.model.get_submodule(name).weight.detach()
