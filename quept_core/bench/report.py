@@ -80,7 +80,7 @@ def markdown(result: BenchResult, command: str, plot_name: str | None) -> str:
                            f"prefill {row.prefill_tok_s / cpp.prefill_tok_s:.2f}×")
         out.append("")
     if result.switch_ms:
-        out.append(f"Switching between resident plans (`set_plan`, {s.get('switches')} switches): median "
+        out.append(f"Switching between resident plans (`prepare`, {s.get('switches')} switches): median "
                    f"{result.switch_ms['p50']:.3f} ms, p99 {result.switch_ms['p99']:.3f} ms; loading a separate "
                    f"model from the float cache: {result.reload_s:.2f} s.")
         out.append("")

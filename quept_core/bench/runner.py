@@ -56,14 +56,17 @@ def perplexity(window_logits: Callable[[torch.Tensor], torch.Tensor], tokens: to
 
 # the runtime --------------------------------------------------------------------------------------
 
-def _generate_timed(engine: QueptEngine, prompts: torch.Tensor, plan: Plan, new_tokens: int) -> tuple[float, float]:
-    """(prefill seconds, decode tokens per second) for one batch, stopping only at the length."""
-    requests = [SequenceRequest(p.tolist(), SamplingParams(max_new_tokens=new_tokens)) for p in prompts]
-    batch = engine.start_batch(requests, plan)
-    prefill = _timed(batch.step)
+def _generate_timed(engine: QueptEngine, prompts: torch.Tensor, plans: list[Plan], new_tokens: int
+                    ) -> tuple[float, float]:
+    """(prefill seconds, decode tokens per second) for prompts [rows, tokens] joining one running set
+    (row i at plans[i % len(plans)]), stopping only at the length."""
+    sampling = SamplingParams(max_new_tokens=new_tokens)
+    for row, prompt in enumerate(prompts):
+        engine.add(SequenceRequest(prompt.tolist(), plans[row % len(plans)], sampling))
+    prefill = _timed(engine.step)
     tokens, start = 0, time.perf_counter()
-    while not batch.done:
-        tokens += len(batch.step())
+    while engine.running:
+        tokens += len(engine.step())
     return prefill, tokens / max(time.perf_counter() - start, 1e-9)
 
 
@@ -71,22 +74,22 @@ def engine_speed(engine: QueptEngine, plan: Plan, prompts: torch.Tensor, config:
     eos_ids = engine.eos_ids
     engine.eos_ids = frozenset()  # throughput is measured over a fixed number of tokens
     try:
-        prefill, decode_b1 = _generate_timed(engine, prompts[:1], plan, config.new_tokens)
-        _, decode_b8 = _generate_timed(engine, prompts, plan, config.new_tokens)
+        prefill, decode_b1 = _generate_timed(engine, prompts[:1], [plan], config.new_tokens)
+        _, decode_b8 = _generate_timed(engine, prompts, [plan], config.new_tokens)
     finally:
         engine.eos_ids = eos_ids
     return Speed(prompts.shape[1] / prefill, decode_b1, decode_b8)
 
 
 def switch_latency(engine: QueptEngine, plans: list[Plan], switches: int) -> dict[str, float]:
-    """Median and p99 of `set_plan` between resident plans, in milliseconds."""
+    """Median and p99 of making a resident plan ready to run (`prepare`), in milliseconds."""
     for plan in plans:
-        engine.set_plan(plan)
+        engine.prepare(plan)
     times = []
     for index in range(switches):
         plan = plans[index % len(plans)]
         start = time.perf_counter()
-        engine.set_plan(plan)
+        engine.prepare(plan)
         times.append((time.perf_counter() - start) * 1e3)
     times.sort()
     return {"p50": statistics.median(times), "p99": times[min(len(times) - 1, math.ceil(0.99 * len(times)) - 1)]}
@@ -133,7 +136,7 @@ def run_bench(
         rows.append(BenchRow("llama.cpp", peer.precision, weight_bytes=gguf.stat().st_size))
         measures.append(lambda: peer.speed(prompts, config.new_tokens))
     for plan in plans:  # warm-up: kernel choice, packing, allocation
-        _generate_timed(engine, prompts[:1, :32], plan, 4)
+        _generate_timed(engine, prompts[:1, :32], [plan], 4)
     # Rounds over every row, keeping each row's best: load from other processes only slows a row down.
     speeds = [Speed() for _ in measures]
     for round_index in range(config.repeats):
@@ -153,7 +156,7 @@ def run_bench(
     uniform = [engine.plan(Precision.uniform(b)) for b in engine.bit_config.bits]
     engine.cache.limit_bytes = None
     for plan in uniform:
-        engine.set_plan(plan)
+        engine.prepare(plan)
     uniform_keys = {key for plan in uniform for key in engine.pack_keys(plan)}
     uniform_bytes = sum(engine.cache.nbytes(key) for key in uniform_keys)
     switch_ms = switch_latency(engine, uniform + plans, config.switches)
@@ -167,7 +170,6 @@ def allocator_resolver(loaded: LoadedModel, engine: QueptEngine) -> Callable[[fl
     from quept_core.calibration.data import calibration_tokens
     from quept_core.planning.allocator import Allocator
     from quept_core.planning.sensitivity import proxy_sensitivity, sensitivity_tokens
-    from quept_core.quant.sources import QueptWeights
 
     allocator: list[Allocator] = []
 
@@ -175,7 +177,7 @@ def allocator_resolver(loaded: LoadedModel, engine: QueptEngine) -> Callable[[fl
         if not allocator:
             tokens = calibration_tokens(loaded, n_samples=8, seqlen=256, seed=0)
             proxy, probe = sensitivity_tokens(tokens)
-            table = proxy_sensitivity(loaded.model, QueptWeights(engine.elastic), engine.bit_config, proxy, probe)
+            table = proxy_sensitivity(loaded.model, engine.weights, engine.bit_config, proxy, probe)
             allocator.append(Allocator(table, engine.bit_config))
         return allocator[0].plan(avg_bits)
 

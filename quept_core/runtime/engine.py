@@ -1,91 +1,133 @@
-"""The elastic runtime: one model, packed weights per (layer, bits), plans switched by pointer swaps.
+"""The elastic engine: one running set of sequences at any mix of plans, over one KV pool.
 
-    engine = QueptEngine(loaded, elastic)            # elastic: dict[name, ElasticLinear]
-    plan = engine.plan("w4")
-    tokens = engine.generate(prompt_ids, plan, SamplingParams(max_new_tokens=32))
+    engine = QueptEngine.from_calibrated(calibrated)      # or QueptEngine(serving_weights, tokenizer)
+    ids = engine.add(SequenceRequest(prompt_ids, engine.plan("w4"), SamplingParams(max_new_tokens=32)))
+    while engine.running:
+        for event in engine.step(): ...                   # TokenEvent(seq_id, token_id, finish_reason, ...)
 
-The service drives `start_batch(requests, plan)` / `step()` (quept_core/generation.py).
+Packed weights live in an LRU cache keyed by (weight name, bits) and bounded by bytes; a plan is a
+choice of packs, so switching precision rebuilds nothing that is resident. Each step prefills the
+sequences added since the previous one (one prompt at a time, between decode steps), then decodes one
+token for every running sequence in one pass over the layers, each linear called once per bit-width
+present in the running set (runtime/model.py).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from itertools import count
 
 import torch
 
 from quept_core.config import BitConfig
 from quept_core.io.models import LoadedModel
-from quept_core.layers import FUSED, HEAD, LINEAR_KINDS, fused_members
+from quept_core.layers import HEAD, fused_members
 from quept_core.planning.plan import Plan, uniform_plan
 from quept_core.precision import Precision, PrecisionError
 from quept_core.quant.elastic import ElasticLinear
-from quept_core.quant.grid import QuantizedWeight, quantize
+from quept_core.quant.grid import QuantizedWeight
 from quept_core.runtime.kernels.formats import DenseWeight, PackedWeight, pack_weight
-from quept_core.runtime.model import CompactLlama, KVCache, Slot
+from quept_core.runtime.kvpool import KVPool, KVPoolFull
+from quept_core.runtime.model import (
+    HEAD_SITE,
+    CompactLlama,
+    Layout,
+    Op,
+    Site,
+    SiteLayout,
+    linear_shape,
+    rows_tensor,
+)
 from quept_core.runtime.packcache import PackCache
-from quept_core.runtime.protocol import SamplingParams, SequenceRequest, TokenEvent
-from quept_core.runtime.sampling import RequestError, Sampler, check_sampling
+from quept_core.runtime.protocol import SamplingParams, SequenceRequest, StepStats, TokenEvent
+from quept_core.runtime.sampling import Choice, RequestError, Sampler, check_sampling
+from quept_core.runtime.weights import ElasticWeights, ServingWeights
 
-PackKey = tuple[str, int | None]  # (slot name, bits); None: full precision
+PackKey = tuple[str, int | None]  # (weight name, bits); None: full precision
 # The output head (a fifth of the model's weights) runs at 8 bits in quantized plans unless a plan says otherwise.
 DEFAULT_HEAD_BITS = 8
-# Plans whose slot assignments are remembered for pointer-swap switching.
-MAX_BOUND_PLANS = 32
-
-
-@dataclass
-class _Bound:
-    generation: int  # the pack cache's generation the assignment is valid for
-    keys: list[PackKey]
-    assignment: list[tuple[Slot, PackedWeight | None]]
+DEFAULT_MAX_RUNNING = 16
 
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+@dataclass(eq=False)
+class _Sequence:
+    seq_id: int
+    slot: int
+    plan: Plan
+    sampling: SamplingParams
+    prompt: list[int]
+    position: int = 0  # where the next fed token goes (the prompt's length after prefill)
+    generated: int = 0
+    last_token: int = -1
+    forks: list[_Sequence] = field(default_factory=list)  # sequences sharing this one's prefill
+
+
 class QueptEngine:
-    """Runs a LLaMA model at any plan of an elastic (QuEPT) model; implements generation.Engine."""
+    """Runs a LLaMA model at any mix of plans of an elastic (QuEPT) model; implements protocol.Engine."""
 
     def __init__(
         self,
-        loaded: LoadedModel,
-        elastic: Mapping[str, ElasticLinear],
-        bit_config: BitConfig | None = None,
+        weights: ServingWeights,
+        tokenizer,
         *,
+        model_name: str = "model",
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.bfloat16,
         memory_limit_bytes: int | None = None,
         head_bits: int | None = DEFAULT_HEAD_BITS,
         mixed_resolver: Callable[[float], Plan] | None = None,
+        max_running: int = DEFAULT_MAX_RUNNING,
     ):
-        self.model_name = loaded.name
-        self.tokenizer = loaded.tokenizer
+        self.model_name = model_name
+        self.tokenizer = tokenizer
+        self.weights = weights
         self.device = torch.device(device) if device is not None else default_device()
         self.dtype = dtype
         # Small single-query attention products run far faster in float32 than in bf16 on CPUs.
         self.kv_dtype = torch.float32 if self.device.type == "cpu" else dtype
-        self.elastic = dict(elastic)
-        self.bit_config = bit_config or next(iter(self.elastic.values())).bit_config
+        self.bit_config: BitConfig = weights.bit_config
         if head_bits is not None and head_bits not in self.bit_config.bits:
             raise ValueError(f"head_bits must be one of {self.bit_config.bits} or None, got {head_bits}")
         self.head_bits = head_bits
         self.mixed_resolver = mixed_resolver
         with torch.no_grad():
-            self.model = CompactLlama(loaded.model, self.device, dtype)
-        self._head_weight = loaded.model.lm_head.weight.detach()
-        self.linear_names = [slot.name for slot in self.model.linear_slots()]
-        missing = [name for name in self.linear_names if name not in self.elastic]
-        if missing:
-            raise ValueError(f"no elastic linear for {len(missing)} layers, e.g. '{missing[0]}'")
+            self.model = CompactLlama(weights, self.device, dtype)
+        d = self.model.dims
+        self.linear_names = [m for sites in self.model.sites for site in sites.values() for m in site.members]
+        self.linear_shapes = {name: linear_shape(d, name) for name in self.linear_names}
         self.cache = PackCache(self._build_pack, memory_limit_bytes)
-        self.eos_ids = _eos_ids(loaded)
-        self.current_plan: Plan | None = None
-        self._generation = -1
-        self._all_slots = [getattr(block, attr) for block in self.model.blocks for attr in (*FUSED, *LINEAR_KINDS)]
-        self._all_slots.append(self.model.head)
-        self._bound: dict[Plan, _Bound] = {}
+        self.eos_ids = eos_token_ids(tokenizer, weights.config)
+        self.max_running = max_running
+        self.pool = KVPool(d.n_layers, max_running, d.n_kv_heads, d.max_positions, d.head_dim, self.device,
+                           self.kv_dtype)
+        self.sampler = Sampler(max_running, d.vocab, self.device)
+        self._ids = count()
+        self._sequences: dict[int, _Sequence] = {}
+        self._pending: list[_Sequence] = []  # awaiting their prefill, in arrival order
+        self._running: list[_Sequence] = []  # decoding, in row order
+        self._dirty = True  # the running set changed since its layout was built
+        self._layouts: dict[Plan, tuple[int, Layout]] = {}  # one plan's layout, valid for a cache generation
+        self._step_layout: Layout | None = None
+        self._rows: tuple[torch.Tensor, torch.Tensor] | None = None  # slots and positions of the rows
+        self._last_step = StepStats()
+        self._last_logits: list[tuple[list[int], torch.Tensor]] = []  # (seq ids, float32 logits rows)
+
+    @classmethod
+    def from_elastic(cls, loaded: LoadedModel, elastic: Mapping[str, ElasticLinear],
+                     bit_config: BitConfig | None = None, **kwargs) -> QueptEngine:
+        """Over a loaded model and its elastic linears, kept in memory (calibration, tests, evaluation)."""
+        return cls(ElasticWeights(loaded, elastic, bit_config), loaded.tokenizer, model_name=loaded.name, **kwargs)
+
+    @classmethod
+    def from_calibrated(cls, calibrated, **kwargs) -> QueptEngine:
+        """From a calibrated artifact in memory (anything with .loaded, .elastic and .bit_config)."""
+        return cls.from_elastic(calibrated.loaded, calibrated.elastic, calibrated.bit_config, **kwargs)
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -93,12 +135,7 @@ class QueptEngine:
         d = self.model.dims
         return 2 * d.n_layers * d.n_kv_heads * d.head_dim * self.kv_dtype.itemsize
 
-    @classmethod
-    def from_calibrated(cls, calibrated, **kwargs) -> QueptEngine:
-        """From a calibrated artifact (anything with .loaded, .elastic and .bit_config)."""
-        return cls(calibrated.loaded, calibrated.elastic, calibrated.bit_config, **kwargs)
-
-    # Plans -----------------------------------------------------------------------------------------
+    # ---- plans and packs ------------------------------------------------------------------------
 
     def plan(self, precision: Precision | str) -> Plan:
         """The plan for a precision (`fp`, `w<b>`, `mixed:<budget>`; text is parsed against the bit set)."""
@@ -118,7 +155,7 @@ class QueptEngine:
             return plan
         raise PrecisionError(f"precision '{precision}' must be resolved to a concrete plan before it reaches the engine")
 
-    def _check_plan(self, plan: Plan) -> None:
+    def check_plan(self, plan: Plan) -> None:
         allowed = self.bit_config.bits
         for name in self.linear_names:
             if name not in plan.layer_bits:
@@ -129,76 +166,40 @@ class QueptEngine:
         if plan.lm_head_bits is not None and plan.lm_head_bits not in allowed:
             raise PrecisionError(f"plan '{plan.name}': lm_head_bits {plan.lm_head_bits}; allowed: {allowed} or fp")
 
-    def _bindings(self, plan: Plan) -> list[tuple[Slot, PackKey]]:
-        """(slot, pack key) for every slot a plan fills: fused q|k|v and gate|up where their bits agree."""
-        self._check_plan(plan)
-        bindings = []
-        for block in self.model.blocks:
-            for fused, members in FUSED.items():
-                slots = [getattr(block, m) for m in members]
-                bits = {plan.layer_bits[slot.name] for slot in slots}
-                # Full precision runs the float32 masters by reference, which cannot be fused without a copy.
-                if len(bits) == 1 and None not in bits:
-                    bindings.append((getattr(block, fused), (getattr(block, fused).name, bits.pop())))
-                else:
-                    bindings.extend((slot, (slot.name, plan.layer_bits[slot.name])) for slot in slots)
-            for attr in ("o", "down"):
-                slot = getattr(block, attr)
-                bindings.append((slot, (slot.name, plan.layer_bits[slot.name])))
-        bindings.append((self.model.head, (HEAD, plan.lm_head_bits)))
-        return bindings
+    @staticmethod
+    def _site_keys(site: Site, bits: tuple[int | None, ...]) -> list[PackKey]:
+        """One fused pack where every member has the same width, else one pack per member."""
+        if len(set(bits)) == 1:
+            return [(site.name, bits[0])]
+        return list(zip(site.members, bits, strict=True))
+
+    def _site_bits(self, site: Site, plan: Plan) -> tuple[int | None, ...]:
+        if site is HEAD_SITE:
+            return (plan.lm_head_bits,)
+        return tuple(plan.layer_bits[m] for m in site.members)
+
+    def _sites(self) -> list[Site]:
+        return [site for sites in self.model.sites for site in sites.values()] + [HEAD_SITE]
 
     def pack_keys(self, plan: Plan) -> list[PackKey]:
-        """The (slot name, bits) packs a plan runs on."""
-        return [key for _, key in self._bindings(plan)]
-
-    def set_plan(self, plan: Plan) -> None:
-        """Make `plan` current: build its missing packs, then swap every slot's reference.
-
-        Between resident plans this is a pointer swap: the slot assignments of recently used plans
-        are kept while no pack has been evicted since.
-        """
-        if plan == self.current_plan and self._generation == self.cache.generation:
-            return
-        bound = self._bound.get(plan)
-        if bound is not None and bound.generation == self.cache.generation:
-            self.cache.touch(bound.keys)
-        else:
-            bindings = self._bindings(plan)
-            keys = [key for _, key in bindings]
-            packs = self.cache.ensure(keys)
-            assignment = dict.fromkeys(self._all_slots)
-            assignment.update((slot, pack) for (slot, _), pack in zip(bindings, packs))
-            bound = _Bound(self.cache.generation, keys, list(assignment.items()))
-            self._bound.pop(plan, None)
-            self._bound[plan] = bound
-            while len(self._bound) > MAX_BOUND_PLANS:
-                del self._bound[next(iter(self._bound))]
-        for slot, pack in bound.assignment:
-            slot.pack = pack
-        self.current_plan = plan
-        self._generation = self.cache.generation
+        """The (weight name, bits) packs a plan runs on."""
+        self.check_plan(plan)
+        return [key for site in self._sites() for key in self._site_keys(site, self._site_bits(site, plan))]
 
     def weight_bytes(self, plan: Plan) -> int:
         """Resident bytes of the weights a plan runs on: its packs plus the norms."""
         packs = self.cache.ensure(self.pack_keys(plan))
-        norms = sum(b.attn_norm.numel() + b.mlp_norm.numel() for b in self.model.blocks) + self.model.final_norm.numel()
-        embedding = self.model.embedding.nbytes if self.model.embedding is not None else 0
-        return sum(p.nbytes for p in packs) + norms * self.model.final_norm.element_size() + embedding
+        return sum(p.nbytes for p in packs) + self.model.norm_bytes
 
     def _build_pack(self, key: PackKey) -> PackedWeight:
         name, bits = key
+        members = fused_members(name)
         with torch.no_grad():
-            if name == HEAD:
-                weight = self._head_weight.to(self.device)
-                if bits is None:
-                    return DenseWeight(weight, self.dtype)
-                return pack_weight(quantize(weight, bits, self.bit_config.group_size_for(bits)), self.dtype)
-            linears = [self.elastic[source] for source in fused_members(name)]
             if bits is None:
-                weight = linears[0].weight if len(linears) == 1 else torch.cat([linear.weight for linear in linears])
+                weight = torch.cat([self.weights.dense(m) for m in members]) if len(members) > 1 \
+                    else self.weights.dense(name)
                 return DenseWeight(weight.to(self.device), self.dtype)
-            parts = [linear.quantize(bits) for linear in linears]
+            parts = [self.weights.quantized(m, bits) for m in members]
             qw = QuantizedWeight(
                 codes=torch.cat([q.codes for q in parts]).to(self.device),
                 scale=torch.cat([q.scale for q in parts]).to(self.device),
@@ -208,139 +209,249 @@ class QueptEngine:
             )
             return pack_weight(qw, self.dtype)
 
-    # Generation ------------------------------------------------------------------------------------
+    # ---- layouts --------------------------------------------------------------------------------
 
-    def start_batch(self, requests: list[SequenceRequest], plan: Plan) -> QueptBatch:
-        return QueptBatch(self, requests, plan)
+    def _op(self, keys: list[PackKey], packs: dict[PackKey, PackedWeight]) -> Op:
+        if len(keys) == 1:
+            return packs[keys[0]]
+        members = [packs[key] for key in keys]
+        return lambda x: torch.cat([pack(x) for pack in members], dim=-1)
+
+    def _layout(self, plans: list[Plan]) -> Layout:
+        """The layout for rows whose plans are `plans` (row order), its packs made resident together."""
+        sites = self._sites()
+        groups: list[dict[tuple, list[int]]] = []
+        for site in sites:
+            by_bits: dict[tuple, list[int]] = {}
+            for row, plan in enumerate(plans):
+                by_bits.setdefault(self._site_bits(site, plan), []).append(row)
+            groups.append(by_bits)
+        keys = list(dict.fromkeys(key for site, by_bits in zip(sites, groups, strict=True)
+                                  for bits in by_bits for key in self._site_keys(site, bits)))
+        packs = dict(zip(keys, self.cache.ensure(keys), strict=True))
+        rows = len(plans)
+        site_layouts = []
+        for site, by_bits in zip(sites, groups, strict=True):
+            parts = tuple((self._op(self._site_keys(site, bits), packs), rows_tensor(members, rows, self.device))
+                          for bits, members in by_bits.items())
+            out_features = sum(self.linear_shapes[m][0] for m in site.members) if site is not HEAD_SITE \
+                else self.model.dims.vocab
+            site_layouts.append(SiteLayout(parts, out_features))
+        head_groups = groups[-1]
+        embed = tuple((packs[(HEAD, bits[0])].rows, rows_tensor(members, rows, self.device))
+                      for bits, members in head_groups.items())
+        per_block = len(self.model.sites[0])
+        roles = list(self.model.sites[0])
+        blocks = tuple(dict(zip(roles, site_layouts[i * per_block:(i + 1) * per_block], strict=True))
+                       for i in range(self.model.dims.n_layers))
+        return Layout(blocks, site_layouts[-1], embed)
+
+    def prepare(self, plan: Plan) -> None:
+        """Make a plan's packs resident and its layout ready (what a switch to it costs)."""
+        self._plan_layout(plan)
+
+    def _plan_layout(self, plan: Plan) -> Layout:
+        """A single plan's layout, remembered while no pack has been evicted since it was built."""
+        cached = self._layouts.get(plan)
+        if cached is not None and cached[0] == self.cache.generation:
+            self.cache.touch(self.pack_keys(plan))
+            return cached[1]
+        self.check_plan(plan)
+        layout = self._layout([plan])
+        self._layouts[plan] = (self.cache.generation, layout)
+        return layout
+
+    # ---- the running set ------------------------------------------------------------------------
+
+    @property
+    def last_step(self) -> StepStats:
+        return self._last_step
+
+    @property
+    def last_logits(self) -> dict[int, torch.Tensor]:
+        """The float32 logits [vocab] each sequence's latest token was chosen from, by seq id."""
+        return {seq_id: logits[row] for ids, logits in self._last_logits for row, seq_id in enumerate(ids)}
+
+    @property
+    def free_slots(self) -> int:
+        return self.pool.free
+
+    @property
+    def running(self) -> int:
+        return len(self._sequences)
+
+    @property
+    def kv_usage(self) -> float:
+        d = self.model.dims
+        reserved = sum(min(len(s.prompt) + s.sampling.max_new_tokens, d.max_positions)
+                       for s in self._sequences.values())
+        return reserved / (self.pool.slots * d.max_positions)
+
+    def add(self, request: SequenceRequest, n: int = 1) -> list[int]:
+        self._check_request(request, n)
+        self.check_plan(request.plan)
+        if self.pool.free < n:
+            raise KVPoolFull(f"{n} sequences asked for, {self.pool.free} of {self.pool.slots} KV slots free")
+        sequences = []
+        for index in range(n):
+            sampling = request.sampling
+            if index and sampling.seed is not None:
+                sampling = replace(sampling, seed=sampling.seed + index)
+            slot = self.pool.allocate()
+            sequence = _Sequence(next(self._ids), slot, request.plan, sampling, list(request.prompt_ids))
+            self.sampler.add(slot, sampling, sequence.prompt)
+            self._sequences[sequence.seq_id] = sequence
+            sequences.append(sequence)
+        sequences[0].forks = sequences[1:]
+        self._pending.append(sequences[0])
+        return [s.seq_id for s in sequences]
+
+    def abort(self, seq_id: int) -> None:
+        sequence = self._sequences.get(seq_id)
+        if sequence is None:
+            return
+        if sequence in self._pending:
+            # Its forks keep the shared prefill: the first one inherits it.
+            self._pending.remove(sequence)
+            if sequence.forks:
+                heir, *rest = sequence.forks
+                heir.forks = rest
+                self._pending.insert(0, heir)
+        for pending in self._pending:
+            if sequence in pending.forks:
+                pending.forks.remove(sequence)
+        self._leave(sequence)
+
+    def _leave(self, sequence: _Sequence) -> None:
+        del self._sequences[sequence.seq_id]
+        if sequence in self._running:
+            self._running.remove(sequence)
+            self._dirty = True
+        self.sampler.remove(sequence.slot)
+        self.pool.release(sequence.slot)
+
+    @torch.inference_mode()
+    def step(self) -> list[TokenEvent]:
+        events: list[TokenEvent] = []
+        self._last_logits = []
+        started = time.perf_counter()
+        prefill_tokens = 0
+        decoding = list(self._running)
+        joined: list[_Sequence] = []
+        for sequence in self._pending:
+            events += self._prefill(sequence, joined)
+            prefill_tokens += len(sequence.prompt)
+        self._pending = []
+        prefilled = time.perf_counter()
+        layout_s = 0.0
+        if decoding:
+            layout_s = self._ensure_step_layout(decoding)
+            events += self._decode()
+        if joined:
+            self._running += joined
+            self._dirty = True
+        done = time.perf_counter()
+        self._last_step = StepStats(prefill_tokens, prefilled - started, len(decoding),
+                                    done - prefilled - layout_s, layout_s)
+        return events
+
+    def _prefill(self, sequence: _Sequence, joined: list[_Sequence]) -> list[TokenEvent]:
+        """Run a prompt once for a sequence and its forks; those not finished join `joined`."""
+        layout = self._plan_layout(sequence.plan)
+        tokens = torch.tensor([sequence.prompt], device=self.device)
+        logits = self.model.prefill(layout, tokens, self.pool, sequence.slot)
+        length = len(sequence.prompt)
+        members = [sequence, *sequence.forks]
+        self._last_logits.append(([m.seq_id for m in members], logits.expand(len(members), -1)))
+        events = []
+        for member in members:
+            if member is not sequence:
+                self.pool.copy_prefix(sequence.slot, member.slot, length)
+            member.position = length
+            self.pool.lengths[member.slot] = length
+            self.sampler.set_order([member.slot])
+            events.append(self._advance(member, self.sampler(logits)[0]))
+            if member.seq_id in self._sequences:
+                joined.append(member)
+        return events
+
+    def _ensure_step_layout(self, decoding: list[_Sequence]) -> float:
+        """Rebuild the running set's layout and row tensors after a change; returns the seconds spent."""
+        if not self._dirty and self._step_layout is not None:
+            return 0.0
+        started = time.perf_counter()
+        plans = [s.plan for s in decoding]
+        self._step_layout = self._plan_layout(plans[0]) if len(set(plans)) == 1 else self._layout(plans)
+        slots = torch.tensor([s.slot for s in decoding], dtype=torch.long, device=self.device)
+        positions = torch.tensor([s.position for s in decoding], dtype=torch.long, device=self.device)
+        self._rows = (slots, positions)
+        self.sampler.set_order([s.slot for s in decoding])
+        self._dirty = False
+        return time.perf_counter() - started
+
+    def _decode(self) -> list[TokenEvent]:
+        decoding = list(self._running)
+        slots, positions = self._rows
+        tokens = torch.tensor([s.last_token for s in decoding], dtype=torch.long, device=self.device)
+        span = max(s.position for s in decoding) + 1
+        logits = self.model.decode(self._step_layout, tokens, positions, slots, self.pool, span)
+        self._last_logits.append(([s.seq_id for s in decoding], logits))
+        positions += 1
+        events = []
+        for sequence, choice in zip(decoding, self.sampler(logits), strict=True):
+            sequence.position += 1
+            self.pool.lengths[sequence.slot] = sequence.position
+            events.append(self._advance(sequence, choice))
+        return events
+
+    def _advance(self, sequence: _Sequence, choice: Choice) -> TokenEvent:
+        """Record a sequence's new token; it leaves the running set on its last one."""
+        sequence.generated += 1
+        sequence.last_token = choice.token_id
+        reason = None
+        if choice.token_id in self.eos_ids:
+            reason = "eos"
+        elif sequence.generated >= sequence.sampling.max_new_tokens or sequence.position >= self.pool.max_len:
+            reason = "length"
+        if reason is not None:
+            self._leave(sequence)
+        return TokenEvent(sequence.seq_id, choice.token_id, reason, choice.logprob, choice.top_logprobs)
+
+    def _check_request(self, request: SequenceRequest, n: int) -> None:
+        dims = self.model.dims
+        prompt = request.prompt_ids
+        if not prompt:
+            raise RequestError("prompt_ids must not be empty")
+        bad = [t for t in prompt if not 0 <= t < dims.vocab]
+        if bad:
+            raise RequestError(f"prompt_ids: token id {bad[0]} is outside 0..{dims.vocab - 1}")
+        if len(prompt) >= dims.max_positions:
+            raise RequestError(f"prompt_ids has {len(prompt)} tokens; the model allows {dims.max_positions - 1}")
+        if n < 1:
+            raise RequestError(f"n must be >= 1, got {n}")
+        check_sampling(request.sampling)
+
+    # ---- conveniences ---------------------------------------------------------------------------
 
     def generate(self, prompt_ids: list[int], plan: Plan, sampling: SamplingParams | None = None) -> list[int]:
-        """Generate for one prompt; returns the new token ids (an end-of-sequence token included)."""
-        batch = self.start_batch([SequenceRequest(prompt_ids, sampling or SamplingParams())], plan)
-        tokens = []
-        while not batch.done:
-            tokens.extend(event.token_id for event in batch.step())
+        """Generate for one prompt (stepping everything running); returns its new token ids, EOS included."""
+        (seq_id,) = self.add(SequenceRequest(prompt_ids, plan, sampling or SamplingParams()))
+        tokens: list[int] = []
+        while seq_id in self._sequences:
+            tokens += [e.token_id for e in self.step() if e.seq_id == seq_id]
         return tokens
 
     @torch.inference_mode()
     def logits(self, tokens: torch.Tensor, plan: Plan) -> torch.Tensor:
         """Float32 logits at every position of `tokens` [batch, seq] (no cache): for perplexity."""
-        self.set_plan(plan)
-        return self.model.prefill(tokens.to(self.device), None, None)
+        return self.model.prefill(self._plan_layout(plan), tokens.to(self.device))
 
 
-class QueptBatch:
-    """Sequences generated together under one plan; implements generation.GenerationBatch."""
-
-    def __init__(self, engine: QueptEngine, requests: list[SequenceRequest], plan: Plan):
-        if not requests:
-            raise RequestError("requests must hold at least one sequence")
-        dims = engine.model.dims
-        for index, request in enumerate(requests):
-            _check_request(index, request, dims.vocab, dims.max_positions)
-        self.engine = engine
-        self.plan = plan
-        self._lengths = [len(r.prompt_ids) for r in requests]
-        self._max_new = [r.sampling.max_new_tokens for r in requests]
-        self._seqs = list(range(len(requests)))  # batch row -> sequence index
-        self._positions: list[int] = []
-        self._generated = [0] * len(requests)
-        self._last: list[int] = []
-        self._cancelled: set[int] = set()
-        self._started = False
-        self.last_logits: torch.Tensor | None = None  # float32 [live rows, vocab] of the latest step
-        device = engine.device
-        max_len = max(n + m for n, m in zip(self._lengths, self._max_new))
-        self._cache = KVCache(dims, len(requests), min(max_len, dims.max_positions), device, engine.kv_dtype)
-        self._sampler = Sampler([r.sampling for r in requests], [r.prompt_ids for r in requests], dims.vocab, device)
-        self._prompts = [r.prompt_ids for r in requests]
-
-    @property
-    def done(self) -> bool:
-        return not [s for s in self._seqs if s not in self._cancelled]
-
-    def cancel(self, seq: int) -> None:
-        if seq in self._seqs:
-            self._cancelled.add(seq)
-
-    @torch.inference_mode()
-    def step(self) -> list[TokenEvent]:
-        self._drop([row for row, seq in enumerate(self._seqs) if seq in self._cancelled])
-        if not self._seqs:
-            return []
-        engine, model, device = self.engine, self.engine.model, self.engine.device
-        engine.set_plan(self.plan)
-        if not self._started:
-            width = max(self._lengths)
-            padded = [p + [0] * (width - len(p)) for p in self._prompts]
-            tokens = torch.tensor(padded, device=device)
-            last = torch.tensor([n - 1 for n in self._lengths], device=device)
-            logits = model.prefill(tokens, self._cache, last)
-            self._positions = list(self._lengths)
-            self._started = True
-        else:
-            positions = torch.tensor(self._positions, device=device)
-            span = max(self._positions) + 1
-            shared = self._positions[0] if min(self._positions) == span - 1 else None
-            mask = None
-            if shared is None:
-                future = torch.arange(span, device=device) > positions.unsqueeze(1)
-                mask = torch.zeros(future.shape, device=device).masked_fill(future, float("-inf"))
-                mask = mask.view(len(self._seqs), 1, 1, span)
-            tokens = torch.tensor(self._last, device=device)
-            logits = model.decode(tokens, positions, self._cache, span, mask, shared)
-            self._positions = [p + 1 for p in self._positions]
-        self.last_logits = logits
-        chosen = self._sampler(logits)
-        events, finished = [], []
-        for row, (seq, token) in enumerate(zip(self._seqs, chosen)):
-            self._generated[seq] += 1
-            reason = None
-            if token in engine.eos_ids:
-                reason = "eos"
-            elif self._generated[seq] >= self._max_new[seq] or self._positions[row] >= self._cache.max_len:
-                reason = "length"
-            events.append(TokenEvent(seq, token, reason))
-            if reason is not None:
-                finished.append(row)
-        self._last = chosen
-        self._drop(finished)
-        return events
-
-    def _drop(self, rows: list[int]) -> None:
-        """Free the KV slots of finished or cancelled sequences."""
-        if not rows:
-            return
-        keep = [r for r in range(len(self._seqs)) if r not in rows]
-        self._seqs = [self._seqs[r] for r in keep]
-        if not keep:
-            return
-        if self._started:
-            self._positions = [self._positions[r] for r in keep]
-            self._last = [self._last[r] for r in keep]
-        else:
-            self._lengths = [self._lengths[r] for r in keep]
-            self._prompts = [self._prompts[r] for r in keep]
-        self._cache.keep_rows(keep)
-        self._sampler.keep_rows(keep)
-
-
-def _check_request(index: int, request: SequenceRequest, vocab: int, max_positions: int) -> None:
-    prompt = request.prompt_ids
-    if not prompt:
-        raise RequestError(f"requests[{index}].prompt_ids must not be empty")
-    bad = [t for t in prompt if not 0 <= t < vocab]
-    if bad:
-        raise RequestError(f"requests[{index}].prompt_ids: token id {bad[0]} is outside 0..{vocab - 1}")
-    if len(prompt) >= max_positions:
-        raise RequestError(f"requests[{index}].prompt_ids has {len(prompt)} tokens; the model allows {max_positions - 1}")
-    check_sampling(request.sampling)
-
-
-def _eos_ids(loaded: LoadedModel) -> frozenset[int]:
+def eos_token_ids(tokenizer, config) -> frozenset[int]:
     ids = set()
-    if loaded.tokenizer.eos_token_id is not None:
-        ids.add(loaded.tokenizer.eos_token_id)
-    configured = getattr(loaded.model.generation_config, "eos_token_id", None)
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    configured = getattr(config, "eos_token_id", None)
     if isinstance(configured, int):
         ids.add(configured)
     elif configured:

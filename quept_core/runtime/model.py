@@ -1,27 +1,36 @@
-"""A compact LLaMA forward pass over swappable packed weights, with a preallocated KV cache.
+"""A compact LLaMA forward pass over packed weights laid out for a set of sequences.
 
-The weights are read once from a transformers `LlamaForCausalLM`; every quantized linear (and the
-tied embedding / output head) is a `Slot` whose `pack` is swapped to change precision.
-Prefill (many rows: dense matmuls, causal SDPA) and decode (one row per sequence: packed kernels)
-are separate functions.
+Every matmul call site (a block's q|k|v, o, gate|up and down, and the output head) is run by a
+`SiteLayout`: the packs that serve it and the rows (sequences) each one serves. One plan gives one
+pack per site for all rows; a running set that mixes plans groups its rows by the bit-width each plan
+gives the site, one kernel call per width present. Layouts are built when the set of plans changes,
+never inside a step.
+
+Prefill runs one sequence (or perplexity windows) with dense matmuls and causal SDPA; decode runs one
+token of every running sequence, reading and writing the engine's KV pool by slot.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from transformers import PreTrainedModel
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-from quept_core.layers import FUSED, FUSED_PATHS, HEAD, LINEAR_KINDS, LINEAR_PATHS, layer_name
-from quept_core.runtime.kernels.formats import DenseWeight, PackedWeight
+from quept_core.layers import FUSED, FUSED_PATHS, HEAD, LINEAR_PATHS, layer_name, linear_type
+from quept_core.runtime.kvpool import KVPool
+from quept_core.runtime.weights import EMBEDDING, ServingWeights
+
+Op = Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
 class LlamaDims:
     n_layers: int
     hidden: int
+    ffn: int
     n_heads: int
     n_kv_heads: int
     head_dim: int
@@ -32,74 +41,65 @@ class LlamaDims:
     @classmethod
     def from_config(cls, config) -> LlamaDims:
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        return cls(config.num_hidden_layers, config.hidden_size, config.num_attention_heads,
+        return cls(config.num_hidden_layers, config.hidden_size, config.intermediate_size, config.num_attention_heads,
                    config.num_key_value_heads, head_dim, config.vocab_size, config.rms_norm_eps,
                    config.max_position_embeddings)
 
 
-class Slot:
-    """A reference to the current pack of one weight; switching precision replaces the reference."""
+def linear_shape(dims: LlamaDims, name: str) -> tuple[int, int]:
+    """(out_features, in_features) of a block linear, from the model's dimensions."""
+    attention, kv = dims.n_heads * dims.head_dim, dims.n_kv_heads * dims.head_dim
+    return {"q_proj": (attention, dims.hidden), "k_proj": (kv, dims.hidden), "v_proj": (kv, dims.hidden),
+            "o_proj": (dims.hidden, attention), "gate_proj": (dims.ffn, dims.hidden),
+            "up_proj": (dims.ffn, dims.hidden), "down_proj": (dims.hidden, dims.ffn)}[linear_type(name)]
 
-    __slots__ = ("name", "pack")
 
-    def __init__(self, name: str, pack: PackedWeight | None = None):
-        self.name = name
-        self.pack = pack
+@dataclass(frozen=True)
+class Site:
+    """One matmul call site: a fused or single weight name and the linears behind it."""
+
+    name: str
+    members: tuple[str, ...]
+
+
+def block_sites(index: int) -> dict[str, Site]:
+    """The call sites of block `index`, by role: qkv, o, gate_up, down."""
+    def single(kind: str) -> Site:
+        name = layer_name(index, LINEAR_PATHS[kind])
+        return Site(name, (name,))
+
+    sites = {role: Site(layer_name(index, FUSED_PATHS[role]),
+                        tuple(layer_name(index, LINEAR_PATHS[k]) for k in FUSED[role])) for role in FUSED}
+    return {"qkv": sites["qkv"], "o": single("o"), "gate_up": sites["gate_up"], "down": single("down")}
+
+
+HEAD_SITE = Site(HEAD, (HEAD,))
+
+
+@dataclass(frozen=True)
+class SiteLayout:
+    """The ops serving one site and the rows each serves (None: every row, in order)."""
+
+    parts: tuple[tuple[Op, torch.Tensor | None], ...]
+    out_features: int
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pack(x)
+        """x [rows, tokens, in] -> [rows, tokens, out]."""
+        if len(self.parts) == 1 and self.parts[0][1] is None:
+            return self.parts[0][0](x)
+        out = x.new_empty(*x.shape[:-1], self.out_features)
+        for op, rows in self.parts:
+            out.index_copy_(0, rows, op(x.index_select(0, rows)))
+        return out
 
 
-class KVCache:
-    """Keys and values for a batch: [layers, batch, kv_heads, max_len, head_dim] each."""
+@dataclass(frozen=True)
+class Layout:
+    """Site layouts for every block and the head, plus the embedding lookup, for one row order."""
 
-    def __init__(self, dims: LlamaDims, batch: int, max_len: int, device: torch.device, dtype: torch.dtype):
-        shape = (dims.n_layers, batch, dims.n_kv_heads, max_len, dims.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-
-    @property
-    def max_len(self) -> int:
-        return self.k.shape[3]
-
-    def keep_rows(self, rows: list[int]) -> None:
-        """Drop the other sequences' slots (one copy, when a sequence ends)."""
-        index = torch.tensor(rows, device=self.k.device)
-        self.k = self.k.index_select(1, index)
-        self.v = self.v.index_select(1, index)
-
-
-class Block:
-    """One decoder layer: norms, and a slot per linear plus a slot per fused group (q|k|v, gate|up).
-
-    A plan whose q, k and v share a bit-width binds the fused slot (one kernel call) and leaves the
-    single slots empty; otherwise the reverse. Likewise for gate and up.
-    """
-
-    __slots__ = ("attn_norm", "down", "gate", "gate_up", "k", "mlp_norm", "o", "q", "qkv", "up", "v")
-
-    def __init__(self, layer, index: int, device: torch.device, dtype: torch.dtype):
-        self.attn_norm = layer.input_layernorm.weight.detach().to(device, dtype)
-        self.mlp_norm = layer.post_attention_layernorm.weight.detach().to(device, dtype)
-        for attr in LINEAR_KINDS:
-            setattr(self, attr, Slot(layer_name(index, LINEAR_PATHS[attr])))
-        for attr in FUSED:
-            setattr(self, attr, Slot(layer_name(index, FUSED_PATHS[attr])))
-
-    def slots(self) -> list[Slot]:
-        return [getattr(self, attr) for attr in LINEAR_KINDS]
-
-    def qkv_out(self, h: torch.Tensor) -> torch.Tensor:
-        if self.qkv.pack is not None:
-            return self.qkv(h)
-        return torch.cat([self.q(h), self.k(h), self.v(h)], dim=-1)
-
-    def mlp(self, h: torch.Tensor) -> torch.Tensor:
-        if self.gate_up.pack is not None:
-            gate, up = self.gate_up(h).chunk(2, dim=-1)
-        else:
-            gate, up = self.gate(h), self.up(h)
-        return self.down(F.silu(gate) * up)
+    blocks: tuple[dict[str, SiteLayout], ...]
+    head: SiteLayout
+    embed: tuple[tuple[Callable[[torch.Tensor], torch.Tensor], torch.Tensor | None], ...]  # (rows(ids), rows)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -108,21 +108,29 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 class CompactLlama:
-    """The LLaMA forward pass; weights are Slots (linears, head) and plain tensors (norms, rope)."""
+    """Norms, RoPE tables and the forward passes; the weights come in as a Layout."""
 
-    def __init__(self, hf_model: PreTrainedModel, device: torch.device, dtype: torch.dtype):
-        self.dims = LlamaDims.from_config(hf_model.config)
+    def __init__(self, weights: ServingWeights, device: torch.device, dtype: torch.dtype):
+        config = weights.config
+        self.dims = LlamaDims.from_config(config)
         self.device, self.dtype = device, dtype
-        inner = hf_model.model
-        self.blocks = [Block(layer, i, device, dtype) for i, layer in enumerate(inner.layers)]
-        self.final_norm = inner.norm.weight.detach().to(device, dtype)
-        self.tied = hf_model.lm_head.weight.data_ptr() == inner.embed_tokens.weight.data_ptr()
-        self.head = Slot(HEAD)
-        # An untied model keeps its own embedding table; a tied one looks rows up in the head's pack.
-        self.embedding = None if self.tied else DenseWeight(inner.embed_tokens.weight.to(device), dtype)
-        self.cos, self.sin = self._rope_tables(hf_model)
+        self.tied = weights.tied
+        n = self.dims.n_layers
+        self.attn_norms = [weights.norm(f"model.layers.{i}.input_layernorm").to(device, dtype) for i in range(n)]
+        self.mlp_norms = [weights.norm(f"model.layers.{i}.post_attention_layernorm").to(device, dtype)
+                          for i in range(n)]
+        self.final_norm = weights.norm("model.norm").to(device, dtype)
+        self.sites = [block_sites(i) for i in range(n)]
+        self.embedding = None if self.tied else weights.dense(EMBEDDING).to(device, dtype)
+        self.cos, self.sin = self._rope_tables(config)
 
-    def _rope_tables(self, hf_model: PreTrainedModel) -> tuple[torch.Tensor, torch.Tensor]:
+    @property
+    def norm_bytes(self) -> int:
+        norms = [*self.attn_norms, *self.mlp_norms, self.final_norm]
+        embedding = 0 if self.embedding is None else self.embedding.numel() * self.embedding.element_size()
+        return sum(t.numel() * t.element_size() for t in norms) + embedding
+
+    def _rope_tables(self, config) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sign-folded sin for every position, from transformers' own rotary module (honours rope_scaling).
 
         rotate_half(x) * sin == x.roll(d/2) * [-sin_1, sin_2], so the rotation is a roll and two products.
@@ -130,85 +138,103 @@ class CompactLlama:
         positions = torch.arange(self.dims.max_positions).unsqueeze(0)
         probe = torch.zeros(1, dtype=torch.float32)
         with torch.no_grad():
-            cos, sin = hf_model.model.rotary_emb(probe, positions)
+            cos, sin = LlamaRotaryEmbedding(config=config)(probe, positions)
         half = self.dims.head_dim // 2
         sin = torch.cat([-sin[0, :, :half], sin[0, :, half:]], dim=-1)
         return cos[0].to(self.device, self.dtype), sin.to(self.device, self.dtype)
 
-    def linear_slots(self) -> list[Slot]:
-        return [slot for block in self.blocks for slot in block.slots()]
+    # ---- pieces shared by prefill and decode ----------------------------------------------------
 
-    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        table = self.head.pack if self.tied else self.embedding
-        return table.rows(tokens)
+    def embed(self, layout: Layout, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [rows, seq] -> [rows, seq, hidden]."""
+        if self.embedding is not None:
+            return F.embedding(tokens, self.embedding)
+        if len(layout.embed) == 1 and layout.embed[0][1] is None:
+            return layout.embed[0][0](tokens)
+        out = torch.empty(*tokens.shape, self.dims.hidden, device=self.device, dtype=self.dtype)
+        for lookup, rows in layout.embed:
+            out.index_copy_(0, rows, lookup(tokens.index_select(0, rows)))
+        return out
 
-    def _qkv(self, block: Block, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    def _qkv(self, sites: dict[str, SiteLayout], index: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """Projections with RoPE on q and k: q [b, s, heads, d], k and v [b, s, kv_heads, d]."""
         batch, seq, _ = x.shape
         d = self.dims
-        qkv = block.qkv_out(rms_norm(x, block.attn_norm, d.eps)).view(batch, seq, d.n_heads + 2 * d.n_kv_heads, d.head_dim)
+        h = rms_norm(x, self.attn_norms[index], d.eps)
+        qkv = sites["qkv"](h).view(batch, seq, d.n_heads + 2 * d.n_kv_heads, d.head_dim)
         rotated = d.n_heads + d.n_kv_heads
         qk = qkv[:, :, :rotated]
         qk = torch.addcmul(qk * cos, qk.roll(d.head_dim // 2, dims=-1), sin)
         return qk[:, :, : d.n_heads], qk[:, :, d.n_heads:], qkv[:, :, rotated:]
 
-    def _finish_block(self, block: Block, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
-        x = x + block.o(attn)
-        return x + block.mlp(rms_norm(x, block.mlp_norm, self.dims.eps))
+    def _finish_block(self, sites: dict[str, SiteLayout], index: int, x: torch.Tensor,
+                      attn: torch.Tensor) -> torch.Tensor:
+        x = x + sites["o"](attn)
+        h = rms_norm(x, self.mlp_norms[index], self.dims.eps)
+        gate, up = sites["gate_up"](h).chunk(2, dim=-1)
+        return x + sites["down"](F.silu(gate) * up)
 
     def _rope_at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.cos[positions].unsqueeze(2), self.sin[positions].unsqueeze(2)  # [b, s, 1, d]
 
-    def prefill(self, tokens: torch.Tensor, cache: KVCache | None, last: torch.Tensor | None) -> torch.Tensor:
-        """Run prompts [batch, seq] (right-padded) from position 0, filling `cache` when given.
+    def _head(self, layout: Layout, x: torch.Tensor) -> torch.Tensor:
+        return layout.head(rms_norm(x, self.final_norm, self.dims.eps)).float()
 
-        Returns the logits at positions `last` [batch] (float32 [batch, vocab]), or at every position
-        when `last` is None (float32 [batch, seq, vocab]).
+    # ---- prefill --------------------------------------------------------------------------------
+
+    def prefill(self, layout: Layout, tokens: torch.Tensor, pool: KVPool | None = None,
+                slot: int | None = None) -> torch.Tensor:
+        """Run prompts [rows, seq] from position 0 (every row a full sequence of one layout).
+
+        With a pool, `tokens` is one sequence and its keys and values are written to `slot`; returns
+        float32 logits at the last position [1, vocab]. Without, returns logits at every position
+        [rows, seq, vocab] (perplexity).
         """
-        batch, seq = tokens.shape
-        cos, sin = self._rope_at(torch.arange(seq, device=self.device).expand(batch, seq))
-        x = self.embed(tokens)
-        for index, block in enumerate(self.blocks):
-            q, k, v = (t.transpose(1, 2) for t in self._qkv(block, x, cos, sin))
-            if cache is not None:
-                cache.k[index, :batch, :, :seq] = k
-                cache.v[index, :batch, :, :seq] = v
-            # Right padding: a real query never sees a padded key under the causal mask.
+        rows, seq = tokens.shape
+        cos, sin = self._rope_at(torch.arange(seq, device=self.device).expand(rows, seq))
+        x = self.embed(layout, tokens)
+        for index, sites in enumerate(layout.blocks):
+            q, k, v = (t.transpose(1, 2) for t in self._qkv(sites, index, x, cos, sin))
+            if pool is not None:
+                pool.k[index, slot, :, :seq] = k[0]
+                pool.v[index, slot, :, :seq] = v[0]
             attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-            x = self._finish_block(block, x, attn.transpose(1, 2).reshape(batch, seq, -1))
-        if last is not None:
-            x = x[torch.arange(batch, device=self.device), last]
-            return self.head.pack.linear(rms_norm(x, self.final_norm, self.dims.eps), torch.float32)
-        return self.head(rms_norm(x, self.final_norm, self.dims.eps)).float()
+            x = self._finish_block(sites, index, x, attn.transpose(1, 2).reshape(rows, seq, -1))
+        if pool is not None:
+            x = x[:, -1:]
+        logits = self._head(layout, x)
+        return logits[:, -1] if pool is not None else logits
 
-    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, span: int,
-               mask: torch.Tensor | None, position: int | None) -> torch.Tensor:
-        """One token per sequence: tokens/positions [batch]; attends to cache positions < span.
+    # ---- decode ---------------------------------------------------------------------------------
 
-        `position` is the shared position when every sequence is at the same one; otherwise `mask`
-        [batch, 1, 1, span] (0 or -inf) hides each sequence's future slots. Returns float32 logits [batch, vocab].
-        """
+    def decode(self, layout: Layout, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+               pool: KVPool, span: int) -> torch.Tensor:
+        """One token per running sequence: tokens, positions and KV slots [rows]; reads cache positions
+        < span. Returns float32 logits [rows, vocab]."""
         d = self.dims
-        batch = tokens.shape[0]
+        rows = tokens.shape[0]
         group = d.n_heads // d.n_kv_heads
-        rows = torch.arange(batch, device=self.device)
         cos, sin = self._rope_at(positions.unsqueeze(1))
-        x = self.embed(tokens).unsqueeze(1)
+        x = self.embed(layout, tokens.unsqueeze(1))
         scale = d.head_dim**-0.5
-        for index, block in enumerate(self.blocks):
-            q, k, v = self._qkv(block, x, cos, sin)
-            keys, values = cache.k[index], cache.v[index]
-            if position is not None:
-                keys[:, :, position] = k[:, 0]
-                values[:, :, position] = v[:, 0]
-            else:
-                keys[rows, :, positions] = k[:, 0].to(keys.dtype)
-                values[rows, :, positions] = v[:, 0].to(values.dtype)
+        # Positions past a sequence's own are hidden from it (other sequences may be longer).
+        hidden = torch.arange(span, device=self.device).unsqueeze(0) > positions.unsqueeze(1)
+        mask = torch.zeros(rows, 1, 1, span, device=self.device).masked_fill_(hidden[:, None, None], float("-inf"))
+        for index, sites in enumerate(layout.blocks):
+            q, k, v = self._qkv(sites, index, x, cos, sin)
+            keys, values = pool.k[index], pool.v[index]
+            keys[slots, :, positions] = k[:, 0].to(keys.dtype)
+            values[slots, :, positions] = v[:, 0].to(values.dtype)
             # Grouped-query attention for one query: [b, kv_heads, group, d] against [b, kv_heads, span, d].
-            scores = torch.matmul(q.reshape(batch, d.n_kv_heads, group, d.head_dim).to(keys.dtype),
-                                  keys[:, :, :span].transpose(-1, -2)).float() * scale
-            if mask is not None:
-                scores = scores + mask
-            attn = torch.matmul(scores.softmax(-1).to(values.dtype), values[:, :, :span]).to(self.dtype)
-            x = self._finish_block(block, x, attn.reshape(batch, 1, -1))
-        return self.head.pack.linear(rms_norm(x[:, 0], self.final_norm, self.dims.eps), torch.float32)
+            scores = torch.matmul(q.reshape(rows, d.n_kv_heads, group, d.head_dim).to(keys.dtype),
+                                  keys[slots, :, :span].transpose(-1, -2)).float() * scale
+            attn = torch.matmul((scores + mask).softmax(-1).to(values.dtype), values[slots, :, :span]).to(self.dtype)
+            x = self._finish_block(sites, index, x, attn.reshape(rows, 1, -1))
+        return self._head(layout, x)[:, 0]
+
+
+def rows_tensor(rows: Sequence[int], total: int, device: torch.device) -> torch.Tensor | None:
+    """An index tensor of `rows`, or None when they are every row in order."""
+    if list(rows) == list(range(total)):
+        return None
+    return torch.tensor(list(rows), dtype=torch.long, device=device)

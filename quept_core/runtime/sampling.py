@@ -1,10 +1,20 @@
-"""Next-token choice per sequence: greedy, or temperature / top-k / top-p sampling with repetition penalty."""
+"""Next-token choice for every running sequence: greedy, or temperature / top-k / top-p sampling with
+repetition penalty, and the log-probabilities a request asks for.
+
+State lives per KV slot (a sequence's generator and the tokens it has seen), so sequences join and
+leave the running set without touching each other. The common case, every row greedy with no
+penalty and no log-probabilities, is one argmax on the device and one transfer of the chosen ids.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from quept_core.runtime.protocol import SamplingParams
+from quept_core.runtime.protocol import SamplingParams, TokenLogprob
+
+MAX_TOP_LOGPROBS = 20
 
 
 class RequestError(ValueError):
@@ -22,62 +32,95 @@ def check_sampling(params: SamplingParams) -> None:
         raise RequestError(f"top_k must be >= 0 (0: off), got {params.top_k}")
     if params.repetition_penalty <= 0:
         raise RequestError(f"repetition_penalty must be > 0, got {params.repetition_penalty}")
+    if params.logprobs is not None and not 0 <= params.logprobs <= MAX_TOP_LOGPROBS:
+        raise RequestError(f"logprobs must be in 0..{MAX_TOP_LOGPROBS} (top alternatives), got {params.logprobs}")
+
+
+@dataclass(frozen=True)
+class Choice:
+    token_id: int
+    logprob: TokenLogprob | None = None
+    top_logprobs: tuple[TokenLogprob, ...] = ()
 
 
 class Sampler:
-    """Chooses the next token of every sequence in a batch from float32 logits [batch, vocab]."""
+    """Per-slot sampling state and the choice of one token per row from float32 logits [rows, vocab]."""
 
-    def __init__(self, params: list[SamplingParams], prompts: list[list[int]], vocab: int, device: torch.device):
-        self.params = params
-        self.device = device
-        self.greedy = all(p.temperature == 0 for p in params)
+    def __init__(self, slots: int, vocab: int, device: torch.device):
+        self.vocab, self.device = vocab, device
+        self.params: list[SamplingParams | None] = [None] * slots
+        self.generators: list[torch.Generator | None] = [None] * slots
+        self.seen: torch.Tensor | None = None  # bool [slots, vocab], allocated on the first penalty
+        self._order: list[int] = []
+        self._plain = True
+        self._penalty: torch.Tensor | None = None
+        self._slot_index: torch.Tensor | None = None
+
+    def add(self, slot: int, params: SamplingParams, prompt_ids: list[int]) -> None:
+        check_sampling(params)
+        self.params[slot] = params
+        sampled = params.temperature > 0
+        self.generators[slot] = (torch.Generator(device=self.device).manual_seed(params.seed)
+                                 if sampled and params.seed is not None else None)
+        if params.repetition_penalty != 1.0:
+            if self.seen is None:
+                self.seen = torch.zeros(len(self.params), self.vocab, dtype=torch.bool, device=self.device)
+            self.seen[slot] = False
+            self.seen[slot, torch.tensor(prompt_ids, device=self.device)] = True
+
+    def remove(self, slot: int) -> None:
+        self.params[slot] = None
+        self.generators[slot] = None
+
+    def set_order(self, slots: list[int]) -> None:
+        """The slots of the rows of the next steps' logits, in row order (once per change of the set)."""
+        self._order = list(slots)
+        params = [self.params[s] for s in slots]
+        self._plain = all(p.temperature == 0 and p.repetition_penalty == 1.0 and p.logprobs is None for p in params)
         penalties = [p.repetition_penalty for p in params]
-        self.penalty = None
+        self._penalty = None
         if any(p != 1.0 for p in penalties):
-            self.penalty = torch.tensor(penalties, device=device).unsqueeze(1)
-            self.seen = torch.zeros(len(params), vocab, dtype=torch.bool, device=device)
-            for row, prompt in enumerate(prompts):
-                self.seen[row, torch.tensor(prompt, device=device)] = True
-        self.generators = []
-        for p in params:
-            generator = None
-            if p.temperature > 0 and p.seed is not None:
-                generator = torch.Generator(device=device).manual_seed(p.seed)
-            self.generators.append(generator)
+            self._penalty = torch.tensor(penalties, device=self.device).unsqueeze(1)
+        self._slot_index = torch.tensor(slots, dtype=torch.long, device=self.device)
 
-    def keep_rows(self, rows: list[int]) -> None:
-        self.params = [self.params[r] for r in rows]
-        self.generators = [self.generators[r] for r in rows]
-        if self.penalty is not None:
-            index = torch.tensor(rows, device=self.device)
-            self.penalty = self.penalty[index]
-            self.seen = self.seen[index]
+    def __call__(self, logits: torch.Tensor) -> list[Choice]:
+        if self._plain:
+            return [Choice(t) for t in logits.argmax(dim=-1).tolist()]
+        if self._penalty is not None:
+            seen = self.seen.index_select(0, self._slot_index)
+            penalised = torch.where(logits > 0, logits / self._penalty, logits * self._penalty)
+            logits = torch.where(seen, penalised, logits)
+        choices = [self._choose(logits[row], slot) for row, slot in enumerate(self._order)]
+        if self._penalty is not None:
+            chosen = torch.tensor([c.token_id for c in choices], device=self.device)
+            self.seen[self._slot_index, chosen] = True
+        return choices
 
-    def __call__(self, logits: torch.Tensor) -> list[int]:
-        if self.penalty is not None:
-            penalised = torch.where(logits > 0, logits / self.penalty, logits * self.penalty)
-            logits = torch.where(self.seen, penalised, logits)
-        if self.greedy:
-            chosen = logits.argmax(dim=-1)
-        else:
-            chosen = torch.stack([self._sample_row(logits[row], row) for row in range(logits.shape[0])])
-        if self.penalty is not None:
-            self.seen[torch.arange(len(chosen), device=self.device), chosen] = True
-        return chosen.tolist()
-
-    def _sample_row(self, logits: torch.Tensor, row: int) -> torch.Tensor:
-        params = self.params[row]
+    def _choose(self, logits: torch.Tensor, slot: int) -> Choice:
+        params = self.params[slot]
         if params.temperature == 0:
-            return logits.argmax()
-        logits = logits / params.temperature
-        if params.top_k > 0:
-            kth = torch.topk(logits, min(params.top_k, logits.numel())).values[-1]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        if params.top_p < 1.0:
-            sorted_logits, order = torch.sort(logits, descending=True)
-            cumulative = sorted_logits.softmax(-1).cumsum(-1)
-            # Drop a token once the mass before it already reaches top_p (the first token always stays).
-            drop = cumulative - sorted_logits.softmax(-1) >= params.top_p
-            logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
-        probs = logits.softmax(-1)
-        return torch.multinomial(probs, 1, generator=self.generators[row])[0]
+            token = int(logits.argmax())
+        else:
+            logits = _filtered(logits / params.temperature, params)
+            token = int(torch.multinomial(logits.softmax(-1), 1, generator=self.generators[slot])[0])
+        if params.logprobs is None:
+            return Choice(token)
+        logprobs = logits.log_softmax(-1)
+        top = torch.topk(logprobs, params.logprobs) if params.logprobs else None
+        alternatives = () if top is None else tuple(
+            TokenLogprob(t, v) for t, v in zip(top.indices.tolist(), top.values.tolist(), strict=True))
+        return Choice(token, TokenLogprob(token, float(logprobs[token])), alternatives)
+
+
+def _filtered(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Top-k, then top-p: tokens outside them get -inf."""
+    if params.top_k > 0:
+        kth = torch.topk(logits, min(params.top_k, logits.numel())).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # Drop a token once the mass before it already reaches top_p (the first token always stays).
+        drop = probs.cumsum(-1) - probs >= params.top_p
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+    return logits

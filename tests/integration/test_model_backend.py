@@ -22,7 +22,7 @@ pytestmark = pytest.mark.integration
 def backend() -> ModelBackend:
     torch.set_num_threads(2)
     loaded = load_model("smollm2-135m")
-    engine = QueptEngine(loaded, make_elastic(loaded.model, BitConfig()), device="cpu")
+    engine = QueptEngine.from_elastic(loaded, make_elastic(loaded.model, BitConfig()), device="cpu")
     return ModelBackend(engine, "uncalibrated")
 
 

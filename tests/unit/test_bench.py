@@ -35,7 +35,7 @@ def test_bench_runs_every_row(folder):
     engines = []
 
     def make_engine(loaded):
-        engines.append(QueptEngine(loaded, tiny_elastic(loaded), device="cpu"))
+        engines.append(QueptEngine.from_elastic(loaded, tiny_elastic(loaded), device="cpu"))
         return engines[0]
 
     result = run_bench(str(folder), make_engine, ["fp", "w4", "w3"], CONFIG, None, None)
@@ -74,11 +74,13 @@ def test_perplexity_follows_the_window_convention():
 
 def test_switch_latency_measures_resident_plans():
     loaded = tiny_loaded()
-    engine = QueptEngine(loaded, tiny_elastic(loaded), device="cpu")
+    engine = QueptEngine.from_elastic(loaded, tiny_elastic(loaded), device="cpu")
     plans = [engine.plan("w4"), engine.plan("w8")]
     result = switch_latency(engine, plans, 10)
-    assert result["p50"] <= result["p99"]
-    assert engine.current_plan is plans[1]
+    builds = engine.cache.builds
+    assert 0 < result["p50"] <= result["p99"]
+    switch_latency(engine, plans, 10)
+    assert engine.cache.builds == builds  # both plans stayed resident
 
 
 def sample_result() -> BenchResult:

@@ -6,6 +6,7 @@ from tiny_llama import tiny_elastic, tiny_loaded
 
 from quept_core.runtime.engine import QueptEngine
 from quept_core.runtime.protocol import SamplingParams, SequenceRequest
+from quept_core.runtime.weights import ElasticWeights
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -15,17 +16,18 @@ pytestmark = [pytest.mark.gpu,
 def test_cuda_engine_agrees_with_cpu(precision):
     loaded = tiny_loaded()
     elastic = tiny_elastic(loaded)
-    cpu = QueptEngine(loaded, elastic, device="cpu")
-    cuda = QueptEngine(loaded, elastic, device="cuda")
+    weights = ElasticWeights(loaded, elastic)
+    cpu = QueptEngine(weights, loaded.tokenizer, device="cpu")
+    cuda = QueptEngine(weights, loaded.tokenizer, device="cuda")
     assert cuda.model.final_norm.device.type == "cuda"
     tokens = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
     want = cpu.logits(tokens, cpu.plan(precision))
     got = cuda.logits(tokens, cuda.plan(precision)).cpu()
     assert ((got - want).norm() / want.norm()) < 0.05
-    requests = [SequenceRequest([5, 6, 7], SamplingParams(max_new_tokens=4)),
-                SequenceRequest([9, 10], SamplingParams(max_new_tokens=4, temperature=0.8, seed=1))]
-    batch = cuda.start_batch(requests, cuda.plan(precision))
+    plan, other = cuda.plan(precision), cuda.plan("w4")
+    cuda.add(SequenceRequest([5, 6, 7], plan, SamplingParams(max_new_tokens=4)))
+    cuda.add(SequenceRequest([9, 10], other, SamplingParams(max_new_tokens=4, temperature=0.8, seed=1, logprobs=2)))
     events = []
-    while not batch.done:
-        events.extend(batch.step())
-    assert len(events) == 8
+    while cuda.running:
+        events.extend(cuda.step())
+    assert len(events) == 8 and cuda.free_slots == cuda.max_running

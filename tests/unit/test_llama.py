@@ -17,7 +17,8 @@ ROPE_SCALINGS = [
 
 def fp32_engine(**overrides) -> tuple:
     loaded = tiny_loaded(**overrides)
-    engine = QueptEngine(loaded, tiny_elastic(loaded), device="cpu", dtype=torch.float32)
+    engine = QueptEngine.from_elastic(loaded, tiny_elastic(loaded), device="cpu",
+                         dtype=torch.float32)
     return loaded, engine
 
 
@@ -42,22 +43,23 @@ def test_untied_head_matches_transformers():
 
 
 def test_decode_steps_match_full_forward():
+    """Sequences of different lengths that join at different steps: every step's logits equal a full
+    forward pass over the sequence so far."""
     loaded, engine = fp32_engine()
+    plan = engine.plan("fp")
     prompts = [[5, 9, 17, 3, 44], [7, 8], [100, 101, 102, 103, 104, 105, 106, 107, 108]]
-    batch = engine.start_batch(
-        [SequenceRequest(p, SamplingParams(max_new_tokens=6)) for p in prompts], engine.plan("fp")
-    )
-    sequences = [list(p) for p in prompts]
-    while not batch.done:
-        events = batch.step()
-        logits = batch.last_logits
-        for row, event in enumerate(events):
-            # Each step's logits equal a full forward pass over the sequence so far.
+    sequences: dict[int, list[int]] = {}
+    for step in range(9):
+        if step < len(prompts):
+            (seq_id,) = engine.add(SequenceRequest(prompts[step], plan, SamplingParams(max_new_tokens=6)))
+            sequences[seq_id] = list(prompts[step])
+        for event in engine.step():
             with torch.no_grad():
-                expected = loaded.model(torch.tensor([sequences[event.seq]])).logits[0, -1]
-            assert torch.allclose(logits[row], expected, atol=1e-4, rtol=1e-4)
-            sequences[event.seq].append(event.token_id)
-    assert [len(s) - len(p) for s, p in zip(sequences, prompts)] == [6, 6, 6]
+                expected = loaded.model(torch.tensor([sequences[event.seq_id]])).logits[0, -1]
+            assert torch.allclose(engine.last_logits[event.seq_id], expected, atol=1e-4, rtol=1e-4)
+            sequences[event.seq_id].append(event.token_id)
+    assert engine.running == 0
+    assert [len(s) - len(p) for s, p in zip(sequences.values(), prompts, strict=True)] == [6, 6, 6]
 
 
 def test_greedy_generation_matches_transformers_generate():
@@ -76,12 +78,12 @@ def test_ragged_decode_in_bfloat16_writes_the_float32_cache():
     """Sequences at different positions take the indexed cache write; on CPU the cache is float32
     while the model computes in bfloat16."""
     loaded = tiny_loaded()
-    engine = QueptEngine(loaded, tiny_elastic(loaded), device="cpu", dtype=torch.bfloat16)
-    prompts = [[5, 9, 17, 3, 44], [7, 8]]
-    batch = engine.start_batch([SequenceRequest(p, SamplingParams(max_new_tokens=3)) for p in prompts],
-                               engine.plan("w4"))
+    engine = QueptEngine.from_elastic(loaded, tiny_elastic(loaded), device="cpu")
+    assert engine.pool.k.dtype == torch.float32
+    for prompt in ([5, 9, 17, 3, 44], [7, 8]):
+        engine.add(SequenceRequest(prompt, engine.plan("w4"), SamplingParams(max_new_tokens=3)))
     produced = []
-    while not batch.done:
-        produced += batch.step()
-        assert torch.isfinite(batch.last_logits).all()
+    while engine.running:
+        produced += engine.step()
+        assert all(torch.isfinite(row).all() for row in engine.last_logits.values())
     assert len(produced) == 2 * 3
