@@ -54,9 +54,8 @@ def request_mix(info: dict) -> list[dict]:
 
 
 def capacity(info: dict) -> int:
-    """Requests the server decodes at once: sequences per batch times batches interleaved."""
-    limits = info["limits"]
-    return limits["max_batch_size"] * limits["max_running_batches"]
+    """Requests the server decodes at once: the sequences of its running set."""
+    return info["limits"]["max_running"]
 
 
 @dataclass
@@ -199,9 +198,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--url", default="http://127.0.0.1:8000")
     parser.add_argument("--levels", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4],
-                        help="concurrency as multiples of the server's batch capacity")
+                        help="concurrency as multiples of the server's running set")
     parser.add_argument("--capacity", type=int, default=0,
-                        help="requests served at once (default: max_batch_size x max_running_batches from /info)")
+                        help="requests served at once (default: max_running from /info)")
     parser.add_argument("--requests", type=int, default=48, help="requests per level")
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--deadline-s", type=float, default=180.0, help="wall-clock limit per level")

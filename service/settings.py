@@ -35,11 +35,11 @@ class Settings(BaseSettings):
     threads: int | None = Field(None, ge=1, description="CPU threads for PyTorch (null: PyTorch's choice)")
     drain_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM, how long in-flight requests may finish "
                                                            "before they are aborted")
-    max_queue: int = Field(64, ge=1, description="requests waiting for a batch slot; beyond it, 503")
+    max_queue: int = Field(64, ge=1, description="requests waiting for a free slot; beyond it, 503")
     max_queue_tokens: int = Field(65536, ge=1, description="prompt tokens of waiting requests; beyond it, 503")
     queue_timeout_s: float = Field(60.0, gt=0, description="a request still queued after this long fails with 503")
-    max_batch_size: int = Field(8, ge=1, description="sequences per batch (requests sharing a plan)")
-    max_running_batches: int = Field(4, ge=1, description="batches decoded at once, interleaved step by step")
+    max_running: int = Field(16, ge=1, description="sequences decoded together, any mix of precisions "
+                                                   "(the engine's KV slots); also the largest n")
     memory_limit_mb: float | None = Field(None, gt=0, description="resident packed-weight limit (MiB) "
                                                                   "for the runtime's pack cache (null: no limit)")
     max_new_tokens_limit: int = Field(512, ge=1, description="largest max_new_tokens / max_tokens accepted")

@@ -78,12 +78,11 @@ class ServiceState:
         self.costs = CostModel(backend.shapes, settings.ewma_alpha)
         measure_costs(backend.engine, uniform, backend.tokenizer, self.costs)
         controller = Controller(candidates, self.costs, backend.kv_bytes_per_token, settings.brownout_queue_depth)
-        limits = SchedulerLimits(settings.max_queue, settings.max_queue_tokens, settings.max_batch_size,
-                                 settings.max_running_batches, backend.context_length)
+        limits = SchedulerLimits(settings.max_queue, settings.max_queue_tokens, settings.max_running)
         self.scheduler = Scheduler(backend.engine, limits, self.metrics, self.costs, self.clock,
-                                   on_switch=self.refresh_gauges)
+                                   on_layout_change=self.refresh_gauges)
         self.pipeline = Pipeline(backend, controller, self.scheduler, self.metrics,
-                                 settings.max_new_tokens_limit, settings.queue_timeout_s)
+                                 settings.max_new_tokens_limit, settings.queue_timeout_s, settings.max_running)
         self.refresh_gauges()
         self.scheduler.start()
 

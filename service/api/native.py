@@ -12,7 +12,7 @@ from service.api.schemas import GenerateRequest, GenerateResponse, PlanResponse,
 from service.api.streaming import Run, sse, start_run
 from service.api.views import precision_view, prediction_view, timing_view
 from service.engine.pipeline import GenerationSpec, Prepared
-from service.engine.scheduler import Event, Finished, TokenOut
+from service.engine.scheduler import Event, Failed, Finished, TokenOut
 from service.state import ServiceState
 
 router = APIRouter()
@@ -28,9 +28,10 @@ def to_spec(body: GenerateRequest) -> GenerationSpec:
 
 def response_body(run: Run, finished: Finished) -> GenerateResponse:
     prepared: Prepared = run.prepared
+    output = finished.outputs[0]
     return GenerateResponse(
-        generated_text=finished.text,
-        finish_reason=finished.finish_reason,
+        generated_text=output.text,
+        finish_reason=output.finish_reason,
         usage=Usage(prompt_tokens=len(prepared.prompt_ids), completion_tokens=finished.completion_tokens),
         precision=precision_view(prepared, run.pipeline.backend.shapes),
         timing=timing_view(finished),
@@ -49,7 +50,7 @@ async def generate(body: GenerateRequest, request: Request):
                                       index=event.index).model_dump())
             elif isinstance(event, Finished):
                 yield sse(response_body(run, event).model_dump())
-            else:
+            elif isinstance(event, Failed):
                 yield sse(event.error.body(), event="error")
 
         return run.stream(render)

@@ -19,7 +19,7 @@ from service.api.schemas import ChatCompletionRequest, CompletionRequest, OpenAI
 from service.api.streaming import Run, sse, start_run
 from service.api.views import precision_view, timing_view
 from service.engine.pipeline import GenerationSpec
-from service.engine.scheduler import Event, Finished, TokenOut
+from service.engine.scheduler import ChoiceEnd, ChoiceOutput, Event, Finished, TokenOut
 from service.errors import ServiceError, invalid
 from service.state import ServiceState
 
@@ -60,8 +60,8 @@ def _spec(body: OpenAIFields, state: ServiceState, prompt: str | None, messages:
                           max_tokens_field="max_tokens")
 
 
-def _finish_reason(finished: Finished) -> str:
-    return "length" if finished.finish_reason == "length" else "stop"
+def _finish_reason(output: ChoiceOutput) -> str:
+    return "length" if output.finish_reason == "length" else "stop"
 
 
 def _common(run: Run, kind: str) -> dict:
@@ -89,10 +89,12 @@ def _stream(run: Run, body: OpenAIFields, prefix: str, obj: str, choice,
         if isinstance(event, TokenOut):
             if event.released:
                 yield sse({**common, "choices": [choice(event.released, None)]})
+        elif isinstance(event, ChoiceEnd):
+            if event.output.released:
+                yield sse({**common, "choices": [choice(event.output.released, None)]})
         elif isinstance(event, Finished):
-            if event.released:
-                yield sse({**common, "choices": [choice(event.released, None)]})
-            yield sse({**common, "choices": [choice(None, _finish_reason(event))], **_extensions(run, event)})
+            yield sse({**common, "choices": [choice(None, _finish_reason(event.outputs[0]))],
+                       **_extensions(run, event)})
             if body.include_usage:
                 yield sse({**common, "choices": [], "usage": _usage(run, event)})
         else:
@@ -119,7 +121,8 @@ async def completions(body: CompletionRequest, request: Request):
                                              "logprobs": None})
     finished = await run.finish()
     content = {**_common(run, "cmpl"), "object": "text_completion",
-               "choices": [{"index": 0, "text": finished.text, "finish_reason": _finish_reason(finished),
+               "choices": [{"index": 0, "text": finished.outputs[0].text,
+                            "finish_reason": _finish_reason(finished.outputs[0]),
                             "logprobs": None}],
                "usage": _usage(run, finished), **_extensions(run, finished)}
     return JSONResponse(content, headers=run.headers)
@@ -141,7 +144,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
                              "logprobs": None})
     finished = await run.finish()
     content = {**_common(run, "chatcmpl"), "object": "chat.completion",
-               "choices": [{"index": 0, "message": {"role": "assistant", "content": finished.text},
-                            "finish_reason": _finish_reason(finished), "logprobs": None}],
+               "choices": [{"index": 0, "message": {"role": "assistant", "content": finished.outputs[0].text},
+                            "finish_reason": _finish_reason(finished.outputs[0]), "logprobs": None}],
                "usage": _usage(run, finished), **_extensions(run, finished)}
     return JSONResponse(content, headers=run.headers)

@@ -1,7 +1,7 @@
 """The precision controller: which plan serves a request.
 
-For every candidate plan it predicts `queue wait + (prefill + max_new_tokens x decode) x sharing`
-(sharing: batches decoded in turn with this one) and `weight bytes + KV bytes`, then picks the
+For every candidate plan it predicts `queue wait + prefill + max_new_tokens x decode` (the decode
+step is measured on the running set, whatever it holds) and `weight bytes + KV bytes`, then picks the
 best-quality plan that meets every budget and is not below `min_precision`. Under queue pressure
 ("brownout") auto and degradable requests step down to cheaper plans before anything is refused.
 
@@ -115,7 +115,6 @@ class Load:
 
     queue_wait_s: float = 0.0
     waiting: int = 0
-    sharing: int = 1  # batches that will be stepped in turn with this request's batch
 
 
 @dataclass(frozen=True)
@@ -142,7 +141,7 @@ class Prediction:
 
     @property
     def work_s(self) -> float:
-        """Compute time of the request alone (no queue, no sharing)."""
+        """Compute time of the request (no queue)."""
         return self.prefill_s + self.decode_s
 
 
@@ -154,6 +153,7 @@ class PlanRequest:
     budget: Budget = Budget()
     floor_bits: float | None = None  # min_precision as average bits
     allow_degrade: bool = True
+    sequences: int = 1  # n: each sequence holds its own KV positions
 
 
 @dataclass(frozen=True)
@@ -181,13 +181,12 @@ class Controller:
 
     def predict(self, candidate: Candidate, request: PlanRequest, load: Load) -> Prediction:
         cost = self.costs.cost(candidate.plan)
-        sharing = max(1, load.sharing)
         return Prediction(
             queue_s=load.queue_wait_s,
-            prefill_s=request.prompt_tokens * cost.prefill_s_per_token * sharing,
-            decode_s=request.max_new_tokens * cost.decode_s_per_step * sharing,
+            prefill_s=request.prompt_tokens * cost.prefill_s_per_token,
+            decode_s=request.max_new_tokens * cost.decode_s_per_step,
             weight_bytes=candidate.weight_bytes,
-            kv_bytes=(request.prompt_tokens + request.max_new_tokens) * self.kv_bytes_per_token,
+            kv_bytes=request.sequences * (request.prompt_tokens + request.max_new_tokens) * self.kv_bytes_per_token,
         )
 
     def decide(self, request: PlanRequest, load: Load) -> Decision:

@@ -28,7 +28,7 @@ class ModelBackend:
         dims = engine.model.dims
         self.context_length = dims.max_positions
         self.kv_bytes_per_token = engine.kv_bytes_per_token
-        self.shapes = {name: (linear.out_features, linear.in_features) for name, linear in engine.elastic.items()}
+        self.shapes = dict(engine.linear_shapes)
         self._front = list(front)
         self._quality = dict(quality or {})
         # Runs before serving (in the loader thread): building every uniform plan's packs once gives
@@ -85,7 +85,7 @@ def load_backend(settings: Settings) -> ModelBackend:
     extras = ensure_mixed_extras(calibrated.artifact_dir, calibrated)
     allocator = Allocator(SensitivityTable.from_dict(extras["sensitivity"]), calibrated.bit_config)
     engine = QueptEngine.from_calibrated(calibrated, device=device, memory_limit_bytes=settings.memory_limit_bytes,
-                                         mixed_resolver=allocator.plan)
+                                         mixed_resolver=allocator.plan, max_running=settings.max_running)
     quality = {name: entry["ppl_delta_pct"] for name, entry in extras["quality"]["plans"].items()}
     # Stored front plans run the output head like every quantized plan of this engine.
     front = [plan.with_head_bits(engine.head_bits) for plan in stored_plans(extras["plans"])]

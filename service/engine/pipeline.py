@@ -38,6 +38,7 @@ class GenerationSpec:
     memory_budget_mb: float | None = None
     min_precision: str | None = None
     allow_degrade: bool = True
+    n: int = 1  # sequences generated from the prompt (they share its prefill)
     max_tokens_field: str = "max_new_tokens"  # how the route family names it, for error messages
 
 
@@ -68,13 +69,14 @@ def _is_utf8(text: str) -> bool:
 
 class Pipeline:
     def __init__(self, backend: Backend, controller: Controller, scheduler: Scheduler, metrics: Metrics,
-                 max_new_tokens_limit: int, queue_timeout_s: float):
+                 max_new_tokens_limit: int, queue_timeout_s: float, max_running: int):
         self.backend = backend
         self.controller = controller
         self.scheduler = scheduler
         self.metrics = metrics
         self.max_new_tokens_limit = max_new_tokens_limit
         self.queue_timeout_s = queue_timeout_s
+        self.max_running = max_running
 
     def requested_label(self, precision: str) -> str:
         return requested_label(precision, self.backend.bit_set)
@@ -113,6 +115,8 @@ class Pipeline:
         sampling, field = spec.sampling, spec.max_tokens_field
         if sampling.max_new_tokens > self.max_new_tokens_limit:
             raise invalid(f"{field}: at most {self.max_new_tokens_limit} on this server", field)
+        if spec.n > self.max_running:
+            raise invalid(f"n: at most {self.max_running} on this server (its running set)", "n")
         ids = self.prompt_ids(spec)
         if len(ids) + sampling.max_new_tokens > self.backend.context_length:
             raise invalid(f"{field}: the prompt's {len(ids)} tokens plus {sampling.max_new_tokens} new "
@@ -131,7 +135,7 @@ class Pipeline:
             None if spec.latency_budget_ms is None else spec.latency_budget_ms / 1000,
             None if spec.memory_budget_mb is None else int(spec.memory_budget_mb * MIB),
         )
-        request = PlanRequest(requested, len(ids), sampling.max_new_tokens, budget, floor, spec.allow_degrade)
+        request = PlanRequest(requested, len(ids), sampling.max_new_tokens, budget, floor, spec.allow_degrade, spec.n)
         decision = self.controller.decide(request, self.scheduler.load())
         if sampling.temperature > 0 and sampling.seed is None:
             sampling = replace(sampling, seed=secrets.randbelow(2**31))
@@ -144,8 +148,9 @@ class Pipeline:
         deadline = arrival + self.queue_timeout_s
         if prepared.spec.latency_budget_ms is not None:
             deadline = min(deadline, arrival + prepared.spec.latency_budget_ms / 1000)
-        job = Job(request_id, prepared.prompt_ids, prepared.sampling, decision.plan,
-                  TextStream(self.backend.tokenizer, prepared.prompt_ids, prepared.spec.stop), deliver,
+        texts = [TextStream(self.backend.tokenizer, prepared.prompt_ids, prepared.spec.stop)
+                 for _ in range(prepared.spec.n)]
+        job = Job(request_id, prepared.prompt_ids, prepared.sampling, decision.plan, texts, deliver,
                   arrival, deadline, work_s=decision.prediction.work_s)
         try:
             self.scheduler.submit(job)
@@ -165,7 +170,7 @@ class Pipeline:
         if spec.latency_budget_ms is not None and finished.timing.total_s * 1000 > spec.latency_budget_ms:
             self.metrics.budget_violations.labels("latency").inc()
         if spec.memory_budget_mb is not None:
-            tokens = len(prepared.prompt_ids) + finished.completion_tokens
+            tokens = prepared.spec.n * len(prepared.prompt_ids) + finished.completion_tokens
             used = self.backend.describe(prepared.plan).weight_bytes + tokens * self.backend.kv_bytes_per_token
             if used > spec.memory_budget_mb * MIB:
                 self.metrics.budget_violations.labels("memory").inc()

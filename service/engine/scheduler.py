@@ -1,10 +1,10 @@
-"""Admission, batching, fair interleaving, cancellation and drain, in front of the engine.
+"""Admission, continuous batching, cancellation and drain, in front of the engine.
 
-The engine's `step()` is blocking CPU work, so one dedicated worker thread owns the engine: it
-starts batches (waiting requests that share a plan, oldest request first), steps the running
-batches in turn (one step each, so plans interleave fairly), applies cancellations between steps
-(a disconnected client stops within one decode step) and hands each token to its request's
-asyncio queue through `deliver` (which uses `loop.call_soon_threadsafe`).
+The engine's `step()` is blocking work, so one dedicated worker thread owns the engine. Each turn of
+its loop applies cancellations (`engine.abort`, so a disconnected client stops within one step),
+admits the oldest waiting requests while the engine has free slots (a request joins the running set
+at any step, whatever its plan), calls `engine.step()` once and routes each token to its request by
+sequence id. Tokens reach a request's asyncio queue through `deliver` (`loop.call_soon_threadsafe`).
 """
 
 from __future__ import annotations
@@ -16,10 +16,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from quept_core.planning.plan import Plan
-from quept_core.runtime.protocol import Engine, GenerationBatch, SamplingParams, SequenceRequest
+from quept_core.runtime.protocol import Engine, SamplingParams, SequenceRequest, StepStats, TokenEvent, TokenLogprob
+from quept_core.runtime.sampling import RequestError
 from service.engine.controller import CostModel, Load
 from service.engine.textstream import TextStream
-from service.errors import ServiceError, unavailable
+from service.errors import ServiceError, invalid, unavailable
 from service.observability.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -27,10 +28,26 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class TokenOut:
-    index: int
+    choice: int  # which of the request's n sequences
+    index: int  # position of the token in its choice
     token_id: int
     text: str  # what this token added to the text
     released: str  # text now safe to show (held back while it could start a stop string)
+    logprob: TokenLogprob | None = None
+    top_logprobs: tuple[TokenLogprob, ...] = ()
+
+
+@dataclass(frozen=True)
+class ChoiceOutput:
+    choice: int
+    finish_reason: str  # "length", "stop" or "eos"
+    text: str
+    released: str  # held-back text released at the end
+    tokens: tuple[TokenOut, ...]
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.tokens)
 
 
 @dataclass(frozen=True)
@@ -42,12 +59,20 @@ class Timing:
 
 
 @dataclass(frozen=True)
+class ChoiceEnd:
+    """One of the request's sequences ended (every choice's end comes before `Finished`)."""
+
+    output: ChoiceOutput
+
+
+@dataclass(frozen=True)
 class Finished:
-    finish_reason: str  # "length", "stop" or "eos"
-    text: str
-    released: str  # held-back text released at the end
-    completion_tokens: int
+    outputs: tuple[ChoiceOutput, ...]  # by choice
     timing: Timing
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(output.completion_tokens for output in self.outputs)
 
 
 @dataclass(frozen=True)
@@ -55,7 +80,7 @@ class Failed:
     error: ServiceError
 
 
-Event = TokenOut | Finished | Failed
+Event = TokenOut | ChoiceEnd | Finished | Failed
 
 
 class AdmissionError(Exception):
@@ -69,70 +94,79 @@ class AdmissionError(Exception):
 class SchedulerLimits:
     max_queue: int = 64
     max_queue_tokens: int = 65536
-    max_batch_size: int = 8
-    max_running_batches: int = 4
-    context_length: int = 8192
-
-    @property
-    def kv_capacity_tokens(self) -> int:
-        """KV positions the running batches could hold at most: the denominator of the usage ratio."""
-        return self.max_running_batches * self.max_batch_size * self.context_length
+    max_running: int = 16  # sequences in the engine's running set (its KV slots)
 
 
 _WAITING, _RUNNING, _DONE = "waiting", "running", "done"
 
 
 @dataclass(eq=False)
+class Choice:
+    """One of a request's n sequences: its text, its tokens and its place in the engine."""
+
+    index: int
+    text: TextStream
+    seq_id: int = -1
+    tokens: list[TokenOut] = field(default_factory=list)
+    last_token_at: float | None = None
+    output: ChoiceOutput | None = None  # once it ended
+
+    @property
+    def done(self) -> bool:
+        return self.output is not None
+
+
+@dataclass(eq=False)
 class Job:
-    """One generation request as the scheduler sees it."""
+    """One generation request (n sequences of one prompt) as the scheduler sees it."""
 
     request_id: str
     prompt_ids: list[int]
     sampling: SamplingParams
     plan: Plan
-    text: TextStream
+    texts: list[TextStream]  # one per choice
     deliver: Callable[[Event], None]  # thread-safe: called from the worker thread
     arrival: float  # clock() when the request arrived
     deadline: float  # clock() after which a still-queued request fails
-    work_s: float = 0.0  # predicted compute seconds, for queue-wait estimates
+    work_s: float = 0.0  # predicted compute seconds of one choice, for queue-wait estimates
     state: str = _WAITING
     started_at: float | None = None
     first_token_at: float | None = None
-    last_token_at: float | None = None
-    completion_tokens: int = 0
-    seq: int = -1
-    run: _Running | None = field(default=None, repr=False)
+    choices: list[Choice] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.choices = [Choice(i, text) for i, text in enumerate(self.texts)]
+
+    @property
+    def n(self) -> int:
+        return len(self.choices)
 
     @property
     def finished(self) -> bool:
         return self.state == _DONE
 
     def remaining_work_s(self) -> float:
-        return self.work_s * (1 - self.completion_tokens / max(1, self.sampling.max_new_tokens))
-
-
-@dataclass(eq=False)
-class _Running:
-    batch: GenerationBatch
-    jobs: list[Job]
-    prefilled: bool = False
+        if self.state == _WAITING:
+            return self.work_s * self.n
+        per_token = self.work_s / max(1, self.sampling.max_new_tokens)
+        return sum(self.work_s - per_token * len(c.tokens) for c in self.choices if not c.done)
 
 
 class Scheduler:
     def __init__(self, engine: Engine, limits: SchedulerLimits, metrics: Metrics, costs: CostModel,
-                 clock: Callable[[], float] = time.monotonic, on_switch: Callable[[], None] = lambda: None):
+                 clock: Callable[[], float] = time.monotonic,
+                 on_layout_change: Callable[[], None] = lambda: None):
         self.engine = engine
-        self.on_switch = on_switch  # after a plan switch or a finished batch, in the thread that owns the engine
+        self.on_layout_change = on_layout_change  # after a step rebuilt the weight layout, in the engine's thread
         self.limits = limits
         self.metrics = metrics
         self.costs = costs
         self.clock = clock
         self._cond = threading.Condition()
         self._waiting: list[Job] = []
-        self._running: list[_Running] = []
+        self._running: dict[int, tuple[Job, Choice]] = {}  # seq id -> its request and choice
+        self._prefilling: list[Job] = []  # added since the last step
         self._cancels: list[tuple[Job, Failed | None, str]] = []
-        self._turn = 0
-        self._current_plan: Plan | None = None
         self._stopping = False
         self._thread: threading.Thread | None = None
 
@@ -164,17 +198,17 @@ class Scheduler:
                     f"{len(job.prompt_ids)} would pass the limit of {self.limits.max_queue_tokens}",
                     self._wait_estimate()))
             self._waiting.append(job)
-            self._update_gauges()
+            self._update_queue_gauges()
             self._cond.notify()
 
     def cancel(self, job: Job, reason: str = "dropped") -> None:
-        """Stop a request: at once if still queued, else before its batch's next step."""
+        """Stop a request: at once if still queued, else before the engine's next step."""
         with self._cond:
             if job in self._waiting:
                 self._waiting.remove(job)
                 job.state = _DONE
                 self.metrics.request_failures.labels(reason).inc()
-                self._update_gauges()
+                self._update_queue_gauges()
             elif job.state == _RUNNING:
                 self._cancels.append((job, None, reason))
                 self._cond.notify()
@@ -187,28 +221,29 @@ class Scheduler:
                 job.deliver(Failed(error))
                 self.metrics.request_failures.labels("dropped").inc()
             self._waiting.clear()
-            for run in self._running:
-                self._cancels.extend((job, Failed(error), "dropped") for job in run.jobs if job.state == _RUNNING)
-            self._update_gauges()
+            self._cancels.extend((job, Failed(error), "dropped") for job in self._running_jobs())
+            self._update_queue_gauges()
             self._cond.notify()
 
     def in_flight(self) -> int:
         with self._cond:
-            return len(self._waiting) + sum(j.state == _RUNNING for run in self._running for j in run.jobs)
+            return len(self._waiting) + len(self._running_jobs())
 
     def load(self) -> Load:
         with self._cond:
-            sharing = min(len(self._running) + 1, self.limits.max_running_batches)
-            return Load(self._wait_estimate(), len(self._waiting), sharing)
+            return Load(self._wait_estimate(), len(self._waiting))
+
+    def _running_jobs(self) -> list[Job]:
+        """Call with the lock held."""
+        return list({id(job): job for job, _ in self._running.values() if job.state == _RUNNING}.values())
 
     def _wait_estimate(self) -> float:
-        """Seconds until a new request starts: zero with a free batch slot, else the work ahead
-        spread over the batch slots. Call with the lock held."""
-        if len(self._running) < self.limits.max_running_batches and not self._waiting:
+        """Seconds until a new request starts: zero while slots are free and nobody waits, else the
+        work ahead spread over the slots. Call with the lock held."""
+        if len(self._running) < self.limits.max_running and not self._waiting:
             return 0.0
-        ahead = sum(j.remaining_work_s() for run in self._running for j in run.jobs if j.state == _RUNNING)
-        ahead += sum(j.work_s for j in self._waiting)
-        return ahead / self.limits.max_running_batches
+        ahead = sum(job.remaining_work_s() for job in [*self._running_jobs(), *self._waiting])
+        return ahead / self.limits.max_running
 
     # ---- the worker thread ----------------------------------------------------------------------
 
@@ -219,18 +254,17 @@ class Scheduler:
                     self._cond.wait()
                 cancels, self._cancels = self._cancels, []
                 stopping = self._stopping
-                if not stopping:
-                    self._expire_waiting()
-                starts = [] if stopping else self._take_batches()
             for job, failure, reason in cancels:
                 self._cancel_running(job, failure, reason)
             if stopping:
                 return
-            for plan, jobs in starts:
-                self._start_batch(plan, jobs)
-            run = self._next_run()
-            if run is not None:
-                self._step(run)
+            with self._cond:
+                self._expire_waiting()
+                admitted = self._take_admissible()
+            for job in admitted:
+                self._add(job)
+            if self._running:
+                self._step()
 
     def _expire_waiting(self) -> None:
         now = self.clock()
@@ -242,143 +276,169 @@ class Scheduler:
                                            f"the request waited {waited:.1f} s in the queue, past its deadline",
                                            self._wait_estimate())))
             self.metrics.request_failures.labels("deadline").inc()
-        self._update_gauges()
+        self._update_queue_gauges()
 
-    def _take_batches(self) -> list[tuple[Plan, list[Job]]]:
-        """Oldest waiting request first; its batch takes every waiting request with the same plan."""
-        starts: list[tuple[Plan, list[Job]]] = []
-        while self._waiting and len(self._running) + len(starts) < self.limits.max_running_batches:
-            plan = self._waiting[0].plan
-            jobs = [j for j in self._waiting if j.plan == plan][: self.limits.max_batch_size]
+    def _take_admissible(self) -> list[Job]:
+        """The oldest waiting requests that fit the free slots; the first that does not fit waits
+        at the head of the queue (so a request with n > 1 is not overtaken for ever)."""
+        free = self.engine.free_slots
+        admitted = []
+        while self._waiting and self._waiting[0].n <= free:
+            job = self._waiting.pop(0)
+            job.state = _RUNNING
+            free -= job.n
+            admitted.append(job)
+        self._update_queue_gauges()
+        return admitted
+
+    def _add(self, job: Job) -> None:
+        try:
+            seq_ids = self.engine.add(SequenceRequest(job.prompt_ids, job.plan, job.sampling), job.n)
+        except RequestError as error:
+            self._fail([job], invalid(str(error), None), "error")
+            return
+        except Exception:
+            log.exception("adding a request to the engine failed", extra={"request_id": job.request_id})
+            self._fail([job], _internal_error(), "error")
+            return
+        job.started_at = self.clock()
+        self.metrics.queue_duration.observe(job.started_at - job.arrival)
+        with self._cond:
+            for seq_id, choice in zip(seq_ids, job.choices, strict=True):
+                choice.seq_id = seq_id
+                self._running[seq_id] = (job, choice)
+            self._prefilling.append(job)
+            self._update_queue_gauges()
+
+    def _step(self) -> None:
+        prefilled, self._prefilling = self._prefilling, []
+        present = {job.plan for job, _ in self._running.values()}
+        try:
+            events = self.engine.step()
+        except Exception:
+            with self._cond:
+                jobs = self._running_jobs()
+            log.exception("a generation step failed", extra={"request_ids": [j.request_id for j in jobs]})
             for job in jobs:
-                self._waiting.remove(job)
-                job.state = _RUNNING
-            starts.append((plan, jobs))
-        return starts
-
-    def _start_batch(self, plan: Plan, jobs: list[Job]) -> None:
-        now = self.clock()
-        requests = [SequenceRequest(job.prompt_ids, job.sampling) for job in jobs]
-        try:
-            batch = self.engine.start_batch(requests, plan)
-        except Exception:
-            log.exception("starting a batch failed", extra={"request_ids": [j.request_id for j in jobs]})
-            self._fail(jobs, "error")
+                self._abort_choices(job)
+            self._fail(jobs, _internal_error(), "error")
+            self._update_engine_gauges()
             return
-        run = _Running(batch, jobs)
-        for seq, job in enumerate(jobs):
-            job.seq, job.run, job.started_at = seq, run, now
-            self.metrics.queue_duration.observe(now - job.arrival)
-        with self._cond:
-            self._running.append(run)
-            self._update_gauges()
-
-    def _next_run(self) -> _Running | None:
-        with self._cond:
-            if not self._running:
-                return None
-            self._turn = (self._turn + 1) % len(self._running)
-            return self._running[self._turn]
-
-    def _step(self, run: _Running) -> None:
-        try:
-            self._switch(run.batch.plan)
-            started = self.clock()
-            events = run.batch.step()
-        except Exception:
-            log.exception("a generation step failed", extra={"request_ids": [j.request_id for j in run.jobs]})
-            self._fail([j for j in run.jobs if j.state == _RUNNING], "error")
-            self._retire(run)
-            return
+        stats = self.engine.last_step
+        self._observe_costs(stats, prefilled, present)
+        if stats.layout_s > 0:
+            self.metrics.precision_switch.observe(stats.layout_s)
+            self.on_layout_change()
         now = self.clock()
-        if run.prefilled:
-            self.costs.observe_decode(run.batch.plan, now - started)
-        else:
-            run.prefilled = True
-            self.costs.observe_prefill(run.batch.plan, now - started, sum(len(j.prompt_ids) for j in run.jobs))
         for event in events:
-            job = run.jobs[event.seq]
-            if job.state != _RUNNING:
-                continue
-            piece = job.text.push(event.token_id)
-            label = job.plan.label
-            if job.first_token_at is None:
-                job.first_token_at = now
-                self.metrics.time_to_first_token.labels(label).observe(now - job.arrival)
-            else:
-                self.metrics.inter_token_latency.labels(label).observe(now - job.last_token_at)
-            job.last_token_at = now
-            job.completion_tokens += 1
-            job.deliver(TokenOut(job.completion_tokens - 1, event.token_id, piece.token_text, piece.released))
-            if piece.stopped:
-                if event.finish_reason is None:
-                    run.batch.cancel(event.seq)
-                self._finish(job, "stop", now)
-            elif event.finish_reason is not None:
-                self._finish(job, event.finish_reason, now)
-        if run.batch.done:
-            self._retire(run)
+            self._route(event, now)
+        self._update_engine_gauges()
 
-    def _switch(self, plan: Plan) -> None:
-        """Make the batch's plan current, timed apart from the step it precedes."""
-        if plan == self._current_plan:
+    def _observe_costs(self, stats: StepStats, prefilled: list[Job], present: set[Plan]) -> None:
+        """A first, coarse attribution of one mixed step to plans: the prefill's seconds per token go
+        to the plans prefilled in it by their share of its tokens, and the whole decode time is
+        observed for every plan present in the step (a cost model of mixed steps is later work)."""
+        prompt_tokens: dict[Plan, int] = {}
+        for job in prefilled:
+            prompt_tokens[job.plan] = prompt_tokens.get(job.plan, 0) + len(job.prompt_ids)
+        total = sum(prompt_tokens.values())
+        if stats.prefill_tokens > 0 and total > 0:
+            for plan, tokens in prompt_tokens.items():
+                self.costs.observe_prefill(plan, stats.prefill_s * tokens / total, tokens)
+        if stats.decode_rows > 0:
+            for plan in present:
+                self.costs.observe_decode(plan, stats.decode_s)
+
+    def _route(self, event: TokenEvent, now: float) -> None:
+        running = self._running.get(event.seq_id)
+        if running is None:
             return
-        started = self.clock()
-        self.engine.set_plan(plan)
-        self.metrics.precision_switch.observe(self.clock() - started)
-        self._current_plan = plan
-        self.on_switch()
+        job, choice = running
+        if job.state != _RUNNING or choice.done:
+            return
+        piece = choice.text.push(event.token_id)
+        label = job.plan.label
+        if job.first_token_at is None:
+            job.first_token_at = now
+            self.metrics.time_to_first_token.labels(label).observe(now - job.arrival)
+        if choice.last_token_at is not None:
+            self.metrics.inter_token_latency.labels(label).observe(now - choice.last_token_at)
+        choice.last_token_at = now
+        token = TokenOut(choice.index, len(choice.tokens), event.token_id, piece.token_text, piece.released,
+                         event.logprob, event.top_logprobs)
+        choice.tokens.append(token)
+        job.deliver(token)
+        if piece.stopped:
+            if event.finish_reason is None:
+                self.engine.abort(event.seq_id)
+            self._end_choice(job, choice, "stop", now)
+        elif event.finish_reason is not None:
+            self._end_choice(job, choice, event.finish_reason, now)
 
-    def _finish(self, job: Job, reason: str, now: float) -> None:
+    def _end_choice(self, job: Job, choice: Choice, reason: str, now: float) -> None:
+        with self._cond:
+            self._running.pop(choice.seq_id, None)
+        tail = "" if choice.text.stopped else choice.text.flush()
+        choice.output = ChoiceOutput(choice.index, reason, choice.text.text, tail, tuple(choice.tokens))
+        job.deliver(ChoiceEnd(choice.output))
+        if all(c.done for c in job.choices):
+            self._finish(job, now)
+
+    def _finish(self, job: Job, now: float) -> None:
         job.state = _DONE
+        outputs = tuple(c.output for c in job.choices)
+        generated = sum(o.completion_tokens for o in outputs)
         decode_s = now - job.first_token_at
         timing = Timing(
             queue_s=job.started_at - job.arrival,
             ttft_s=job.first_token_at - job.arrival,
             total_s=now - job.arrival,
-            decode_tokens_per_s=(job.completion_tokens - 1) / decode_s if decode_s > 0 else None,
+            decode_tokens_per_s=(generated - job.n) / decode_s if decode_s > 0 else None,
         )
         label = job.plan.label
         self.metrics.request_duration.labels(label).observe(timing.total_s)
         self.metrics.prompt_tokens.labels(label).inc(len(job.prompt_ids))
-        self.metrics.generation_tokens.labels(label).inc(job.completion_tokens)
-        tail = "" if job.text.stopped else job.text.flush()
-        job.deliver(Finished(reason, job.text.text, tail, job.completion_tokens, timing))
+        self.metrics.generation_tokens.labels(label).inc(generated)
+        job.deliver(Finished(outputs, timing))
         with self._cond:
-            self._update_gauges()
+            self._update_queue_gauges()
 
     def _cancel_running(self, job: Job, failure: Failed | None, reason: str) -> None:
         if job.state != _RUNNING:
             return
         job.state = _DONE
-        job.run.batch.cancel(job.seq)
+        self._abort_choices(job)
         self.metrics.request_failures.labels(reason).inc()
         if failure is not None:
             job.deliver(failure)
-        if job.run.batch.done:
-            self._retire(job.run)
-        else:
-            with self._cond:
-                self._update_gauges()
+        with self._cond:
+            self._update_queue_gauges()
+        self._update_engine_gauges()
 
-    def _fail(self, jobs: list[Job], reason: str) -> None:
-        error = ServiceError(500, "internal_error", "generation failed; the server logged the details")
+    def _abort_choices(self, job: Job) -> None:
+        for choice in job.choices:
+            with self._cond:
+                running = self._running.pop(choice.seq_id, None)
+            if running is not None:
+                self.engine.abort(choice.seq_id)
+
+    def _fail(self, jobs: list[Job], error: ServiceError, reason: str) -> None:
         for job in jobs:
             job.state = _DONE
             job.deliver(Failed(error))
             self.metrics.request_failures.labels(reason).inc()
-
-    def _retire(self, run: _Running) -> None:
         with self._cond:
-            if run in self._running:
-                self._running.remove(run)
-            self._update_gauges()
-        self.on_switch()
+            self._update_queue_gauges()
 
-    def _update_gauges(self) -> None:
+    def _update_queue_gauges(self) -> None:
         """Call with the lock held."""
-        running = [j for run in self._running for j in run.jobs if j.state == _RUNNING]
         self.metrics.requests_waiting.set(len(self._waiting))
-        self.metrics.requests_running.set(len(running))
-        reserved = sum(len(j.prompt_ids) + j.sampling.max_new_tokens for j in running)
-        self.metrics.kv_cache_usage.set(reserved / self.limits.kv_capacity_tokens)
+        self.metrics.requests_running.set(len(self._running_jobs()))
+
+    def _update_engine_gauges(self) -> None:
+        """Engine thread only."""
+        self.metrics.kv_cache_usage.set(self.engine.kv_usage)
+
+
+def _internal_error() -> ServiceError:
+    return ServiceError(500, "internal_error", "generation failed; the server logged the details")

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import logging
 import statistics
-import time
 
 from quept_core.planning.plan import Plan
-from quept_core.runtime.protocol import Engine, SamplingParams, SequenceRequest
+from quept_core.runtime.protocol import Engine, SamplingParams, SequenceRequest, StepStats
 from service.engine.controller import CostModel, PlanCost
 
 log = logging.getLogger(__name__)
@@ -29,14 +28,14 @@ def warmup_prompt(tokenizer) -> list[int]:
     return ids[:PROMPT_TOKENS]
 
 
-def _step_times(engine: Engine, plan: Plan, prompt_ids: list[int], new_tokens: int) -> list[float]:
-    batch = engine.start_batch([SequenceRequest(prompt_ids, SamplingParams(max_new_tokens=new_tokens))], plan)
-    durations = []
-    while not batch.done:
-        started = time.perf_counter()
-        batch.step()
-        durations.append(time.perf_counter() - started)
-    return durations
+def _run_alone(engine: Engine, plan: Plan, prompt_ids: list[int], new_tokens: int) -> list[StepStats]:
+    """One greedy sequence on an otherwise idle engine, to its end; the figures of each step."""
+    engine.add(SequenceRequest(prompt_ids, plan, SamplingParams(max_new_tokens=new_tokens)))
+    stats = []
+    while engine.running:
+        engine.step()
+        stats.append(engine.last_step)
+    return stats
 
 
 def measure_plan(engine: Engine, plan: Plan, prompt_ids: list[int]) -> PlanCost:
@@ -45,10 +44,11 @@ def measure_plan(engine: Engine, plan: Plan, prompt_ids: list[int]) -> PlanCost:
     The plan's packs are built and its kernels run once before the timed run: first calls pay
     one-off costs that real requests do not see.
     """
-    engine.set_plan(plan)
-    _step_times(engine, plan, prompt_ids, 2)
-    durations = _step_times(engine, plan, prompt_ids, DECODE_STEPS + 1)
-    return PlanCost(durations[0] / len(prompt_ids), statistics.median(durations[1:] or durations))
+    _run_alone(engine, plan, prompt_ids, 2)
+    stats = _run_alone(engine, plan, prompt_ids, DECODE_STEPS + 1)
+    prefill = next(s for s in stats if s.prefill_tokens > 0)
+    decode = [s.decode_s for s in stats if s.decode_rows > 0]
+    return PlanCost(prefill.prefill_s / prefill.prefill_tokens, statistics.median(decode))
 
 
 def measure_costs(engine: Engine, plans: list[Plan], tokenizer, costs: CostModel) -> None:

@@ -80,7 +80,7 @@ def test_many_clients_dropping_mid_stream_free_every_slot(live_server_url):
 
 
 def test_sigterm_under_load_finishes_in_flight_work_refuses_new_and_exits_zero(tmp_path):
-    server = ServerProcess(tmp_path / "serve.log", "--max-batch-size", "2", "--max-running-batches", "2",
+    server = ServerProcess(tmp_path / "serve.log", "--max-running", "4",
                            env={"QUEPT_DRAIN_TIMEOUT_S": "120"})
     try:
         server.wait_ready(STARTUP_TIMEOUT_S)

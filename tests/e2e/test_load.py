@@ -16,7 +16,7 @@ from tests.support import STARTUP_TIMEOUT_S, ServerProcess
 pytestmark = pytest.mark.e2e
 
 # A small server (2 sequences at once, 2 waiting) so that 4x its capacity is only 8 clients.
-SMALL_SERVER = ("--max-batch-size", "2", "--max-running-batches", "1", "--max-queue", "2")
+SMALL_SERVER = ("--max-running", "2", "--max-queue", "2")
 RSS_GROWTH_LIMIT = 1.25  # peak resident memory at 4x may exceed the 1x peak by at most this factor
 
 

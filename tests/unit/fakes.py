@@ -1,8 +1,11 @@
-"""Test doubles for the service: a byte-level tokenizer, a scripted engine, a backend, a clock."""
+"""Test doubles for the service: a byte-level tokenizer, a scripted engine (the runtime protocol), a backend,
+a clock."""
 
 from __future__ import annotations
 
+import math
 import threading
+from dataclasses import dataclass
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
@@ -11,7 +14,7 @@ from quept_core.layers import linear_names, linear_type
 from quept_core.planning.bits import nominal_bits
 from quept_core.planning.plan import Plan, uniform_plan
 from quept_core.precision import FP, Precision, PrecisionError
-from quept_core.runtime.protocol import SequenceRequest, TokenEvent
+from quept_core.runtime.protocol import SequenceRequest, StepStats, TokenEvent, TokenLogprob
 from service.engine.controller import Candidate
 
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -31,9 +34,18 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
     return fast
 
 
-def expected_text(plan_name: str, n: int) -> str:
-    """What the fake engine generates under a plan: the plan's name, then the alphabet."""
-    return (f"[{plan_name}]" + "abcdefghijklmnopqrstuvwxyz" * 20)[:n]
+ALPHABET = "abcdefghijklmnopqrstuvwxyz"
+# The fake's chosen token is always its likeliest; the alternatives follow it in the alphabet.
+CHOSEN_LOGPROB = math.log(0.6)
+ALTERNATIVE_LOGPROBS = tuple(math.log(p) for p in (0.2, 0.1, 0.05, 0.03, 0.01))
+
+
+def expected_text(plan_name: str, n: int, seed: int | None = None) -> str:
+    """What the fake engine generates under a plan: the plan's name, then the alphabet (rotated by the
+    seed for a sampled sequence, so that sequences with other seeds differ)."""
+    shift = 0 if seed is None else seed % len(ALPHABET)
+    letters = ALPHABET[shift:] + ALPHABET[:shift]
+    return (f"[{plan_name}]" + letters * 20)[:n]
 
 
 class FakeClock:
@@ -50,70 +62,126 @@ class FakeClock:
             self.now += seconds
 
 
-class FakeBatch:
-    def __init__(self, engine: FakeEngine, requests: list[SequenceRequest], plan: Plan):
-        self.engine, self.requests, self.plan = engine, requests, plan
-        self.produced = [0] * len(requests)
-        self.live = set(range(len(requests)))
-        self.cancelled: list[int] = []
-
-    def step(self) -> list[TokenEvent]:
-        self.engine.wait_for_turn()
-        if self.engine.fail_on == self.plan.name:
-            raise RuntimeError("engine failure")
-        self.engine.steps.append((self.plan.name, sorted(self.live)))
-        if self.engine.clock is not None:
-            self.engine.clock.advance(self.engine.step_s.get(self.plan.name, 0.01))
-        events = []
-        tokenizer = self.engine.tokenizer
-        for seq in sorted(self.live):
-            request = self.requests[seq]
-            n = self.produced[seq]
-            text = expected_text(self.plan.name, request.sampling.max_new_tokens)
-            eos_at = self.engine.eos_after
-            if eos_at is not None and n == eos_at:
-                token, reason = tokenizer.eos_token_id, "eos"
-            else:
-                token = tokenizer(text[n], add_special_tokens=False).input_ids[0]
-                reason = "length" if n + 1 == request.sampling.max_new_tokens else None
-            self.produced[seq] += 1
-            events.append(TokenEvent(seq, token, reason))
-            if reason:
-                self.live.discard(seq)
-        return events
-
-    def cancel(self, seq: int) -> None:
-        self.cancelled.append(seq)
-        self.live.discard(seq)
+@dataclass
+class FakeSequence:
+    request: SequenceRequest
+    seed: int | None  # the seed this sequence samples with (seed + i for the i-th of n); None: greedy
+    prefilled: bool = False
+    produced: int = 0
 
     @property
-    def done(self) -> bool:
-        return not self.live
+    def text(self) -> str:
+        return expected_text(self.request.plan.name, self.request.sampling.max_new_tokens, self.seed)
+
+
+@dataclass(frozen=True)
+class FakeStep:
+    plans: dict[int, str]  # seq id -> plan name, for every sequence that got a token in this step
+    prefilled: tuple[int, ...]  # seq ids prefilled in this step
 
 
 class FakeEngine:
-    """Generates `expected_text(plan)` one byte-token per step; optionally waits for `allow()` per step."""
+    """Implements runtime/protocol.Engine: each sequence generates `expected_text(plan)` one byte-token
+    per step, at any mix of plans; optionally each step waits for `allow()`."""
 
     model_name = "tiny"
+    prefill_s_per_token = 0.001
 
-    def __init__(self, gated: bool = False, clock: FakeClock | None = None):
+    def __init__(self, gated: bool = False, clock: FakeClock | None = None, max_running: int = 16):
         self.tokenizer = byte_tokenizer()
         self.gated = gated
         self._gate = threading.Semaphore(0)
         self.clock = clock
-        self.step_s: dict[str, float] = {}
-        self.batches: list[tuple[str, int]] = []  # (plan name, sequences) per started batch
-        self.steps: list[tuple[str, list[int]]] = []  # (plan name, live sequences) per step
-        self.switches: list[str] = []  # plan names, one per set_plan call
+        self.max_running = max_running
+        self.step_s: dict[str, float] = {}  # decode seconds of a step by plan name (default 0.01)
+        self.added: list[tuple[str, int]] = []  # (plan name, n) per add call
+        self.aborted: list[int] = []
+        self.steps: list[FakeStep] = []
         self.eos_after: int | None = None
-        self.fail_on: str | None = None
+        self.fail_on: str | None = None  # a step with a sequence of this plan raises
+        self._sequences: dict[int, FakeSequence] = {}
+        self._next_id = 0
+        self._layout: frozenset[str] = frozenset()
+        self._last = StepStats()
 
-    def set_plan(self, plan: Plan) -> None:
-        self.switches.append(plan.name)
+    def add(self, request: SequenceRequest, n: int = 1) -> list[int]:
+        if n > self.free_slots:
+            raise RuntimeError(f"KV pool full: {n} sequences asked, {self.free_slots} slots free")
+        self.added.append((request.plan.name, n))
+        sampled = request.sampling.temperature > 0 and request.sampling.seed is not None
+        ids = []
+        for i in range(n):
+            self._sequences[self._next_id] = FakeSequence(request, request.sampling.seed + i if sampled else None)
+            ids.append(self._next_id)
+            self._next_id += 1
+        return ids
 
-    def start_batch(self, requests: list[SequenceRequest], plan: Plan) -> FakeBatch:
-        self.batches.append((plan.name, len(requests)))
-        return FakeBatch(self, requests, plan)
+    def abort(self, seq_id: int) -> None:
+        if self._sequences.pop(seq_id, None) is not None:
+            self.aborted.append(seq_id)
+
+    def step(self) -> list[TokenEvent]:
+        self.wait_for_turn()
+        running = dict(self._sequences)
+        plans = {seq_id: seq.request.plan.name for seq_id, seq in running.items()}
+        if self.fail_on in plans.values():
+            raise RuntimeError("engine failure")
+        fresh = [seq_id for seq_id, seq in running.items() if not seq.prefilled]
+        # Sequences of one add share their prefill: count each prompt once.
+        prompts = {id(running[seq_id].request): len(running[seq_id].request.prompt_ids) for seq_id in fresh}
+        prefill_tokens = sum(prompts.values())
+        layout = frozenset(plans.values())
+        self._last = StepStats(
+            prefill_tokens=prefill_tokens, prefill_s=prefill_tokens * self.prefill_s_per_token,
+            decode_rows=len(running) - len(fresh),
+            decode_s=max((self.step_s.get(name, 0.01) for name in layout), default=0.0),
+            layout_s=0.0005 if layout != self._layout else 0.0)
+        self._layout = layout
+        if self.clock is not None:
+            self.clock.advance(self._last.prefill_s + self._last.decode_s + self._last.layout_s)
+        self.steps.append(FakeStep(plans, tuple(fresh)))
+        return [self._next_token(seq_id, seq) for seq_id, seq in running.items()]
+
+    def _next_token(self, seq_id: int, seq: FakeSequence) -> TokenEvent:
+        seq.prefilled = True
+        n, limit = seq.produced, seq.request.sampling.max_new_tokens
+        if self.eos_after is not None and n == self.eos_after:
+            token, reason = self.tokenizer.eos_token_id, "eos"
+        else:
+            token = self.tokenizer(seq.text[n], add_special_tokens=False).input_ids[0]
+            reason = "length" if n + 1 == limit else None
+        seq.produced += 1
+        if reason:
+            del self._sequences[seq_id]
+        k = seq.request.sampling.logprobs
+        if k is None:
+            return TokenEvent(seq_id, token, reason)
+        chosen = TokenLogprob(token, CHOSEN_LOGPROB)
+        others = [TokenLogprob((token + 1 + i) % 256, logprob) for i, logprob in enumerate(ALTERNATIVE_LOGPROBS)]
+        return TokenEvent(seq_id, token, reason, chosen, tuple([chosen, *others][:k]))
+
+    @property
+    def last_step(self) -> StepStats:
+        return self._last
+
+    @property
+    def free_slots(self) -> int:
+        return self.max_running - len(self._sequences)
+
+    @property
+    def running(self) -> int:
+        return len(self._sequences)
+
+    @property
+    def kv_usage(self) -> float:
+        reserved = sum(len(s.request.prompt_ids) + s.request.sampling.max_new_tokens for s in self._sequences.values())
+        return reserved / (self.max_running * FakeBackend.context_length)
+
+    def plans_per_step(self) -> list[set[str]]:
+        return [set(step.plans.values()) for step in self.steps]
+
+    def steps_with(self, plan_name: str) -> int:
+        return sum(plan_name in plans for plans in self.plans_per_step())
 
     def allow(self, steps: int = 1) -> None:
         for _ in range(steps):

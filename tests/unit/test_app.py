@@ -172,7 +172,7 @@ def test_infeasible_budget_without_degrade_is_422_with_the_cheapest_cost(make_cl
 
 def test_plan_route_predicts_without_generating(make_client):
     client = make_client()
-    batches = len(client.backend.engine.batches)
+    added = len(client.backend.engine.added)
     response = client.post("/generate/plan", json={"prompt": "Hello", "max_new_tokens": 10, "precision": "w5"})
     assert response.status_code == 200
     body = response.json()
@@ -181,7 +181,7 @@ def test_plan_route_predicts_without_generating(make_client):
     assert predicted["latency_ms"] > 0 and predicted["memory_mb"] == predicted["weights_mb"] + predicted[
         "kv_cache_mb"]
     assert predicted["kv_cache_mb"] * 2**20 == (5 + 10) * FakeBackend.kv_bytes_per_token
-    assert len(client.backend.engine.batches) == batches
+    assert len(client.backend.engine.added) == added
 
 
 def test_info_and_precisions_describe_every_servable_plan(make_client):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import threading
 import time
 
@@ -55,23 +54,26 @@ class Collector:
 class Harness:
     def __init__(self, gated: bool = True, **limits) -> None:
         self.clock = FakeClock()
-        self.engine = FakeEngine(gated=gated, clock=self.clock)
+        self.limits = SchedulerLimits(**limits)
+        self.engine = FakeEngine(gated=gated, clock=self.clock, max_running=self.limits.max_running)
         self.backend = FakeBackend(self.engine)
         self.metrics = Metrics()
         self.costs = CostModel(self.backend.shapes, alpha=0.5)
         for precision in ("w4", "w6", "w8"):
             self.costs.record(precision, PlanCost(0.001, 0.03))
-        self.scheduler = Scheduler(self.engine, SchedulerLimits(**limits), self.metrics, self.costs, self.clock)
+        self.scheduler = Scheduler(self.engine, self.limits, self.metrics, self.costs, self.clock)
         self.scheduler.start()
 
     def job(self, precision: str = "w4", max_new: int = 4, prompt: str = "hi", stop: tuple[str, ...] = (),
-            deadline_s: float = 60.0) -> tuple[Job, Collector]:
+            deadline_s: float = 60.0, n: int = 1, temperature: float = 0.0,
+            seed: int | None = None) -> tuple[Job, Collector]:
         tokenizer = self.engine.tokenizer
         ids = tokenizer(prompt).input_ids
         collector = Collector()
         now = self.clock()
-        job = Job("req", ids, SamplingParams(max_new_tokens=max_new), self.backend.resolve(precision),
-                  TextStream(tokenizer, ids, stop), collector, now, now + deadline_s, work_s=0.1)
+        sampling = SamplingParams(max_new_tokens=max_new, temperature=temperature, seed=seed)
+        job = Job("req", ids, sampling, self.backend.resolve(precision),
+                  [TextStream(tokenizer, ids, stop) for _ in range(n)], collector, now, now + deadline_s, work_s=0.1)
         return job, collector
 
     def submit(self, *args, **kwargs) -> Collector:
@@ -101,63 +103,98 @@ def harness():
         h.close()
 
 
-def test_requests_that_share_a_plan_are_batched(harness):
+def finished_text(collector: Collector, choice: int = 0) -> str:
+    finished = collector.last()
+    assert isinstance(finished, Finished), finished
+    return finished.outputs[choice].text
+
+
+def test_a_request_joins_while_others_are_mid_generation_and_no_tokens_change(harness):
     h = harness()
-    first = h.submit("w4")
-    wait_until(lambda: len(h.engine.batches) == 1)  # the worker is now blocked in the first step
-    w4 = [h.submit("w4") for _ in range(2)]
-    w8 = [h.submit("w8") for _ in range(2)]
+    first = h.submit("w4", max_new=8)
+    h.engine.allow(3)
+    wait_until(lambda: len(first.tokens) == 3)
+    joiners = [h.submit("w8", max_new=5), h.submit("w4", max_new=5, prompt="another prompt")]
     h.engine.allow(1000)
-    for collector, plan in [(first, "w4"), *((c, "w4") for c in w4), *((c, "w8") for c in w8)]:
-        finished = collector.last()
-        assert isinstance(finished, Finished)
-        assert finished.text == expected_text(plan, 4) and finished.finish_reason == "length"
-    assert h.engine.batches == [("w4", 1), ("w4", 2), ("w8", 2)]
+    assert finished_text(first) == expected_text("w4", 8)
+    assert finished_text(joiners[0]) == expected_text("w8", 5)
+    assert finished_text(joiners[1]) == expected_text("w4", 5)
+    # The joiners were prefilled in the fourth step, beside the first request's fourth token.
+    fourth = h.engine.steps[3]
+    assert len(fourth.prefilled) == 2 and set(fourth.plans.values()) == {"w4", "w8"} and len(fourth.plans) == 3
+    assert [event.index for event in first.tokens] == list(range(8))
 
 
-def test_batch_size_is_bounded(harness):
-    h = harness(max_batch_size=2)
-    h.submit("w4")
-    wait_until(lambda: len(h.engine.batches) == 1)
-    rest = [h.submit("w4") for _ in range(3)]
-    h.engine.allow(1000)
-    for collector in rest:
-        collector.last()
-    assert h.engine.batches == [("w4", 1), ("w4", 2), ("w4", 1)]
-
-
-def test_different_plans_interleave_one_step_each(harness):
+def test_requests_with_different_plans_share_steps(harness):
     h = harness()
     h.submit("w4", max_new=6)
-    wait_until(lambda: len(h.engine.batches) == 1)
+    wait_until(lambda: len(h.engine.added) == 1)  # the worker is now held inside the first step
     others = [h.submit("w6", max_new=6), h.submit("w8", max_new=6)]
     h.engine.allow(1000)
-    for collector in others:
-        collector.last()
-    order = [plan for plan, _ in h.engine.steps]
-    # After the first (lone) step, the three running batches take turns until w4 is done.
-    rounds = order[1:10]
-    assert all(len(set(rounds[i:i + 3])) == 3 for i in range(0, 9, 3)), order
-    # Each change of plan between steps is one timed switch.
-    changes = 1 + sum(a != b for a, b in itertools.pairwise(order))
-    assert len(h.engine.switches) == changes
-    assert h.counter("quept_precision_switch_seconds_count") == changes
+    for collector, plan in zip(others, ("w6", "w8"), strict=True):
+        assert finished_text(collector) == expected_text(plan, 6)
+    plans = h.engine.plans_per_step()
+    assert plans[0] == {"w4"} and plans[1:6] == [{"w4", "w6", "w8"}] * 5
+    assert len(h.engine.steps) == 7  # no step runs one plan alone while another waits
+    # The mix changed at the first, second and last step: each rebuild of the layout is observed.
+    assert h.counter("quept_precision_switch_seconds_count") == 3
 
 
-def test_oldest_waiting_request_picks_the_next_batch(harness):
-    h = harness(max_running_batches=1)
+def test_the_running_set_is_bounded_and_the_oldest_waiting_request_joins_first(harness):
+    h = harness(max_running=1)
     h.submit("w4", max_new=2)
-    wait_until(lambda: len(h.engine.batches) == 1)
-    first_w8 = h.submit("w8", max_new=2)
-    later = [h.submit("w6", max_new=2), h.submit("w8", max_new=2)]
+    wait_until(lambda: len(h.engine.added) == 1)
+    later = [h.submit("w8", max_new=2), h.submit("w6", max_new=2), h.submit("w8", max_new=2)]
     h.engine.allow(1000)
-    for collector in [first_w8, *later]:
+    for collector in later:
         collector.last()
-    assert h.engine.batches == [("w4", 1), ("w8", 2), ("w6", 1)]
+    assert h.engine.added == [("w4", 1), ("w8", 1), ("w6", 1), ("w8", 1)]
+    assert max(len(step.plans) for step in h.engine.steps) == 1
+
+
+def test_a_request_of_n_waits_at_the_head_until_n_slots_are_free(harness):
+    h = harness(max_running=2)
+    h.submit("w4", max_new=3)
+    wait_until(lambda: len(h.engine.added) == 1)
+    pair = h.submit("w8", max_new=2, n=2)
+    single = h.submit("w6", max_new=2)
+    h.engine.allow(1000)
+    assert len(pair.last().outputs) == 2 and isinstance(single.last(), Finished)
+    assert h.engine.added == [("w4", 1), ("w8", 2), ("w6", 1)]
+
+
+def test_n_sequences_share_one_add_and_differ_only_when_sampled(harness):
+    h = harness(gated=False)
+    greedy = h.submit("w4", max_new=6, n=2).last()
+    assert [o.text for o in greedy.outputs] == [expected_text("w4", 6)] * 2
+    assert greedy.completion_tokens == 12
+    sampled = h.submit("w4", max_new=6, n=2, temperature=0.8, seed=3).last()
+    assert [o.text for o in sampled.outputs] == [expected_text("w4", 6, 3), expected_text("w4", 6, 4)]
+    assert h.engine.added[-1] == ("w4", 2)
+    assert h.engine.steps[-6].prefilled and len(h.engine.steps[-6].plans) == 2
+
+
+def test_abort_at_an_arbitrary_step_frees_the_slot_and_the_others_continue(harness):
+    h = harness(max_running=2)
+    job, aborted = h.job("w4", max_new=50)
+    h.scheduler.submit(job)
+    other = h.submit("w8", max_new=9)
+    waiting = h.submit("w6", max_new=3)
+    h.engine.allow(4)
+    wait_until(lambda: len(aborted.tokens) == 4)
+    h.scheduler.cancel(job)
+    h.engine.allow(1000)
+    assert finished_text(other) == expected_text("w8", 9)
+    assert finished_text(waiting) == expected_text("w6", 3)
+    assert job.choices[0].seq_id in h.engine.aborted
+    assert len(aborted.tokens) <= 5  # at most the step that was already under way
+    assert not any(isinstance(e, Finished | Failed) for e in aborted.events)
+    assert h.counter("quept_request_failures_total", reason="dropped") == 1
+    wait_until(lambda: h.scheduler.in_flight() == 0)
 
 
 def test_cancel_stops_a_running_request_within_one_step_and_frees_its_slot(harness):
-    h = harness(max_running_batches=1)
+    h = harness(max_running=1)
     job, collector = h.job("w4", max_new=50)
     h.scheduler.submit(job)
     waiting = h.submit("w8", max_new=3)
@@ -165,29 +202,27 @@ def test_cancel_stops_a_running_request_within_one_step_and_frees_its_slot(harne
     wait_until(lambda: len(collector.tokens) == 2)
     h.scheduler.cancel(job)
     h.engine.allow(1000)
-    finished = waiting.last()
-    assert isinstance(finished, Finished) and finished.text == expected_text("w8", 3)
-    assert len(collector.tokens) <= 3  # at most the step that was already under way
-    assert not any(isinstance(e, Finished | Failed) for e in collector.events)
+    assert finished_text(waiting) == expected_text("w8", 3)
+    assert len(collector.tokens) <= 3
     assert h.counter("quept_request_failures_total", reason="dropped") == 1
     assert h.scheduler.in_flight() == 0
 
 
 def test_cancel_of_a_waiting_request_removes_it(harness):
-    h = harness(max_running_batches=1)
+    h = harness(max_running=1)
     h.submit("w4", max_new=3)
     job, collector = h.job("w8")
     h.scheduler.submit(job)
     h.scheduler.cancel(job)
     h.engine.allow(1000)
     wait_until(lambda: h.scheduler.in_flight() == 0)
-    assert collector.events == [] and [p for p, _ in h.engine.batches] == ["w4"]
+    assert collector.events == [] and [p for p, _ in h.engine.added] == ["w4"]
 
 
 def test_queue_is_bounded_by_requests(harness):
-    h = harness(max_running_batches=1, max_queue=2)
+    h = harness(max_running=1, max_queue=2)
     h.submit("w4", max_new=2)
-    wait_until(lambda: len(h.engine.batches) == 1)
+    wait_until(lambda: len(h.engine.added) == 1)
     h.submit("w4")
     h.submit("w4")
     with pytest.raises(AdmissionError) as raised:
@@ -197,9 +232,9 @@ def test_queue_is_bounded_by_requests(harness):
 
 
 def test_queue_is_bounded_by_prompt_tokens(harness):
-    h = harness(max_running_batches=1, max_queue_tokens=30)
+    h = harness(max_running=1, max_queue_tokens=30)
     h.submit("w4", max_new=2)
-    wait_until(lambda: len(h.engine.batches) == 1)
+    wait_until(lambda: len(h.engine.added) == 1)
     h.submit("w4", prompt="x" * 20)
     with pytest.raises(AdmissionError) as raised:
         h.submit("w4", prompt="y" * 20)
@@ -208,9 +243,9 @@ def test_queue_is_bounded_by_prompt_tokens(harness):
 
 
 def test_a_request_queued_past_its_deadline_fails_with_503(harness):
-    h = harness(max_running_batches=1)
+    h = harness(max_running=1)
     h.submit("w4", max_new=3)
-    wait_until(lambda: len(h.engine.batches) == 1)
+    wait_until(lambda: len(h.engine.added) == 1)
     late = h.submit("w8", deadline_s=1.0)
     h.clock.advance(2.0)
     h.engine.allow(1000)
@@ -221,18 +256,19 @@ def test_a_request_queued_past_its_deadline_fails_with_503(harness):
 
 
 def test_abort_all_fails_queued_and_running_requests(harness):
-    h = harness(max_running_batches=1)
+    h = harness(max_running=1)
     running = h.submit("w4", max_new=50)
     queued = h.submit("w8")
-    wait_until(lambda: len(h.engine.batches) == 1)
+    wait_until(lambda: len(h.engine.added) == 1)
     h.scheduler.abort_all(unavailable("draining", "shutting down", 5))
     assert isinstance(queued.last(), Failed)
     h.engine.allow(1000)
     assert isinstance(running.last(), Failed) and running.last().error.type == "draining"
     wait_until(lambda: h.scheduler.in_flight() == 0)
+    assert h.engine.running == 0
 
 
-def test_an_engine_failure_fails_its_batch_and_the_worker_goes_on(harness):
+def test_an_engine_failure_fails_the_running_requests_and_the_worker_goes_on(harness):
     h = harness(gated=False)
     h.engine.fail_on = "w6"
     broken = h.submit("w6")
@@ -244,10 +280,11 @@ def test_an_engine_failure_fails_its_batch_and_the_worker_goes_on(harness):
 
 def test_stop_string_and_eos_end_a_request(harness):
     h = harness(gated=False)
-    stopped = h.submit("w4", max_new=20, stop=("c",)).last()
+    stopped = h.submit("w4", max_new=20, stop=("c",)).last().outputs[0]
     assert stopped.finish_reason == "stop" and stopped.text == "[w4]ab"
+    assert h.engine.running == 0  # the stop string aborted the sequence in the engine
     h.engine.eos_after = 2
-    ended = h.submit("w4", max_new=20).last()
+    ended = h.submit("w4", max_new=20).last().outputs[0]
     assert ended.finish_reason == "eos" and ended.text == "[w" and ended.completion_tokens == 3
 
 
@@ -257,16 +294,18 @@ def test_steps_feed_the_cost_model(harness):
     h.submit("w8", max_new=6).last()
     decode = h.costs.measured("w8").decode_s_per_step
     assert 0.03 < decode <= 0.2
+    assert h.costs.measured("w8").prefill_s_per_token == pytest.approx(0.5 * 0.001 + 0.5 * h.engine.prefill_s_per_token)
 
 
 def test_timing_metrics_and_gauges(harness):
-    h = harness(max_running_batches=1)
+    h = harness(max_running=1)
     h.submit("w4", max_new=3)
-    wait_until(lambda: len(h.engine.batches) == 1)
+    wait_until(lambda: len(h.engine.added) == 1)
     waiting = h.submit("w8", max_new=2)
     assert h.counter("quept_requests_waiting") == 1 and h.counter("quept_requests_running") == 1
-    reserved = len(h.engine.tokenizer("hi").input_ids) + 3  # the running request's prompt and new tokens
-    assert h.counter("quept_kv_cache_usage_ratio") == reserved / h.scheduler.limits.kv_capacity_tokens
+    h.engine.allow(1)
+    wait_until(lambda: len(h.engine.steps) == 1 and h.counter("quept_kv_cache_usage_ratio") > 0)
+    assert h.counter("quept_kv_cache_usage_ratio") == h.engine.kv_usage
     load = h.scheduler.load()
     assert load.waiting == 1 and load.queue_wait_s > 0
     h.engine.allow(1000)
