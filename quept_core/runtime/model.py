@@ -217,9 +217,9 @@ class CompactLlama:
         cos, sin = self._rope_at(positions.unsqueeze(1))
         x = self.embed(layout, tokens.unsqueeze(1))
         scale = d.head_dim**-0.5
-        # Positions past a sequence's own are hidden from it (other sequences may be longer).
-        hidden = torch.arange(span, device=self.device).unsqueeze(0) > positions.unsqueeze(1)
-        mask = torch.zeros(rows, 1, 1, span, device=self.device).masked_fill_(hidden[:, None, None], float("-inf"))
+        # Positions past a sequence's own are hidden from it (other sequences may be longer). The pool is
+        # uninitialised there, so hidden scores are replaced, not added to, and hidden values zeroed.
+        hidden = (torch.arange(span, device=self.device).unsqueeze(0) > positions.unsqueeze(1))[:, None, :, None]
         for index, sites in enumerate(layout.blocks):
             q, k, v = self._qkv(sites, index, x, cos, sin)
             keys, values = pool.k[index], pool.v[index]
@@ -228,7 +228,9 @@ class CompactLlama:
             # Grouped-query attention for one query: [b, kv_heads, group, d] against [b, kv_heads, span, d].
             scores = torch.matmul(q.reshape(rows, d.n_kv_heads, group, d.head_dim).to(keys.dtype),
                                   keys[slots, :, :span].transpose(-1, -2)).float() * scale
-            attn = torch.matmul((scores + mask).softmax(-1).to(values.dtype), values[slots, :, :span]).to(self.dtype)
+            scores = scores.masked_fill(hidden.transpose(-1, -2), float("-inf"))
+            visible = values[slots, :, :span].masked_fill(hidden, 0.0)
+            attn = torch.matmul(scores.softmax(-1).to(values.dtype), visible).to(self.dtype)
             x = self._finish_block(sites, index, x, attn.reshape(rows, 1, -1))
         return self._head(layout, x)[:, 0]
 

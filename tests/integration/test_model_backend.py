@@ -57,7 +57,7 @@ def test_candidates_and_resident_bytes(backend):
 
 def test_greedy_chat_through_the_service_prompt_names_paris(backend):
     pipeline = Pipeline(backend, controller=None, scheduler=None, metrics=None, max_new_tokens_limit=64,
-                        queue_timeout_s=1)
+                        queue_timeout_s=1, max_running=1)
     spec = GenerationSpec(None, [{"role": "user", "content": "What is the capital of France? Answer with one word."}], SamplingParams())
     tokens = backend.engine.generate(pipeline.prompt_ids(spec), backend.resolve("w8"),
                                      SamplingParams(max_new_tokens=16))

@@ -290,3 +290,16 @@ def test_kv_bytes_per_token_matches_the_pool(engine):
     (seq_id,) = engine.add(request([1, 2, 3], engine.plan("w4"), 7))
     assert engine.kv_usage == pytest.approx(10 / (pool.slots * pool.max_len))
     engine.abort(seq_id)
+
+
+def test_uninitialised_kv_positions_never_reach_a_sequence():
+    """The pool is allocated uninitialised: garbage (here NaN) past a sequence's own positions, read
+    because a longer sequence shares the step, must not change its logits."""
+    engine = make_engine(max_running=3)
+    plan = engine.plan("w4")
+    expected = alone(engine, request(PROMPTS[1], plan))
+    engine.pool.k.fill_(float("nan"))
+    engine.pool.v.fill_(float("nan"))
+    tokens, logits = drain(engine, {0: [request(PROMPTS[3], plan), request(PROMPTS[1], plan)]})
+    assert tokens[1] == expected[0]
+    assert all(torch.isfinite(row).all() for row in logits[0] + logits[1])
