@@ -34,12 +34,13 @@ from quept_core.runtime.model import (
     HEAD_SITE,
     CompactLlama,
     Layout,
-    Op,
     Site,
     SiteLayout,
     linear_shape,
-    rows_tensor,
+    site_part,
 )
+from quept_core.runtime.native_step import NativeStep
+from quept_core.runtime.native_step import supports as native_supports
 from quept_core.runtime.packcache import PackCache
 from quept_core.runtime.protocol import SamplingParams, SequenceRequest, StepStats, TokenEvent
 from quept_core.runtime.sampling import Choice, RequestError, Sampler, check_sampling
@@ -53,6 +54,15 @@ DEFAULT_MAX_RUNNING = 16
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@dataclass(frozen=True)
+class _Step:
+    """A layout and, where the native kernels run it, its native decode step."""
+
+    generation: int  # the pack cache's generation it was built in
+    layout: Layout
+    native: NativeStep | None
 
 
 @dataclass(eq=False)
@@ -83,8 +93,12 @@ class QueptEngine:
         head_bits: int | None = DEFAULT_HEAD_BITS,
         mixed_resolver: Callable[[float], Plan] | None = None,
         max_running: int = DEFAULT_MAX_RUNNING,
+        native: bool = True,
     ):
         self.model_name = model_name
+        # Decode steps run as one native call where the kernels can (native_step.py); False keeps the
+        # PyTorch step (the reference the native one is tested against).
+        self.native = native
         self.tokenizer = tokenizer
         self.weights = weights
         self.device = torch.device(device) if device is not None else default_device()
@@ -112,9 +126,10 @@ class QueptEngine:
         self._pending: list[_Sequence] = []  # awaiting their prefill, in arrival order
         self._running: list[_Sequence] = []  # decoding, in row order
         self._dirty = True  # the running set changed since its layout was built
-        self._layouts: dict[Plan, tuple[int, Layout]] = {}  # one plan's layout, valid for a cache generation
-        self._step_layout: Layout | None = None
-        self._rows: tuple[torch.Tensor, torch.Tensor] | None = None  # slots and positions of the rows
+        self._steps: dict[Plan, _Step] = {}  # one plan's step, valid for a cache generation
+        self._step: _Step | None = None  # the running set's
+        self._slots: list[int] = []  # the running set's KV slots, in row order
+        self._rows: tuple[torch.Tensor, torch.Tensor] | None = None  # slots and positions of the rows (PyTorch step)
         self._last_step = StepStats()
         self._last_logits: list[tuple[list[int], torch.Tensor]] = []  # (seq ids, float32 logits rows)
 
@@ -211,12 +226,6 @@ class QueptEngine:
 
     # ---- layouts --------------------------------------------------------------------------------
 
-    def _op(self, keys: list[PackKey], packs: dict[PackKey, PackedWeight]) -> Op:
-        if len(keys) == 1:
-            return packs[keys[0]]
-        members = [packs[key] for key in keys]
-        return lambda x: torch.cat([pack(x) for pack in members], dim=-1)
-
     def _layout(self, plans: list[Plan]) -> Layout:
         """The layout for rows whose plans are `plans` (row order), its packs made resident together."""
         sites = self._sites()
@@ -232,14 +241,12 @@ class QueptEngine:
         rows = len(plans)
         site_layouts = []
         for site, by_bits in zip(sites, groups, strict=True):
-            parts = tuple((self._op(self._site_keys(site, bits), packs), rows_tensor(members, rows, self.device))
+            parts = tuple(site_part([packs[key] for key in self._site_keys(site, bits)], members, rows, self.device)
                           for bits, members in by_bits.items())
             out_features = sum(self.linear_shapes[m][0] for m in site.members) if site is not HEAD_SITE \
                 else self.model.dims.vocab
             site_layouts.append(SiteLayout(parts, out_features))
-        head_groups = groups[-1]
-        embed = tuple((packs[(HEAD, bits[0])].rows, rows_tensor(members, rows, self.device))
-                      for bits, members in head_groups.items())
+        embed = () if not self.model.tied else site_layouts[-1].parts
         per_block = len(self.model.sites[0])
         roles = list(self.model.sites[0])
         blocks = tuple(dict(zip(roles, site_layouts[i * per_block:(i + 1) * per_block], strict=True))
@@ -247,19 +254,27 @@ class QueptEngine:
         return Layout(blocks, site_layouts[-1], embed)
 
     def prepare(self, plan: Plan) -> None:
-        """Make a plan's packs resident and its layout ready (what a switch to it costs)."""
-        self._plan_layout(plan)
+        """Make a plan's packs resident and its step ready (what a switch to it costs)."""
+        self._plan_step(plan)
 
     def _plan_layout(self, plan: Plan) -> Layout:
-        """A single plan's layout, remembered while no pack has been evicted since it was built."""
-        cached = self._layouts.get(plan)
-        if cached is not None and cached[0] == self.cache.generation:
+        return self._plan_step(plan).layout
+
+    def _plan_step(self, plan: Plan) -> _Step:
+        """A single plan's layout and native step, remembered while no pack has been evicted since."""
+        cached = self._steps.get(plan)
+        if cached is not None and cached.generation == self.cache.generation:
             self.cache.touch(self.pack_keys(plan))
-            return cached[1]
+            return cached
         self.check_plan(plan)
-        layout = self._layout([plan])
-        self._layouts[plan] = (self.cache.generation, layout)
-        return layout
+        prepared = self._step_for(self._layout([plan]))
+        self._steps[plan] = prepared
+        return prepared
+
+    def _step_for(self, layout: Layout) -> _Step:
+        runs_native = self.native and native_supports(layout, self.pool)
+        native = NativeStep(self.model, layout, self.max_running) if runs_native else None
+        return _Step(self.cache.generation, layout, native)
 
     # ---- the running set ------------------------------------------------------------------------
 
@@ -271,6 +286,11 @@ class QueptEngine:
     def last_logits(self) -> dict[int, torch.Tensor]:
         """The float32 logits [vocab] each sequence's latest token was chosen from, by seq id."""
         return {seq_id: logits[row] for ids, logits in self._last_logits for row, seq_id in enumerate(ids)}
+
+    @property
+    def step_route(self) -> str:
+        """How the running set's decode steps run: "native" (one call) or "pytorch" (op by op)."""
+        return "native" if self._step is not None and self._step.native is not None else "pytorch"
 
     @property
     def free_slots(self) -> int:
@@ -376,27 +396,33 @@ class QueptEngine:
         return events
 
     def _ensure_step_layout(self, decoding: list[_Sequence]) -> float:
-        """Rebuild the running set's layout and row tensors after a change; returns the seconds spent."""
-        if not self._dirty and self._step_layout is not None:
+        """Rebuild the running set's step after a change; returns the seconds spent."""
+        if not self._dirty and self._step is not None:
             return 0.0
         started = time.perf_counter()
         plans = [s.plan for s in decoding]
-        self._step_layout = self._plan_layout(plans[0]) if len(set(plans)) == 1 else self._layout(plans)
-        slots = torch.tensor([s.slot for s in decoding], dtype=torch.long, device=self.device)
-        positions = torch.tensor([s.position for s in decoding], dtype=torch.long, device=self.device)
-        self._rows = (slots, positions)
-        self.sampler.set_order([s.slot for s in decoding])
+        self._step = self._plan_step(plans[0]) if len(set(plans)) == 1 else self._step_for(self._layout(plans))
+        if self._step.native is None:
+            slots = torch.tensor([s.slot for s in decoding], dtype=torch.long, device=self.device)
+            positions = torch.tensor([s.position for s in decoding], dtype=torch.long, device=self.device)
+            self._rows = (slots, positions)
+        self._slots = [s.slot for s in decoding]
+        self.sampler.set_order(self._slots)
         self._dirty = False
         return time.perf_counter() - started
 
     def _decode(self) -> list[TokenEvent]:
         decoding = list(self._running)
-        slots, positions = self._rows
-        tokens = torch.tensor([s.last_token for s in decoding], dtype=torch.long, device=self.device)
-        span = max(s.position for s in decoding) + 1
-        logits = self.model.decode(self._step_layout, tokens, positions, slots, self.pool, span)
+        tokens = [s.last_token for s in decoding]
+        if self._step.native is not None:
+            logits = self._step.native(tokens, [s.position for s in decoding], self._slots, self.pool)
+        else:
+            slots, positions = self._rows
+            span = max(s.position for s in decoding) + 1
+            logits = self.model.decode(self._step.layout, torch.tensor(tokens, device=self.device), positions, slots,
+                                       self.pool, span)
+            positions += 1
         self._last_logits.append(([s.seq_id for s in decoding], logits))
-        positions += 1
         events = []
         for sequence, choice in zip(decoding, self.sampler(logits), strict=True):
             sequence.position += 1

@@ -12,7 +12,7 @@ token of every running sequence, reading and writing the engine's KV pool by slo
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -20,11 +20,9 @@ import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from quept_core.layers import FUSED, FUSED_PATHS, HEAD, LINEAR_PATHS, layer_name, linear_type
+from quept_core.runtime.kernels.formats import PackedWeight
 from quept_core.runtime.kvpool import KVPool
 from quept_core.runtime.weights import EMBEDDING, ServingWeights
-
-Op = Callable[[torch.Tensor], torch.Tensor]
-
 
 @dataclass(frozen=True)
 class LlamaDims:
@@ -77,29 +75,54 @@ HEAD_SITE = Site(HEAD, (HEAD,))
 
 
 @dataclass(frozen=True)
-class SiteLayout:
-    """The ops serving one site and the rows each serves (None: every row, in order)."""
+class SitePart:
+    """Packs serving some rows of a site, their outputs side by side (one pack unless a plan splits a
+    fused site by bit-width)."""
 
-    parts: tuple[tuple[Op, torch.Tensor | None], ...]
+    packs: tuple[PackedWeight, ...]
+    rows: tuple[int, ...] | None  # None: every row, in order
+    row_index: torch.Tensor | None  # the rows as an index tensor
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if len(self.packs) == 1:
+            return self.packs[0](x)
+        return torch.cat([pack(x) for pack in self.packs], dim=-1)
+
+
+def site_part(packs: Sequence[PackedWeight], rows: Sequence[int], total: int, device: torch.device) -> SitePart:
+    """A part over `rows` of `total` rows (every row in order: no index)."""
+    if list(rows) == list(range(total)):
+        return SitePart(tuple(packs), None, None)
+    return SitePart(tuple(packs), tuple(rows), torch.tensor(list(rows), dtype=torch.long, device=device))
+
+
+@dataclass(frozen=True)
+class SiteLayout:
+    """The parts serving one site."""
+
+    parts: tuple[SitePart, ...]
     out_features: int
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x [rows, tokens, in] -> [rows, tokens, out]."""
-        if len(self.parts) == 1 and self.parts[0][1] is None:
-            return self.parts[0][0](x)
+        if len(self.parts) == 1 and self.parts[0].rows is None:
+            return self.parts[0](x)
         out = x.new_empty(*x.shape[:-1], self.out_features)
-        for op, rows in self.parts:
-            out.index_copy_(0, rows, op(x.index_select(0, rows)))
+        for part in self.parts:
+            out.index_copy_(0, part.row_index, part(x.index_select(0, part.row_index)))
         return out
 
 
 @dataclass(frozen=True)
 class Layout:
-    """Site layouts for every block and the head, plus the embedding lookup, for one row order."""
+    """Site layouts for every block and the head, plus the embedding lookup, for one row order.
+
+    `embed`: the head's parts, whose packs' dequantized rows are the tied embedding (empty when the
+    model has its own embedding)."""
 
     blocks: tuple[dict[str, SiteLayout], ...]
     head: SiteLayout
-    embed: tuple[tuple[Callable[[torch.Tensor], torch.Tensor], torch.Tensor | None], ...]  # (rows(ids), rows)
+    embed: tuple[SitePart, ...]
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -122,7 +145,9 @@ class CompactLlama:
         self.final_norm = weights.norm("model.norm").to(device, dtype)
         self.sites = [block_sites(i) for i in range(n)]
         self.embedding = None if self.tied else weights.dense(EMBEDDING).to(device, dtype)
-        self.cos, self.sin = self._rope_tables(config)
+        # float32 tables for the native decode step; the compute dtype's for the PyTorch passes.
+        self.rope_f32 = self._rope_tables(config)
+        self.cos, self.sin = (t.to(device, dtype) for t in self.rope_f32)
 
     @property
     def norm_bytes(self) -> int:
@@ -141,7 +166,7 @@ class CompactLlama:
             cos, sin = LlamaRotaryEmbedding(config=config)(probe, positions)
         half = self.dims.head_dim // 2
         sin = torch.cat([-sin[0, :, :half], sin[0, :, half:]], dim=-1)
-        return cos[0].to(self.device, self.dtype), sin.to(self.device, self.dtype)
+        return cos[0].float().contiguous(), sin.float().contiguous()
 
     # ---- pieces shared by prefill and decode ----------------------------------------------------
 
@@ -149,11 +174,11 @@ class CompactLlama:
         """tokens [rows, seq] -> [rows, seq, hidden]."""
         if self.embedding is not None:
             return F.embedding(tokens, self.embedding)
-        if len(layout.embed) == 1 and layout.embed[0][1] is None:
-            return layout.embed[0][0](tokens)
+        if len(layout.embed) == 1 and layout.embed[0].rows is None:
+            return layout.embed[0].packs[0].rows(tokens)
         out = torch.empty(*tokens.shape, self.dims.hidden, device=self.device, dtype=self.dtype)
-        for lookup, rows in layout.embed:
-            out.index_copy_(0, rows, lookup(tokens.index_select(0, rows)))
+        for part in layout.embed:
+            out.index_copy_(0, part.row_index, part.packs[0].rows(tokens.index_select(0, part.row_index)))
         return out
 
     def _qkv(self, sites: dict[str, SiteLayout], index: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
@@ -234,9 +259,3 @@ class CompactLlama:
             x = self._finish_block(sites, index, x, attn.reshape(rows, 1, -1))
         return self._head(layout, x)[:, 0]
 
-
-def rows_tensor(rows: Sequence[int], total: int, device: torch.device) -> torch.Tensor | None:
-    """An index tensor of `rows`, or None when they are every row in order."""
-    if list(rows) == list(range(total)):
-        return None
-    return torch.tensor(list(rows), dtype=torch.long, device=device)

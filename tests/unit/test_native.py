@@ -7,7 +7,7 @@ from torch.utils import cpp_extension
 from quept_core.io.paths import cache_dir
 from quept_core.quant.grid import quantize
 from quept_core.runtime.kernels.formats import PACK_REL_TOL, Int4Packed, pack_planes, relative_error
-from quept_core.runtime.kernels.native import SOURCE, planes_gemv
+from quept_core.runtime.kernels.native import CSRC, SOURCES, planes_gemv
 
 
 @pytest.fixture(scope="module")
@@ -15,7 +15,8 @@ def portable():
     folder = cache_dir() / "kernels" / f"torch-{torch.__version__}-portable-test"
     folder.mkdir(parents=True, exist_ok=True)
     try:
-        cpp_extension.load(name="quept_planes_portable", sources=[str(SOURCE)], build_directory=str(folder),
+        cpp_extension.load(name="quept_planes_portable", sources=[str(s) for s in SOURCES], build_directory=str(folder),
+                           extra_include_paths=[str(CSRC)],
                            extra_cflags=["-O2", "-DQUEPT_PORTABLE", "-DQUEPT_OPS=quept_portable"],
                            is_python_module=False)
     except (OSError, RuntimeError) as error:
@@ -41,7 +42,8 @@ def test_kernel_matches_dequantized_reference(request, path, bits, rows, in_feat
     out = op(x, pack_planes(qw.codes, bits), bits, qw.scale.float().contiguous(), qw.zero.to(torch.int16).contiguous(),
              in_features if group == -1 else group)
     assert out.shape == (rows, 80) and out.dtype == torch.bfloat16
-    assert relative_error(out, x.float() @ qw.dequantize().T) < PACK_REL_TOL / 4
+    # The vectorized path quantizes activations to int8 per chunk of 64 (about 0.55 % on Gaussian rows).
+    assert relative_error(out, x.float() @ qw.dequantize().T) < PACK_REL_TOL / 2
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7, 8])

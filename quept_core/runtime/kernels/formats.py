@@ -375,7 +375,12 @@ def pack_weight(qw: QuantizedWeight, dtype: torch.dtype) -> PackedWeight:
         pack = fmt(qw, dtype) if fmt is not DenseWeight else DenseWeight(qw.dequantize(), dtype)
         pack.prefill_dense = prefill_dense
         return pack
-    pack = _choose(qw, dtype, [fmt for fmt in FORMATS if fmt.supports(qw, device)])
+    candidates = [fmt for fmt in FORMATS if fmt.supports(qw, device)]
+    if device.type == "cpu" and BitPlanes in candidates and planes_gemv() is not None:
+        # The native decode step (csrc/decode.cpp) reads bit planes at every width: one format, one
+        # call for the whole forward, rather than a faster-per-call ATen kernel behind Python dispatch.
+        candidates = [BitPlanes]
+    pack = _choose(qw, dtype, candidates)
     _CHOICES[key] = (type(pack), pack.prefill_dense)
     log.info("%d-bit [%d, %d] weights: %s, prefill %s", qw.bits, *qw.codes.shape, type(pack).__name__,
              "dequantize + dense matmul" if pack.prefill_dense else "packed kernel")

@@ -1,5 +1,5 @@
-"""The native CPU kernels (bit-plane matmul and dequantization, int4 dequantization), compiled once
-per torch version and CPU.
+"""The native CPU kernels (bit-plane matmul and dequantization, int4 dequantization, the whole decode
+step), compiled once per torch version and CPU.
 
 Building needs a C++ compiler (about 15 s, once; the result is cached under the QuEPT cache
 folder); ninja comes with the package. Without a compiler, or with QUEPT_NATIVE=0, bit-plane weights
@@ -24,7 +24,8 @@ from quept_core.io.paths import cache_dir
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "csrc" / "planes.cpp"
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = [CSRC / "planes.cpp", CSRC / "decode.cpp"]
 
 
 def _cpu_key() -> str:
@@ -37,6 +38,19 @@ def _cpu_key() -> str:
                 flags += line
                 break
     return hashlib.sha256(flags.encode()).hexdigest()[:10]
+
+
+def _source_key() -> str:
+    """Changes with any kernel source, headers included (the JIT build only tracks the listed sources)."""
+    digest = hashlib.sha256()
+    for path in sorted(CSRC.iterdir()):
+        digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()[:10]
+
+
+def decode_program_class() -> type | None:
+    """`torch.classes.quept.DecodeProgram` (csrc/decode.cpp), or None without the kernels."""
+    return torch.classes.quept.DecodeProgram if _build() else None
 
 
 def planes_gemv() -> Callable | None:
@@ -65,13 +79,14 @@ def _build() -> bool:
     scripts = Path(sys.executable).parent
     if shutil.which("ninja") is None and (scripts / "ninja").is_file():
         os.environ["PATH"] = f"{scripts}{os.pathsep}{os.environ.get('PATH', '')}"
-    folder = cache_dir() / "kernels" / f"torch-{torch.__version__}-{_cpu_key()}"
+    folder = cache_dir() / "kernels" / f"torch-{torch.__version__}-{_cpu_key()}-{_source_key()}"
     folder.mkdir(parents=True, exist_ok=True)
     try:
         cpp_extension.load(
             name="quept_planes",
-            sources=[str(SOURCE)],
-            extra_cflags=["-O3", "-march=native", "-ffast-math"],
+            sources=[str(s) for s in SOURCES],
+            extra_include_paths=[str(CSRC)],
+            extra_cflags=["-O3", "-march=native"],
             build_directory=str(folder),
             is_python_module=False,
             verbose=False,

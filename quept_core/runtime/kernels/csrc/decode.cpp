@@ -1,0 +1,339 @@
+// The whole decode step of a LLaMA model over packed weights, in one call: embedding, every block
+// (RMSNorm, q|k|v, RoPE, the KV pool write, grouped-query attention, o, SwiGLU) and the output head,
+// for every running sequence at once.
+//
+// A program is built once per layout (the packs serving each call site and the rows each serves, see
+// runtime/model.py) and then run every step; a step allocates nothing but its logits. Every row is
+// computed the same way whatever other rows share the step, so a sequence's logits do not depend on
+// its neighbours.
+
+#include "planes.h"
+
+#include <ATen/ops/empty.h>
+#include <torch/custom_class.h>
+#include <torch/library.h>
+
+#include <cmath>
+
+namespace {
+
+// A weight the program multiplies by: bit planes, or a dense float32 / bf16 matrix (the fp plan).
+struct Weight {
+  quept::Problem planes;  // planes.bits == 0: dense
+  const float* f32 = nullptr;
+  const at::BFloat16* bf16 = nullptr;
+  int64_t n = 0, k = 0;
+};
+
+// Some rows of one call site, served by weights whose outputs sit side by side.
+struct Part {
+  std::vector<int64_t> rows;  // empty: every row, in order
+  std::vector<int64_t> weights;
+  std::vector<int64_t> offsets;  // first output column of each weight
+};
+
+enum Role { kQkv = 0, kO = 1, kGateUp = 2, kDown = 3, kRoles = 4 };
+
+class DecodeProgram : public torch::CustomClassHolder {
+ public:
+  // dims: n_layers, hidden, ffn, n_heads, n_kv_heads, head_dim, vocab, max_rows.
+  // norms: the attention norms of every layer, then the MLP norms, then the final norm (float32).
+  DecodeProgram(std::vector<int64_t> dims, double eps, std::vector<at::Tensor> norms, at::Tensor cos, at::Tensor sin)
+      : layers_(dims.at(0)), hidden_(dims.at(1)), ffn_(dims.at(2)), heads_(dims.at(3)), kv_heads_(dims.at(4)),
+        head_dim_(dims.at(5)), vocab_(dims.at(6)), max_rows_(dims.at(7)), eps_(static_cast<float>(eps)),
+        norms_(std::move(norms)), cos_(cos.contiguous()), sin_(sin.contiguous()), sites_(layers_ * kRoles + 1) {
+    TORCH_CHECK(static_cast<int64_t>(norms_.size()) == 2 * layers_ + 1, "DecodeProgram: expected ", 2 * layers_ + 1,
+                " norms");
+    for (const auto& t : norms_) TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous(), "norms: float32");
+    TORCH_CHECK(cos_.scalar_type() == at::kFloat && sin_.scalar_type() == at::kFloat, "rope tables: float32");
+    TORCH_CHECK(head_dim_ % 2 == 0 && heads_ % kv_heads_ == 0, "DecodeProgram: bad head layout");
+    const auto f32 = at::TensorOptions().dtype(at::kFloat);
+    const int64_t qkv = (heads_ + 2 * kv_heads_) * head_dim_, widest = std::max({qkv, 2 * ffn_, vocab_, hidden_});
+    const int64_t deepest = std::max({hidden_, ffn_, heads_ * head_dim_});
+    x_ = at::empty({max_rows_, hidden_}, f32);
+    h_ = at::empty({max_rows_, hidden_}, f32);
+    qkv_ = at::empty({max_rows_, qkv}, f32);
+    attn_ = at::empty({max_rows_, heads_ * head_dim_}, f32);
+    gate_up_ = at::empty({max_rows_, 2 * ffn_}, f32);
+    act_ = at::empty({max_rows_, ffn_}, f32);
+    delta_ = at::empty({max_rows_, hidden_}, f32);
+    gathered_in_ = at::empty({max_rows_, deepest}, f32);
+    gathered_out_ = at::empty({max_rows_, widest}, f32);
+    quantized_ = at::empty({max_rows_, deepest}, at::TensorOptions().dtype(at::kChar));
+    steps_ = at::empty({max_rows_, deepest / quept::kChunk}, f32);
+    sums_ = at::empty({max_rows_, deepest / quept::kChunk}, f32);
+    scores_ = at::empty({0}, f32);
+  }
+
+  int64_t add_planes(std::vector<at::Tensor> planes, int64_t bits, at::Tensor scale, at::Tensor zero, int64_t group,
+                     int64_t in_features) {
+    Weight w;
+    w.planes = quept::make_problem(planes, bits, in_features, scale, zero, group);
+    w.n = w.planes.n;
+    w.k = in_features;
+    for (auto& t : planes) keep_.push_back(t);
+    keep_.push_back(scale);
+    keep_.push_back(zero);
+    weights_.push_back(w);
+    return static_cast<int64_t>(weights_.size()) - 1;
+  }
+
+  int64_t add_dense(at::Tensor weight) {
+    TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous(), "add_dense: a contiguous [out, in] weight");
+    Weight w;
+    w.n = weight.size(0);
+    w.k = weight.size(1);
+    if (weight.scalar_type() == at::kFloat) {
+      w.f32 = weight.data_ptr<float>();
+    } else {
+      TORCH_CHECK(weight.scalar_type() == at::kBFloat16, "add_dense: float32 or bf16");
+      w.bf16 = weight.data_ptr<at::BFloat16>();
+    }
+    keep_.push_back(weight);
+    weights_.push_back(w);
+    return static_cast<int64_t>(weights_.size()) - 1;
+  }
+
+  // site: layer * 4 + role (q|k|v, o, gate|up, down), or n_layers * 4 for the output head.
+  void add_part(int64_t site, std::vector<int64_t> rows, std::vector<int64_t> weights, std::vector<int64_t> offsets) {
+    TORCH_CHECK(0 <= site && site < static_cast<int64_t>(sites_.size()), "add_part: no site ", site);
+    TORCH_CHECK(weights.size() == offsets.size() && !weights.empty(), "add_part: one offset per weight");
+    for (int64_t w : weights) TORCH_CHECK(0 <= w && w < static_cast<int64_t>(weights_.size()), "add_part: no weight ", w);
+    sites_[site].push_back(Part{std::move(rows), std::move(weights), std::move(offsets)});
+  }
+
+  // The embedding rows of `rows` (empty: every row) are rows of this weight [vocab, hidden].
+  void add_embedding(std::vector<int64_t> rows, int64_t weight) {
+    TORCH_CHECK(0 <= weight && weight < static_cast<int64_t>(weights_.size()), "add_embedding: no weight ", weight);
+    embedding_.push_back(Part{std::move(rows), {weight}, {0}});
+  }
+
+  // One token for each row; keys and values are written to, and read from, the pools
+  // [layers, slots, kv_heads, max_len, head_dim] (float32). Returns float32 logits [rows, vocab].
+  at::Tensor forward(std::vector<int64_t> tokens, std::vector<int64_t> positions, std::vector<int64_t> slots,
+                     at::Tensor k_pool, at::Tensor v_pool) {
+    const int64_t rows = static_cast<int64_t>(tokens.size());
+    TORCH_CHECK(0 < rows && rows <= max_rows_, "forward: 1..", max_rows_, " rows, got ", rows);
+    TORCH_CHECK(positions.size() == tokens.size() && slots.size() == tokens.size(), "forward: one position and slot per row");
+    TORCH_CHECK(k_pool.scalar_type() == at::kFloat && k_pool.is_contiguous() && v_pool.is_contiguous() &&
+                    k_pool.sizes() == v_pool.sizes() && k_pool.dim() == 5,
+                "forward: float32 contiguous pools [layers, slots, kv_heads, max_len, head_dim]");
+    const int64_t max_len = k_pool.size(3);
+    for (int64_t m = 0; m < rows; ++m) {
+      TORCH_CHECK(0 <= tokens[m] && tokens[m] < vocab_, "forward: token ", tokens[m], " outside the vocabulary");
+      TORCH_CHECK(0 <= positions[m] && positions[m] < max_len, "forward: position ", positions[m], " outside the pool");
+      TORCH_CHECK(0 <= slots[m] && slots[m] < k_pool.size(1), "forward: no KV slot ", slots[m]);
+    }
+    if (scores_.numel() < rows * heads_ * max_len) scores_ = at::empty({rows * heads_ * max_len}, x_.options());
+
+    float* x = x_.data_ptr<float>();
+    embed(tokens, rows, x);
+    float* h = h_.data_ptr<float>();
+    for (int64_t layer = 0; layer < layers_; ++layer) {
+      rms_norm(x, norms_[layer].data_ptr<float>(), rows, h);
+      run_site(layer * kRoles + kQkv, h, rows, hidden_, qkv_.data_ptr<float>(), qkv_.size(1));
+      rope(positions, rows);
+      attend(layer, positions, slots, rows, k_pool, v_pool);
+      run_site(layer * kRoles + kO, attn_.data_ptr<float>(), rows, heads_ * head_dim_, delta_.data_ptr<float>(), hidden_);
+      add_into(x, delta_.data_ptr<float>(), rows * hidden_);
+      rms_norm(x, norms_[layers_ + layer].data_ptr<float>(), rows, h);
+      run_site(layer * kRoles + kGateUp, h, rows, hidden_, gate_up_.data_ptr<float>(), 2 * ffn_);
+      swiglu(rows);
+      run_site(layer * kRoles + kDown, act_.data_ptr<float>(), rows, ffn_, delta_.data_ptr<float>(), hidden_);
+      add_into(x, delta_.data_ptr<float>(), rows * hidden_);
+    }
+    rms_norm(x, norms_[2 * layers_].data_ptr<float>(), rows, h);
+    at::Tensor logits = at::empty({rows, vocab_}, x_.options());
+    run_site(layers_ * kRoles, h, rows, hidden_, logits.data_ptr<float>(), vocab_);
+    return logits;
+  }
+
+  int64_t weight_count() const { return static_cast<int64_t>(weights_.size()); }
+
+ private:
+  void embed(const std::vector<int64_t>& tokens, int64_t rows, float* x) const {
+    TORCH_CHECK(!embedding_.empty(), "forward: the program has no embedding");
+    for (const Part& part : embedding_) {
+      const Weight& w = weights_[part.weights[0]];
+      const int64_t count = part.rows.empty() ? rows : static_cast<int64_t>(part.rows.size());
+      for (int64_t i = 0; i < count; ++i) {
+        const int64_t m = part.rows.empty() ? i : part.rows[i];
+        float* out = x + m * hidden_;
+        const int64_t token = tokens[m];
+        if (w.planes.bits) {
+          quept::dequant_row(w.planes, token, out);
+        } else if (w.f32) {
+          std::memcpy(out, w.f32 + token * hidden_, hidden_ * sizeof(float));
+        } else {
+          for (int64_t j = 0; j < hidden_; ++j) out[j] = static_cast<float>(w.bf16[token * hidden_ + j]);
+        }
+      }
+    }
+  }
+
+  void rms_norm(const float* x, const float* weight, int64_t rows, float* out) const {
+    for (int64_t m = 0; m < rows; ++m) {
+      const float* xr = x + m * hidden_;
+      float squares = 0.f;
+      for (int64_t j = 0; j < hidden_; ++j) squares += xr[j] * xr[j];
+      const float inverse = 1.f / std::sqrt(squares / static_cast<float>(hidden_) + eps_);
+      for (int64_t j = 0; j < hidden_; ++j) out[m * hidden_ + j] = xr[j] * inverse * weight[j];
+    }
+  }
+
+  static void add_into(float* x, const float* delta, int64_t count) {
+    for (int64_t i = 0; i < count; ++i) x[i] += delta[i];
+  }
+
+  // y = x W^T for x [rows, k] (row stride k) into y (row stride ldy), one weight.
+  void multiply(const Weight& w, const float* x, int64_t rows, float* y, int64_t ldy) {
+    if (w.planes.bits) {
+      int8_t* q = quantized_.data_ptr<int8_t>();
+      float* steps = steps_.data_ptr<float>();
+      float* sums = sums_.data_ptr<float>();
+      quept::prepare_activations(x, rows, w.k, w.planes.group, q, steps, sums);
+      const quept::Activations a{x, q, steps, sums, rows};
+      at::parallel_for(0, w.n, 16, [&](int64_t begin, int64_t end) { quept::gemv_rows(w.planes, a, y, ldy, begin, end); });
+      return;
+    }
+    at::parallel_for(0, w.n, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t m = 0; m < rows; ++m) {
+        const float* xr = x + m * w.k;
+        for (int64_t j = begin; j < end; ++j) {
+          float sum = 0.f;
+          if (w.f32) {
+            const float* wr = w.f32 + j * w.k;
+            for (int64_t i = 0; i < w.k; ++i) sum += wr[i] * xr[i];
+          } else {
+            const at::BFloat16* wr = w.bf16 + j * w.k;
+            for (int64_t i = 0; i < w.k; ++i) sum += static_cast<float>(wr[i]) * xr[i];
+          }
+          y[m * ldy + j] = sum;
+        }
+      }
+    });
+  }
+
+  void run_site(int64_t site, const float* in, int64_t rows, int64_t k, float* out, int64_t n) {
+    TORCH_CHECK(!sites_[site].empty(), "forward: site ", site, " has no weights");
+    for (const Part& part : sites_[site]) {
+      const bool all = part.rows.empty();
+      const int64_t count = all ? rows : static_cast<int64_t>(part.rows.size());
+      const float* src = in;
+      float* dst = out;
+      int64_t ld = n;
+      if (!all) {
+        float* gathered = gathered_in_.data_ptr<float>();
+        for (int64_t i = 0; i < count; ++i) std::memcpy(gathered + i * k, in + part.rows[i] * k, k * sizeof(float));
+        src = gathered;
+        dst = gathered_out_.data_ptr<float>();
+      }
+      for (size_t i = 0; i < part.weights.size(); ++i)
+        multiply(weights_[part.weights[i]], src, count, dst + part.offsets[i], ld);
+      if (!all)
+        for (int64_t i = 0; i < count; ++i) std::memcpy(out + part.rows[i] * n, dst + i * n, n * sizeof(float));
+    }
+  }
+
+  // RoPE on the q and k heads: x * cos + roll(x, d / 2) * sin (sin sign-folded, see runtime/model.py).
+  void rope(const std::vector<int64_t>& positions, int64_t rows) {
+    const int64_t width = qkv_.size(1), half = head_dim_ / 2;
+    float* qkv = qkv_.data_ptr<float>();
+    std::vector<float> rotated(head_dim_);
+    for (int64_t m = 0; m < rows; ++m) {
+      const float* c = cos_.data_ptr<float>() + positions[m] * head_dim_;
+      const float* s = sin_.data_ptr<float>() + positions[m] * head_dim_;
+      for (int64_t head = 0; head < heads_ + kv_heads_; ++head) {
+        float* v = qkv + m * width + head * head_dim_;
+        for (int64_t i = 0; i < head_dim_; ++i) rotated[i] = v[i] * c[i] + v[(i + half) % head_dim_] * s[i];
+        std::memcpy(v, rotated.data(), head_dim_ * sizeof(float));
+      }
+    }
+  }
+
+  // Writes each row's k and v at its position, then attends over positions 0..position of its slot.
+  void attend(int64_t layer, const std::vector<int64_t>& positions, const std::vector<int64_t>& slots, int64_t rows,
+              at::Tensor& k_pool, at::Tensor& v_pool) {
+    const int64_t slots_total = k_pool.size(1), max_len = k_pool.size(3), width = qkv_.size(1);
+    const int64_t group = heads_ / kv_heads_;
+    const float scale = 1.f / std::sqrt(static_cast<float>(head_dim_));
+    float* kp = k_pool.data_ptr<float>();
+    float* vp = v_pool.data_ptr<float>();
+    const float* qkv = qkv_.data_ptr<float>();
+    float* attn = attn_.data_ptr<float>();
+    float* scores_all = scores_.data_ptr<float>();
+    auto base = [&](int64_t slot, int64_t kv_head) {
+      return ((layer * slots_total + slot) * kv_heads_ + kv_head) * max_len * head_dim_;
+    };
+    for (int64_t m = 0; m < rows; ++m)
+      for (int64_t kv_head = 0; kv_head < kv_heads_; ++kv_head) {
+        const int64_t at = base(slots[m], kv_head) + positions[m] * head_dim_;
+        std::memcpy(kp + at, qkv + m * width + (heads_ + kv_head) * head_dim_, head_dim_ * sizeof(float));
+        std::memcpy(vp + at, qkv + m * width + (heads_ + kv_heads_ + kv_head) * head_dim_, head_dim_ * sizeof(float));
+      }
+    at::parallel_for(0, rows * heads_, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t m = task / heads_, head = task % heads_, kv_head = head / group, length = positions[m] + 1;
+        const float* q = qkv + m * width + head * head_dim_;
+        const float* keys = kp + base(slots[m], kv_head);
+        const float* values = vp + base(slots[m], kv_head);
+        float* scores = scores_all + task * max_len;
+        float top = -INFINITY;
+        for (int64_t t = 0; t < length; ++t) {
+          float dot = 0.f;
+          for (int64_t i = 0; i < head_dim_; ++i) dot += q[i] * keys[t * head_dim_ + i];
+          scores[t] = dot * scale;
+          top = std::max(top, scores[t]);
+        }
+        float total = 0.f;
+        for (int64_t t = 0; t < length; ++t) {
+          scores[t] = std::exp(scores[t] - top);
+          total += scores[t];
+        }
+        float* out = attn + m * heads_ * head_dim_ + head * head_dim_;
+        for (int64_t i = 0; i < head_dim_; ++i) out[i] = 0.f;
+        for (int64_t t = 0; t < length; ++t) {
+          const float weight = scores[t] / total;
+          for (int64_t i = 0; i < head_dim_; ++i) out[i] += weight * values[t * head_dim_ + i];
+        }
+      }
+    });
+  }
+
+  void swiglu(int64_t rows) {
+    const float* gu = gate_up_.data_ptr<float>();
+    float* act = act_.data_ptr<float>();
+    for (int64_t m = 0; m < rows; ++m)
+      for (int64_t j = 0; j < ffn_; ++j) {
+        const float gate = gu[m * 2 * ffn_ + j], up = gu[m * 2 * ffn_ + ffn_ + j];
+        act[m * ffn_ + j] = gate / (1.f + std::exp(-gate)) * up;
+      }
+  }
+
+  int64_t layers_, hidden_, ffn_, heads_, kv_heads_, head_dim_, vocab_, max_rows_;
+  float eps_;
+  std::vector<at::Tensor> norms_;
+  at::Tensor cos_, sin_;
+  std::vector<std::vector<Part>> sites_;
+  std::vector<Part> embedding_;
+  std::vector<Weight> weights_;
+  std::vector<at::Tensor> keep_;  // the storage the weights point into
+  at::Tensor x_, h_, qkv_, attn_, gate_up_, act_, delta_, gathered_in_, gathered_out_, quantized_, steps_, sums_, scores_;
+};
+
+}  // namespace
+
+#ifndef QUEPT_OPS
+#define QUEPT_OPS quept
+#endif
+
+TORCH_LIBRARY_FRAGMENT(QUEPT_OPS, m) {
+  m.class_<DecodeProgram>("DecodeProgram")
+      .def(torch::init<std::vector<int64_t>, double, std::vector<at::Tensor>, at::Tensor, at::Tensor>())
+      .def("add_planes", &DecodeProgram::add_planes)
+      .def("add_dense", &DecodeProgram::add_dense)
+      .def("add_part", &DecodeProgram::add_part)
+      .def("add_embedding", &DecodeProgram::add_embedding)
+      .def("forward", &DecodeProgram::forward)
+      .def("weight_count", &DecodeProgram::weight_count);
+}

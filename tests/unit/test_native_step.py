@@ -1,0 +1,66 @@
+"""The native decode step (csrc/decode.cpp) against the PyTorch step, on a tiny random model: the same
+tokens and close logits for every kind of plan and for mixed running sets, and rows that do not
+depend on their neighbours."""
+
+import pytest
+import torch
+from test_runtime import PROMPTS, drain, mixed_plan, request
+from tiny_llama import tiny_elastic, tiny_loaded
+
+from quept_core.runtime.engine import QueptEngine
+from quept_core.runtime.kernels.native import decode_program_class
+
+pytestmark = pytest.mark.skipif(decode_program_class() is None, reason="no C++ toolchain for the native kernels")
+
+
+def engines() -> tuple[QueptEngine, QueptEngine]:
+    loaded = tiny_loaded()
+    elastic = tiny_elastic(loaded)
+    return (QueptEngine.from_elastic(loaded, elastic, device="cpu", max_running=6),
+            QueptEngine.from_elastic(loaded, elastic, device="cpu", max_running=6, native=False))
+
+
+@pytest.fixture(scope="module")
+def pair() -> tuple[QueptEngine, QueptEngine]:
+    return engines()
+
+
+def resolve(engine: QueptEngine, name: str):
+    return mixed_plan(engine) if name == "mixed" else engine.plan(name)
+
+
+@pytest.mark.parametrize("plans", [("w3",), ("w4", "w4"), ("w8", "fp"), ("w3", "mixed", "w6", "fp")])
+def test_native_step_matches_the_pytorch_step(pair, plans):
+    native, reference = pair
+    arrivals = {i: [request(PROMPTS[i], resolve(native, p), max_new_tokens=8)] for i, p in enumerate(plans)}
+    tokens, logits = drain(native, arrivals)
+    assert native.step_route == "native"
+    want_tokens, want_logits = drain(reference, arrivals)
+    assert reference.step_route == "pytorch"
+    for index in arrivals:
+        assert tokens[index] == want_tokens[index]
+        for got, want in zip(logits[index], want_logits[index], strict=True):
+            # bf16 weights and activations on one side, int8 activations per 64 on the other.
+            assert (got - want).abs().max() <= 0.03 * want.abs().max()
+
+
+def test_a_rows_logits_are_bit_identical_alone_and_in_any_running_set(pair):
+    native, _ = pair
+    lone_tokens, lone_logits = drain(native, {0: [request(PROMPTS[1], native.plan("w5"), max_new_tokens=8)]})
+    mates = [request(PROMPTS[i], resolve(native, p), max_new_tokens=8) for i, p in ((0, "w3"), (2, "fp"), (3, "mixed"))]
+    tokens, logits = drain(native, {0: mates[:2], 1: [request(PROMPTS[1], native.plan("w5"), max_new_tokens=8)],
+                                    3: mates[2:]})
+    assert tokens[2] == lone_tokens[0]
+    for got, want in zip(logits[2], lone_logits[0], strict=True):
+        assert torch.equal(got, want)
+
+
+def test_a_program_refuses_bad_rows_with_a_clear_error(pair):
+    native, _ = pair
+    drain(native, {0: [request(PROMPTS[0], native.plan("w4"))]})
+    step = native._plan_step(native.plan("w4")).native
+    pool = native.pool
+    with pytest.raises(RuntimeError, match="token 999 outside the vocabulary"):
+        step([999], [0], [0], pool)
+    with pytest.raises(RuntimeError, match="no KV slot 99"):
+        step([1], [0], [99], pool)
