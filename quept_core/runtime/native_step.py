@@ -3,15 +3,15 @@
 A `NativeStep` is built once per layout: it hands the native program every pack's storage (no
 copies) and, per call site, the rows each part serves. A step is then one call with the rows'
 tokens, positions and KV slots; it returns float32 logits [rows, vocab]. It runs where every pack
-is one the native kernels read (bit planes, or a dense weight for `fp`) and the KV pool is float32
-on the CPU; elsewhere the engine steps through `CompactLlama.decode`.
+is one the native kernels read (bit planes, lookup-table planes, or a dense weight for `fp`) and the
+KV pool is float32 on the CPU; elsewhere the engine steps through `CompactLlama.decode`.
 """
 
 from __future__ import annotations
 
 import torch
 
-from quept_core.runtime.kernels.formats import BitPlanes, DenseWeight, PackedWeight
+from quept_core.runtime.kernels.formats import BitPlanes, DenseWeight, LutPlanes, PackedWeight
 from quept_core.runtime.kernels.native import decode_program_class
 from quept_core.runtime.kvpool import KVPool
 from quept_core.runtime.model import CompactLlama, Layout, SiteLayout
@@ -22,6 +22,8 @@ ROLES = ("qkv", "o", "gate_up", "down")  # the order of a block's sites in the n
 def _native_pack(pack: PackedWeight) -> bool:
     if isinstance(pack, BitPlanes):
         return pack.planes[0].device.type == "cpu"
+    if isinstance(pack, LutPlanes):
+        return True  # CPU only
     return isinstance(pack, DenseWeight) and pack.weight.device.type == "cpu" and pack.weight.is_contiguous() \
         and pack.weight.dtype in (torch.float32, torch.bfloat16)
 
@@ -58,6 +60,9 @@ class NativeStep:
             if isinstance(pack, BitPlanes):
                 index = self._program.add_planes(pack.planes, pack.bits, pack.scale, pack.zero, pack.group,
                                                  pack.in_features)
+            elif isinstance(pack, LutPlanes):
+                index = self._program.add_lut(pack.planes, pack.bits, pack.scale, pack.zero, pack.group,
+                                              pack.in_features)
             else:
                 index = self._program.add_dense(pack.weight)
             self._ids[key] = index

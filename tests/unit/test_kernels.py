@@ -12,8 +12,11 @@ from quept_core.runtime.kernels.formats import (
     DenseWeight,
     Int4Packed,
     Int8Channel,
+    LutPlanes,
+    pack_lut,
     pack_planes,
     pack_weight,
+    unpack_lut,
     unpack_planes,
 )
 
@@ -48,7 +51,7 @@ def test_packed_output_matches_fake_quant(bits, rows, in_features):
     assert relative_error(pack(x.bfloat16()), ref) < REL_TOL
 
 
-@pytest.mark.parametrize("fmt", [Int4Packed, Int8Channel, BitPlanes])
+@pytest.mark.parametrize("fmt", [Int4Packed, Int8Channel, BitPlanes, LutPlanes])
 @pytest.mark.parametrize("bits", BITS)
 def test_every_format_agrees_with_reference(fmt, bits):
     qw = quantize(torch.randn(128, 256) * 0.05, bits, BitConfig().group_size_for(bits))
@@ -69,6 +72,26 @@ def test_bit_planes_round_trip_and_size(bits):
     planes = pack_planes(codes, bits)
     assert sum(p.numel() for p in planes) * 8 == codes.numel() * bits
     assert torch.equal(unpack_planes(planes, bits, 192), codes)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7, 8])
+def test_lookup_planes_round_trip_and_size(bits):
+    codes = torch.randint(0, 2**bits, (32, 192), dtype=torch.uint8)
+    planes = pack_lut(codes, bits)
+    assert planes.numel() * 8 == codes.numel() * bits
+    assert torch.equal(unpack_lut(planes, bits), codes)
+    rows = torch.tensor([31, 0, 17])
+    assert torch.equal(unpack_lut(planes, bits, rows), codes[rows])
+
+
+def test_lookup_layout_puts_each_bit_where_the_kernel_reads_it():
+    """Bit i of row 16T + r at input 16j + s + 4t is bit t of the nibble at position 4r + s (csrc/lut.h)."""
+    codes = torch.zeros(32, 64, dtype=torch.uint8)
+    codes[16 + 5, 16 * 2 + 3 + 4 * 2] = 0b100  # tile 1, r 5, block 2, s 3, t 2; bit 2
+    planes = pack_lut(codes, 3)
+    position = 4 * 5 + 3  # < 32: the low nibble of byte 23
+    assert planes[2, 1, 2, position].item() == 1 << 2
+    assert planes.count_nonzero().item() == 1
 
 
 def test_int4_layout_unpacks_exact_codes():

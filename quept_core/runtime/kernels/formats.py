@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from quept_core.quant.grid import QuantizedWeight
-from quept_core.runtime.kernels.native import int4pack_dequant, planes_dequant, planes_gemv
+from quept_core.runtime.kernels.native import int4pack_dequant, lut_dequant, lut_gemv, planes_dequant, planes_gemv
 
 log = logging.getLogger(__name__)
 
@@ -312,7 +312,103 @@ class BitPlanes(PackedWeight):
         return [*self.planes, self.scale, self.zero]
 
 
-FORMATS: tuple[type[PackedWeight], ...] = (Int4Packed, Int8Channel, BitPlanes)
+LUT_TILE = 16  # output rows per tile of a LutPlanes weight
+LUT_BLOCK = 16  # inputs per block (four quads of four)
+
+
+def pack_lut(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """b-bit codes [n, k] as bit-serial lookup indices [bits, n/16, k/16, 32] (layout: csrc/lut.h).
+
+    For bit i, tile T and block j, position p = 4r + s holds the 4-bit index whose bit t is bit i of
+    the code of row 16T + r at input 16j + s + 4t; byte u holds positions u (low) and u + 32 (high).
+    """
+    n, k = codes.shape
+    # [tiles, r, blocks, t, s] -> bits of each code
+    grid = codes.to(torch.uint8).reshape(n // LUT_TILE, LUT_TILE, k // LUT_BLOCK, 4, 4)
+    weights = (1 << torch.arange(4, dtype=torch.uint8, device=codes.device)).reshape(1, 1, 1, 4, 1)
+    planes = []
+    for bit in range(bits):
+        index = (((grid >> bit) & 1) * weights).sum(dim=3, dtype=torch.uint8)  # [tiles, r, blocks, s]
+        positions = index.permute(0, 2, 1, 3).reshape(n // LUT_TILE, k // LUT_BLOCK, 64)  # p = 4r + s
+        planes.append(positions[..., :32] | (positions[..., 32:] << 4))
+    return torch.stack(planes).contiguous()
+
+
+def unpack_lut(planes: torch.Tensor, bits: int, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """The inverse of `pack_lut` (for `rows` only, if given): uint8 codes [rows, k]."""
+    _, tiles, blocks, _ = planes.shape
+    positions = torch.cat([planes & 15, planes >> 4], dim=-1).reshape(bits, tiles, blocks, LUT_TILE, 4)
+    positions = positions.permute(0, 1, 3, 2, 4).reshape(bits, tiles * LUT_TILE, blocks, 4)  # [bits, n, blocks, s]
+    if rows is not None:
+        positions = positions[:, rows]
+    shifts = torch.arange(4, dtype=torch.uint8, device=planes.device).reshape(1, 1, 1, 4, 1)
+    bits_t = (positions.unsqueeze(3) >> shifts) & 1  # [bits, n, blocks, t, s]
+    codes = torch.zeros(bits_t.shape[1:], dtype=torch.uint8, device=planes.device)
+    for bit in range(bits):
+        codes |= bits_t[bit] << bit
+    return codes.reshape(codes.shape[0], -1)
+
+
+def _tiled(values: torch.Tensor) -> torch.Tensor:
+    """Per-row, per-group values [n, groups] as [n/16, groups, 16]."""
+    n, groups = values.shape
+    return values.reshape(n // LUT_TILE, LUT_TILE, groups).transpose(1, 2).contiguous()
+
+
+class LutPlanes(PackedWeight):
+    """Any 2..8-bit codes as bit-serial lookup indices (exactly b bits per weight), for the lookup-table
+    kernel (csrc/lut.h): a b-bit weight costs b table lookups, so fewer bits are faster."""
+
+    def __init__(self, qw: QuantizedWeight, dtype: torch.dtype):
+        n, k = qw.codes.shape
+        self.out_features, self.in_features, self.dtype, self.bits = n, k, dtype, qw.bits
+        self.group = k if qw.group_size == -1 else qw.group_size
+        self.planes = pack_lut(qw.codes, qw.bits)
+        self.scale = _tiled(qw.scale).float()
+        self.zero = _tiled(qw.zero).to(torch.int16)
+        if not torch.equal(self.zero.float(), _tiled(qw.zero)):
+            raise ValueError("zero-points do not fit int16")
+        self._native, self._native_dequant = lut_gemv(), lut_dequant()
+
+    @staticmethod
+    def supports(qw: QuantizedWeight, device: torch.device) -> bool:
+        n, k = qw.codes.shape
+        group = k if qw.group_size == -1 else qw.group_size
+        return (device.type == "cpu" and lut_gemv() is not None and 2 <= qw.bits <= 8 and n % LUT_TILE == 0
+                and k % CHUNK == 0 and group % CHUNK == 0)
+
+    def _rows_dequant(self, rows: torch.Tensor | None) -> torch.Tensor:
+        codes = unpack_lut(self.planes, self.bits, rows).float()
+        n, k = codes.shape
+        groups = self.scale.shape[1]
+        scale = self.scale.transpose(1, 2).reshape(-1, groups)
+        zero = self.zero.transpose(1, 2).reshape(-1, groups).float()
+        if rows is not None:
+            scale, zero = scale[rows], zero[rows]
+        pad = groups * self.group - k
+        grouped = F.pad(codes, (0, pad)).reshape(n, groups, self.group)
+        weight = (grouped - zero.unsqueeze(-1)) * scale.unsqueeze(-1)
+        return weight.reshape(n, -1)[:, :k].to(self.dtype)
+
+    def linear(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features)
+        out = self._native(flat.to(out_dtype or x.dtype), self.planes, self.bits, self.scale, self.zero,
+                           self.group)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def dense(self) -> torch.Tensor:
+        return self._native_dequant(self.planes, self.bits, self.scale, self.zero, self.group,
+                                    self.in_features).to(self.dtype)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1)
+        return self._rows_dequant(flat).reshape(*ids.shape, self.in_features)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.planes, self.scale, self.zero]
+
+
+FORMATS: tuple[type[PackedWeight], ...] = (Int4Packed, Int8Channel, BitPlanes, LutPlanes)
 
 
 def relative_error(out: torch.Tensor, reference: torch.Tensor) -> float:
@@ -377,9 +473,9 @@ def pack_weight(qw: QuantizedWeight, dtype: torch.dtype) -> PackedWeight:
         return pack
     candidates = [fmt for fmt in FORMATS if fmt.supports(qw, device)]
     if device.type == "cpu" and BitPlanes in candidates and planes_gemv() is not None:
-        # The native decode step (csrc/decode.cpp) reads bit planes at every width: one format, one
-        # call for the whole forward, rather than a faster-per-call ATen kernel behind Python dispatch.
-        candidates = [BitPlanes]
+        # The native decode step (csrc/decode.cpp) reads bit planes and lookup-table planes: one call
+        # for the whole forward beats a faster-per-call ATen kernel behind Python dispatch.
+        candidates = [fmt for fmt in candidates if fmt in (BitPlanes, LutPlanes)]
     pack = _choose(qw, dtype, candidates)
     _CHOICES[key] = (type(pack), pack.prefill_dense)
     log.info("%d-bit [%d, %d] weights: %s, prefill %s", qw.bits, *qw.codes.shape, type(pack).__name__,

@@ -63,6 +63,17 @@ def planes_dequant() -> Callable | None:
     return torch.ops.quept.planes_dequant.default if _build() else None
 
 
+def lut_gemv() -> Callable | None:
+    """`torch.ops.quept.lut_gemv(x, planes, bits, scale, zero, group)`, or None where the
+    lookup-table kernels do not run (they need AVX-512 VBMI and VNNI)."""
+    return torch.ops.quept.lut_gemv.default if _build() and torch.ops.quept.has_lut() else None
+
+
+def lut_dequant() -> Callable | None:
+    """`torch.ops.quept.lut_dequant(planes, bits, scale, zero, group, in_features)` -> bf16, or None."""
+    return torch.ops.quept.lut_dequant.default if _build() and torch.ops.quept.has_lut() else None
+
+
 def int4pack_dequant() -> Callable | None:
     """`torch.ops.quept.int4pack_dequant(packed, scale_zero, group)` -> bf16 [n, k], or None."""
     return torch.ops.quept.int4pack_dequant.default if _build() else None

@@ -7,6 +7,7 @@
 // computed the same way whatever other rows share the step, so a sequence's logits do not depend on
 // its neighbours.
 
+#include "lut.h"
 #include "planes.h"
 
 #include <ATen/ops/empty.h>
@@ -17,9 +18,11 @@
 
 namespace {
 
-// A weight the program multiplies by: bit planes, or a dense float32 / bf16 matrix (the fp plan).
+// A weight the program multiplies by: bit planes, lookup-table planes, or a dense float32 / bf16
+// matrix (the fp plan).
 struct Weight {
-  quept::Problem planes;  // planes.bits == 0: dense
+  quept::Problem planes;  // planes.bits == 0: not bit planes
+  quept::LutProblem lut;  // lut.bits == 0: not lookup-table planes
   const float* f32 = nullptr;
   const at::BFloat16* bf16 = nullptr;
   int64_t n = 0, k = 0;
@@ -59,8 +62,10 @@ class DecodeProgram : public torch::CustomClassHolder {
     delta_ = at::empty({max_rows_, hidden_}, f32);
     gathered_in_ = at::empty({max_rows_, deepest}, f32);
     gathered_out_ = at::empty({max_rows_, widest}, f32);
-    quantized_ = at::empty({max_rows_, deepest}, at::TensorOptions().dtype(at::kChar));
+    // int8 activations [rows, k], or lookup tables [rows, k / 16, 64]
+    quantized_ = at::empty({max_rows_, 4 * deepest}, at::TensorOptions().dtype(at::kChar));
     steps_ = at::empty({max_rows_, deepest / quept::kChunk}, f32);
+    lut_weights_ = at::empty({max_rows_, deepest / quept::kBlock * 8}, at::TensorOptions().dtype(at::kInt));
     sums_ = at::empty({max_rows_, deepest / quept::kChunk}, f32);
     scores_ = at::empty({0}, f32);
   }
@@ -76,6 +81,21 @@ class DecodeProgram : public torch::CustomClassHolder {
     keep_.push_back(zero);
     weights_.push_back(w);
     return static_cast<int64_t>(weights_.size()) - 1;
+  }
+
+  int64_t add_lut(at::Tensor planes, int64_t bits, at::Tensor scale, at::Tensor zero, int64_t group,
+                  int64_t in_features) {
+#ifdef QUEPT_AVX512
+    Weight w;
+    w.lut = quept::make_lut_problem(planes, bits, scale, zero, group, in_features);
+    w.n = w.lut.n;
+    w.k = in_features;
+    keep_.insert(keep_.end(), {planes, scale, zero});
+    weights_.push_back(w);
+    return static_cast<int64_t>(weights_.size()) - 1;
+#else
+    TORCH_CHECK(false, "add_lut: lookup-table kernels need AVX-512 VBMI and VNNI");
+#endif
   }
 
   int64_t add_dense(at::Tensor weight) {
@@ -162,6 +182,8 @@ class DecodeProgram : public torch::CustomClassHolder {
         const int64_t token = tokens[m];
         if (w.planes.bits) {
           quept::dequant_row(w.planes, token, out);
+        } else if (w.lut.bits) {
+          quept::lut_dequant_row(w.lut, token, out);
         } else if (w.f32) {
           std::memcpy(out, w.f32 + token * hidden_, hidden_ * sizeof(float));
         } else {
@@ -196,6 +218,20 @@ class DecodeProgram : public torch::CustomClassHolder {
       at::parallel_for(0, w.n, 16, [&](int64_t begin, int64_t end) { quept::gemv_rows(w.planes, a, y, ldy, begin, end); });
       return;
     }
+#ifdef QUEPT_AVX512
+    if (w.lut.bits) {
+      int8_t* tables = quantized_.data_ptr<int8_t>();
+      int32_t* weights = lut_weights_.data_ptr<int32_t>();
+      float* unit = steps_.data_ptr<float>();
+      float* sums = sums_.data_ptr<float>();
+      quept::prepare_lut(x, rows, w.k, w.lut.group, w.lut.bits, tables, weights, unit, sums);
+      const quept::LutActivations a{tables, weights, unit, sums, rows};
+      at::parallel_for(0, w.lut.tiles, 1, [&](int64_t begin, int64_t end) {
+        quept::lut_gemv_tiles(w.lut, a, y, ldy, begin, end);
+      });
+      return;
+    }
+#endif
     at::parallel_for(0, w.n, 16, [&](int64_t begin, int64_t end) {
       for (int64_t m = 0; m < rows; ++m) {
         const float* xr = x + m * w.k;
@@ -318,7 +354,7 @@ class DecodeProgram : public torch::CustomClassHolder {
   std::vector<Part> embedding_;
   std::vector<Weight> weights_;
   std::vector<at::Tensor> keep_;  // the storage the weights point into
-  at::Tensor x_, h_, qkv_, attn_, gate_up_, act_, delta_, gathered_in_, gathered_out_, quantized_, steps_, sums_, scores_;
+  at::Tensor x_, h_, qkv_, attn_, gate_up_, act_, delta_, gathered_in_, gathered_out_, quantized_, steps_, lut_weights_, sums_, scores_;
 };
 
 }  // namespace
@@ -331,6 +367,7 @@ TORCH_LIBRARY_FRAGMENT(QUEPT_OPS, m) {
   m.class_<DecodeProgram>("DecodeProgram")
       .def(torch::init<std::vector<int64_t>, double, std::vector<at::Tensor>, at::Tensor, at::Tensor>())
       .def("add_planes", &DecodeProgram::add_planes)
+      .def("add_lut", &DecodeProgram::add_lut)
       .def("add_dense", &DecodeProgram::add_dense)
       .def("add_part", &DecodeProgram::add_part)
       .def("add_embedding", &DecodeProgram::add_embedding)

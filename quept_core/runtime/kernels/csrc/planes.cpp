@@ -1,6 +1,8 @@
-// The CPU ops over bit-plane weights (planes_gemv, planes_dequant) and PyTorch's int4 layout
-// (int4pack_dequant). The kernels are in planes.h.
+// The CPU ops over bit-plane weights (planes_gemv, planes_dequant), bit-serial lookup-table weights
+// (lut_gemv, lut_dequant; AVX-512 VBMI and VNNI only) and PyTorch's int4 layout (int4pack_dequant).
+// The kernels are in planes.h and lut.h.
 
+#include "lut.h"
 #include "planes.h"
 
 #include <ATen/ops/empty.h>
@@ -38,6 +40,48 @@ at::Tensor planes_dequant(at::TensorList planes, int64_t bits, const at::Tensor&
     quept::dequant_rows_bf16(p, out.data_ptr<at::BFloat16>(), begin, end);
   });
   return out;
+}
+
+#ifdef QUEPT_AVX512
+
+at::Tensor lut_gemv(const at::Tensor& x, const at::Tensor& planes, int64_t bits, const at::Tensor& scale,
+                    const at::Tensor& zero, int64_t group) {
+  TORCH_CHECK(x.dim() == 2, "lut_gemv: x must be [rows, in_features]");
+  const int64_t rows = x.size(0), k = x.size(1);
+  const quept::LutProblem p = quept::make_lut_problem(planes, bits, scale, zero, group, k);
+  const at::Tensor xf = x.to(at::kFloat).contiguous();
+  at::Tensor tables = at::empty({rows, p.blocks * 64}, xf.options().dtype(at::kChar));
+  at::Tensor weights = at::empty({rows, p.blocks * 8}, xf.options().dtype(at::kInt));
+  at::Tensor unit = at::empty({rows, p.groups}, xf.options());
+  at::Tensor sums = at::empty({rows, p.groups}, xf.options());
+  quept::prepare_lut(xf.data_ptr<float>(), rows, k, group, bits, tables.data_ptr<int8_t>(), weights.data_ptr<int32_t>(),
+                     unit.data_ptr<float>(), sums.data_ptr<float>());
+  const quept::LutActivations a{tables.data_ptr<int8_t>(), weights.data_ptr<int32_t>(), unit.data_ptr<float>(),
+                                sums.data_ptr<float>(), rows};
+  at::Tensor out = at::empty({rows, p.n}, xf.options());
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, p.tiles, 1, [&](int64_t begin, int64_t end) { quept::lut_gemv_tiles(p, a, op, p.n, begin, end); });
+  return out.to(x.scalar_type());
+}
+
+at::Tensor lut_dequant(const at::Tensor& planes, int64_t bits, const at::Tensor& scale, const at::Tensor& zero,
+                       int64_t group, int64_t in_features) {
+  const quept::LutProblem p = quept::make_lut_problem(planes, bits, scale, zero, group, in_features);
+  at::Tensor out = at::empty({p.n, in_features}, scale.options().dtype(at::kBFloat16));
+  at::parallel_for(0, p.tiles, 1, [&](int64_t begin, int64_t end) {
+    quept::lut_dequant_tiles(p, out.data_ptr<at::BFloat16>(), begin, end);
+  });
+  return out;
+}
+
+#endif
+
+bool has_lut() {
+#ifdef QUEPT_AVX512
+  return true;
+#else
+  return false;
+#endif
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -88,10 +132,17 @@ QUEPT_LIBRARY(QUEPT_OPS, m) {
   m.def("planes_gemv(Tensor x, Tensor[] planes, int bits, Tensor scale, Tensor zero, int group) -> Tensor");
   m.def("planes_dequant(Tensor[] planes, int bits, Tensor scale, Tensor zero, int group, int in_features) -> Tensor");
   m.def("int4pack_dequant(Tensor packed, Tensor scale_zero, int group) -> Tensor");
+  m.def("lut_gemv(Tensor x, Tensor planes, int bits, Tensor scale, Tensor zero, int group) -> Tensor");
+  m.def("lut_dequant(Tensor planes, int bits, Tensor scale, Tensor zero, int group, int in_features) -> Tensor");
+  m.def("has_lut() -> bool", &has_lut);
 }
 
 QUEPT_LIBRARY_IMPL(QUEPT_OPS, CPU, m) {
   m.impl("planes_gemv", &planes_gemv);
   m.impl("planes_dequant", &planes_dequant);
   m.impl("int4pack_dequant", &int4pack_dequant);
+#ifdef QUEPT_AVX512
+  m.impl("lut_gemv", &lut_gemv);
+  m.impl("lut_dequant", &lut_dequant);
+#endif
 }

@@ -24,6 +24,7 @@
 #include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__) && defined(__AVX512VNNI__) && \
+    defined(__AVX512VBMI__) && \
     !defined(QUEPT_PORTABLE)
 #include <immintrin.h>
 #define QUEPT_AVX512 1
