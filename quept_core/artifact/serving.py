@@ -22,6 +22,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import torch
@@ -95,6 +97,19 @@ class ServingStore:
         self.bit_config = BitConfig.from_dict(self.manifest["bit_config"])
         self.tied: bool = self.manifest["tied"]
         self.config = AutoConfig.from_pretrained(self.folder)
+        self._handles: dict[str, object] | None = None  # open files, inside `kept_open` only
+
+    @contextmanager
+    def kept_open(self) -> Iterator[None]:
+        """Keep the files open while many packs are built (opening one costs about 1 ms); their memory
+        maps close when the block ends."""
+        with ExitStack() as stack:
+            self._handles = {}
+            stack.callback(setattr, self, "_handles", None)
+            for file in self.manifest["files"]:
+                if file.endswith(".safetensors"):
+                    self._handles[file] = stack.enter_context(safe_open(self.folder / file, framework="pt"))
+            yield
 
     def tokenizer(self) -> PreTrainedTokenizerBase:
         return AutoTokenizer.from_pretrained(self.folder / TOKENIZER)
@@ -113,12 +128,17 @@ class ServingStore:
 
     def _read(self, file: str, keys: list[str]) -> list[torch.Tensor]:
         """Copies of `keys` from `file`: the memory map closes with the handle once the views are gone."""
+        if self._handles is not None:
+            return self._copies(self._handles[file], file, keys)
         with safe_open(self.folder / file, framework="pt") as handle:
-            try:
-                return [handle.get_tensor(key).clone() for key in keys]
-            except SafetensorError:
-                missing = [key for key in keys if key not in handle.keys()]
-                raise KeyError(f"{self.folder / file}: no weight {missing[0]}") from None
+            return self._copies(handle, file, keys)
+
+    def _copies(self, handle, file: str, keys: list[str]) -> list[torch.Tensor]:
+        try:
+            return [handle.get_tensor(key).clone() for key in keys]
+        except SafetensorError:
+            missing = [key for key in keys if key not in handle.keys()]
+            raise KeyError(f"{self.folder / file}: no weight {missing[0]}") from None
 
 
 def open_serving_store(folder: Path, artifact_id: str) -> ServingStore | None:
@@ -172,5 +192,7 @@ def _write(staging: Path, weights: ServingWeights, tokenizer: PreTrainedTokenize
                 bar.update()
             save_tensors_atomic(staging / codes_file(bits), tensors)
     bar.close()
+    for path in staging.glob("*.safetensors"):
+        path.chmod(0o644)  # safetensors writes 0600; a server may run as another user than the writer
     config.save_pretrained(staging)
     tokenizer.save_pretrained(staging / TOKENIZER)

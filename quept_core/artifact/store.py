@@ -68,10 +68,10 @@ class CalibratedModel:
 
     @property
     def artifact_id(self) -> str:
-        return artifact_id(self.manifest)
+        return artifact_id_of(self.manifest)
 
 
-def artifact_id(manifest: dict) -> str:
+def artifact_id_of(manifest: dict) -> str:
     """A short content hash of an artifact's calibrated state."""
     return manifest["files"][STATE]["sha256"][:16]
 
