@@ -258,6 +258,8 @@ class QueptEngine:
             return cached[1]
         self.check_plan(plan)
         layout = self._layout([plan])
+        # Layouts of an older generation may hold evicted packs: dropping them frees those packs.
+        self._layouts = {p: entry for p, entry in self._layouts.items() if entry[0] == self.cache.generation}
         self._layouts[plan] = (self.cache.generation, layout)
         return layout
 
