@@ -3,6 +3,7 @@ service needs it (service/engine/backend.py)."""
 
 from __future__ import annotations
 
+import ctypes
 import gc
 from collections.abc import Mapping
 
@@ -112,7 +113,19 @@ def load_backend(settings: Settings) -> ModelBackend:
     # Stored front plans run the output head like every quantized plan of this engine.
     front = [plan.with_head_bits(engine.head_bits) for plan in stored_plans(extras["plans"])]
     with store.kept_open():  # the backend builds every uniform plan's packs
-        return ModelBackend(engine, store.artifact_id, front, quality)
+        backend = ModelBackend(engine, store.artifact_id, front, quality)
+    _return_freed_memory()
+    return backend
+
+
+def _return_freed_memory() -> None:
+    """Give the memory freed during start-up (the model on a first start, probes and staging copies
+    of packs) back to the system: glibc keeps freed heap pages in the process otherwise."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def _served(settings: Settings) -> tuple[ServingStore, dict] | None:
