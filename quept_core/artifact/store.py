@@ -13,15 +13,12 @@ is never loaded; every file is checked against its manifest checksum before use.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
 import os
 import re
 import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -33,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from quept_core.calibration.data import calibration_tokens
 from quept_core.calibration.loop import CalibrationConfig, CalibrationResult, calibrate
 from quept_core.config import BitConfig
-from quept_core.io.atomic import write_bytes_atomic, write_json_atomic
+from quept_core.io.atomic import file_lock, replacing_folder, write_bytes_atomic, write_json_atomic
 from quept_core.io.models import LoadedModel
 from quept_core.io.paths import cache_dir
 from quept_core.quant.elastic import (
@@ -71,8 +68,12 @@ class CalibratedModel:
 
     @property
     def artifact_id(self) -> str:
-        """A short content hash of the calibrated state."""
-        return self.manifest["files"][STATE]["sha256"][:16]
+        return artifact_id_of(self.manifest)
+
+
+def artifact_id_of(manifest: dict) -> str:
+    """A short content hash of an artifact's calibrated state."""
+    return manifest["files"][STATE]["sha256"][:16]
 
 
 def default_artifact_dir(model_name: str, preset: str) -> Path:
@@ -112,24 +113,15 @@ def save_artifact(out_dir: Path, elastic: dict[str, ElasticLinear], manifest: di
     for key in ("model", "bit_config"):
         if key not in manifest:
             raise ValueError(f"save_artifact: manifest lacks '{key}'")
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = out_dir.with_name(f".{out_dir.name}.staging-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    save_file(trainable_state(elastic), str(staging / STATE))
-    state_path = staging / STATE
-    full = {**manifest, "format_version": FORMAT_VERSION, "extras": {},
-            "files": {STATE: {"sha256": _sha256(state_path), "bytes": state_path.stat().st_size}}}
-    write_json_atomic(staging / MANIFEST, full)
-    with state_path.open("rb") as handle:
-        os.fsync(handle.fileno())
-    retired = out_dir.with_name(f".{out_dir.name}.retired-{os.getpid()}")
-    if out_dir.exists():
-        out_dir.rename(retired)
-    staging.rename(out_dir)
-    shutil.rmtree(retired, ignore_errors=True)
-    return out_dir
+    with replacing_folder(out_dir) as staging:
+        state_path = staging / STATE
+        save_file(trainable_state(elastic), str(state_path))
+        full = {**manifest, "format_version": FORMAT_VERSION, "extras": {},
+                "files": {STATE: {"sha256": _sha256(state_path), "bytes": state_path.stat().st_size}}}
+        write_json_atomic(staging / MANIFEST, full)
+        with state_path.open("rb") as handle:
+            os.fsync(handle.fileno())
+    return Path(out_dir)
 
 
 def read_manifest(artifact_dir: Path) -> dict:
@@ -158,15 +150,16 @@ def _verify_file(artifact_dir: Path, entry: dict, relative: str, manifest: dict)
     return path
 
 
-def verify_artifact(artifact_dir: Path, loaded: LoadedModel) -> dict:
-    """Check the manifest, the base-model binding and every file checksum; returns the manifest."""
+def verify_artifact(artifact_dir: Path, model_name: str, checksum: str) -> dict:
+    """Check the manifest, the binding to the base model (`model_name`, whose weights have sha256
+    `checksum`; no need to load it) and every file checksum; returns the manifest."""
     artifact_dir = Path(artifact_dir)
     manifest = read_manifest(artifact_dir)
     bound = manifest.get("model", {}).get("checksum")
-    if bound != loaded.checksum:
+    if bound != checksum:
         raise ArtifactError(
             f"{artifact_dir / MANIFEST}: calibrated for base model sha256 {str(bound)[:12]}, but "
-            f"'{loaded.name}' is {loaded.checksum[:12]}; run `quept calibrate --model {loaded.name} "
+            f"'{model_name}' is {checksum[:12]}; run `quept calibrate --model {model_name} "
             f"--out {artifact_dir}`")
     for relative, entry in manifest["files"].items():
         _verify_file(artifact_dir, entry, relative, manifest)
@@ -189,7 +182,7 @@ def _elastic_for(loaded: LoadedModel, bit_config: BitConfig, artifact_dir: Path)
 def load_artifact(artifact_dir: Path | str, loaded: LoadedModel) -> CalibratedModel:
     """Verify an artifact against `loaded` and swap its calibrated elastic linears into `loaded.model`."""
     artifact_dir = Path(artifact_dir)
-    manifest = verify_artifact(artifact_dir, loaded)
+    manifest = verify_artifact(artifact_dir, loaded.name, loaded.checksum)
     bit_config = BitConfig.from_dict(manifest["bit_config"])
     elastic = _elastic_for(loaded, bit_config, artifact_dir)
     device = loaded.model.get_input_embeddings().weight.device
@@ -200,17 +193,6 @@ def load_artifact(artifact_dir: Path | str, loaded: LoadedModel) -> CalibratedMo
                             f"{_calibrate_hint(artifact_dir, manifest)}") from None
     set_bits(loaded.model, None)
     return CalibratedModel(loaded, bit_config, elastic, manifest, artifact_dir)
-
-
-@contextmanager
-def _manifest_lock(artifact_dir: Path) -> Iterator[None]:
-    """Serialise manifest updates between processes (two writers adding extras at once)."""
-    with (artifact_dir / ".lock").open("w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _check_extra_name(name: str) -> None:
@@ -226,7 +208,8 @@ def write_extra(artifact_dir: Path, name: str, obj: Any) -> None:
     data = (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
     relative = f"{EXTRAS}/{name}.json"
     (artifact_dir / EXTRAS).mkdir(exist_ok=True)
-    with _manifest_lock(artifact_dir):
+    # Serialise manifest updates between processes (two writers adding extras at once).
+    with file_lock(artifact_dir / ".lock"):
         write_bytes_atomic(artifact_dir / relative, data)
         manifest = read_manifest(artifact_dir)
         manifest.setdefault("extras", {})[name] = {"file": relative, "sha256": hashlib.sha256(data).hexdigest()}
@@ -286,24 +269,34 @@ def calibrate_artifact(loaded: LoadedModel, config: CalibrationConfig, out_dir: 
     return result
 
 
+def ready_artifact(model_name: str, checksum: str, preset: str = "fast") -> Path | None:
+    """The default artifact folder of a base model when it is complete, bound to these weights and made
+    with this version's `preset` settings; None (the reason logged) when it must be calibrated."""
+    out_dir = default_artifact_dir(model_name, preset)
+    try:
+        manifest = verify_artifact(out_dir, model_name, checksum)
+    except ArtifactError as error:
+        if out_dir.exists():
+            log.warning("recalibrating: %s", error)
+        return None
+    if _preset_settings(manifest["calibration"]) != _preset_settings(CalibrationConfig.from_preset(preset).to_dict()):
+        log.warning("recalibrating: %s was made with other '%s' preset settings than this version's", out_dir, preset)
+        return None
+    return out_dir
+
+
 def ensure_artifact(loaded: LoadedModel, preset: str = "fast", progress: bool = True) -> Path:
     """The default artifact folder for `loaded`, calibrated first (resuming if interrupted) when it is
     missing, incomplete, or made for another base model or format version. A calibration here leaves
     `loaded.model` calibrated in place; `load_artifact` then reuses its elastic linears."""
+    ready = ready_artifact(loaded.name, loaded.checksum, preset)
+    if ready is not None:
+        return ready
     out_dir = default_artifact_dir(loaded.name, preset)
-    config = CalibrationConfig.from_preset(preset)
-    try:
-        manifest = verify_artifact(out_dir, loaded)
-        if _preset_settings(manifest["calibration"]) == _preset_settings(config.to_dict()):
-            return out_dir
-        log.warning("recalibrating: %s was made with other '%s' preset settings than this version's", out_dir, preset)
-    except ArtifactError as error:
-        if out_dir.exists():
-            log.warning("recalibrating: %s", error)
     if elastic_linears(loaded.model):
         raise ArtifactError(f"{out_dir}: needs calibration, but '{loaded.name}' already carries elastic linears; "
                             f"load a fresh base model")
-    calibrate_artifact(loaded, config, out_dir, progress=progress)
+    calibrate_artifact(loaded, CalibrationConfig.from_preset(preset), out_dir, progress=progress)
     return out_dir
 
 

@@ -104,6 +104,17 @@ def _current(document: dict | list | None) -> dict | None:
     return document if isinstance(document, dict) and document.get("format") == EXTRAS_FORMAT else None
 
 
+def stored_mixed_extras(artifact_dir: Path, sensitivity: str = "proxy") -> dict | None:
+    """The three documents when the artifact holds all of them, current and of this sensitivity kind,
+    else None; reads the artifact folder only (no model)."""
+    table = read_extra(artifact_dir, "sensitivity")
+    plans = _current(read_extra(artifact_dir, "plans"))
+    quality = _current(read_extra(artifact_dir, "quality"))
+    if table is None or table["kind"] != sensitivity or plans is None or quality is None:
+        return None
+    return {"sensitivity": table, "plans": plans, "quality": quality}
+
+
 def ensure_mixed_extras(artifact_dir: Path, calibrated: CalibratedModel, text_file: Path | None = None,
                         sensitivity: str = "proxy") -> dict:
     """Compute and store whichever of `sensitivity`, `plans` and `quality` the artifact lacks.
@@ -114,11 +125,12 @@ def ensure_mixed_extras(artifact_dir: Path, calibrated: CalibratedModel, text_fi
     """
     if sensitivity not in SENSITIVITY_KINDS:
         raise ValueError(f"sensitivity must be one of {', '.join(SENSITIVITY_KINDS)}, got '{sensitivity}'")
+    stored = stored_mixed_extras(artifact_dir, sensitivity)
+    if stored is not None:
+        return stored
     table = read_extra(artifact_dir, "sensitivity")
     plans = _current(read_extra(artifact_dir, "plans"))
     quality = _current(read_extra(artifact_dir, "quality"))
-    if table is not None and table["kind"] == sensitivity and plans is not None and quality is not None:
-        return {"sensitivity": table, "plans": plans, "quality": quality}
 
     start = time.perf_counter()
     loaded, bit_config = calibrated.loaded, calibrated.bit_config

@@ -1,12 +1,17 @@
-"""Atomic file writes: write a temporary file next to the target, flush it to disk, then rename.
+"""Atomic writes: build a file (or a folder) under a temporary name next to the target, flush it to
+disk, then rename; and a lock that serialises writers between processes.
 
-A reader sees either the old file or the complete new one, never a half-written file.
+A reader sees either the old file or folder or the complete new one, never a half-written one.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -38,3 +43,35 @@ def save_tensors_atomic(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     temporary = _temporary(path)
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(temporary))
     _commit(temporary, path)
+
+
+@contextmanager
+def replacing_folder(folder: Path) -> Iterator[Path]:
+    """An empty staging folder next to `folder`, renamed into its place when the block ends (an old
+    `folder` is set aside first, then removed); on an error the staging folder is removed instead."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = folder.with_name(f".{folder.name}.staging-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    retired = folder.with_name(f".{folder.name}.retired-{os.getpid()}")
+    if folder.exists():
+        folder.rename(retired)
+    staging.rename(folder)
+    shutil.rmtree(retired, ignore_errors=True)
+
+
+@contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `path` (created if missing) while the block runs, across processes."""
+    with Path(path).open("w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -268,6 +268,8 @@ class QueptEngine:
             return cached
         self.check_plan(plan)
         prepared = self._step_for(self._layout([plan]))
+        # Steps of an older generation may hold evicted packs: dropping them frees those packs.
+        self._steps = {p: step for p, step in self._steps.items() if step.generation == self.cache.generation}
         self._steps[plan] = prepared
         return prepared
 

@@ -3,9 +3,9 @@
 Two sources answer the same questions:
 - `ElasticWeights` quantizes the calibrated elastic linears on demand (the float masters and LoRA
   factors stay in memory): for calibration-time checks, tests and evaluation;
-- a serving store on disk (`quept_core/artifact/serving.py`) holds the integer codes of every
-  (linear, bits) and the bf16 weights once, so a serving process needs neither the transformers model
-  nor the masters.
+- `ServingStore` (`quept_core/artifact/serving.py`) reads a folder on disk holding the integer codes
+  of every (linear, bits) and the bf16 weights once, so a serving process needs neither the
+  transformers model nor the masters.
 
 Names: a linear's full module name (`model.layers.3.self_attn.q_proj`), `HEAD` (the output head, tied
 to the embedding in small LLaMAs), `EMBEDDING` (the input embedding of an untied model), and norms
@@ -27,6 +27,13 @@ from quept_core.quant.elastic import ElasticLinear
 from quept_core.quant.grid import QuantizedWeight, quantize
 
 EMBEDDING = "model.embed_tokens"
+FINAL_NORM = "model.norm"
+
+
+def norm_names(n_layers: int) -> list[str]:
+    """Every RMSNorm weight: each block's input and post-attention norms, then the final norm."""
+    return [f"model.layers.{i}.{kind}" for i in range(n_layers)
+            for kind in ("input_layernorm", "post_attention_layernorm")] + [FINAL_NORM]
 
 
 class ServingWeights(Protocol):

@@ -1,17 +1,38 @@
-"""The real backend: the base model, its calibrated artifact and the elastic runtime, seen as the
-service needs them (service/engine/backend.py)."""
+"""The real backend: the elastic runtime over the calibrated artifact's serving store, seen as the
+service needs it (service/engine/backend.py)."""
 
 from __future__ import annotations
 
+import ctypes
+import gc
 from collections.abc import Mapping
 
 import torch
 
-from quept_core.io.models import load_model
+from quept_core.artifact.serving import (
+    ServingStore,
+    StoreError,
+    open_serving_store,
+    serving_store_dir,
+    write_serving_store,
+)
+from quept_core.artifact.store import (
+    artifact_id_of,
+    ensure_artifact,
+    load_artifact,
+    read_manifest,
+    ready_artifact,
+    verify_artifact,
+)
+from quept_core.eval.plan_quality import ensure_mixed_extras, stored_mixed_extras, stored_plans
+from quept_core.io.models import float_folder, load_model, resolve_model
+from quept_core.planning.allocator import Allocator
 from quept_core.planning.bits import FP_BITS, nominal_bits
 from quept_core.planning.plan import Plan
+from quept_core.planning.sensitivity import SensitivityTable
 from quept_core.precision import Precision, uniform_name, uniform_precisions
 from quept_core.runtime.engine import QueptEngine
+from quept_core.runtime.weights import ElasticWeights
 from service.engine.controller import Candidate, bit_shares
 from service.settings import Settings
 
@@ -70,23 +91,67 @@ def _device(choice: str) -> torch.device | None:
 
 
 def load_backend(settings: Settings) -> ModelBackend:
-    """Load the model, ensure its artifact (calibrating on first use) and its mixed-precision front
-    and quality (measured once, stored in the artifact), and build the engine."""
-    from quept_core.artifact.store import ensure_artifact, load_artifact
-    from quept_core.eval.plan_quality import ensure_mixed_extras, stored_plans
-    from quept_core.planning.allocator import Allocator
-    from quept_core.planning.sensitivity import SensitivityTable
-
+    """Build the engine from the artifact's serving store and read its mixed-precision front and
+    quality. On a first start (no artifact, extras or store yet) the transformers model is loaded to
+    calibrate, measure and write them once, then freed: serving never holds it."""
     if settings.threads is not None:
         torch.set_num_threads(settings.threads)
     device = _device(settings.device)
-    loaded = load_model(settings.model)
-    calibrated = load_artifact(settings.artifact or ensure_artifact(loaded, preset=settings.preset), loaded)
-    extras = ensure_mixed_extras(calibrated.artifact_dir, calibrated)
-    allocator = Allocator(SensitivityTable.from_dict(extras["sensitivity"]), calibrated.bit_config)
-    engine = QueptEngine.from_calibrated(calibrated, device=device, memory_limit_bytes=settings.memory_limit_bytes,
-                                         mixed_resolver=allocator.plan, max_running=settings.max_running)
+    served = _served(settings)
+    if served is None:
+        _calibrate_and_store(settings)
+        gc.collect()  # the model, its elastic linears and the artifact's tensors are unreachable now
+        served = _served(settings)
+        if served is None:
+            raise StoreError("the serving store or the mixed-precision extras just written could not be read back")
+    store, extras = served
+    allocator = Allocator(SensitivityTable.from_dict(extras["sensitivity"]), store.bit_config)
+    engine = QueptEngine(store, store.tokenizer(), model_name=store.model_name, device=device,
+                         memory_limit_bytes=settings.memory_limit_bytes, mixed_resolver=allocator.plan,
+                         max_running=settings.max_running)
     quality = {name: entry["ppl_delta_pct"] for name, entry in extras["quality"]["plans"].items()}
     # Stored front plans run the output head like every quantized plan of this engine.
     front = [plan.with_head_bits(engine.head_bits) for plan in stored_plans(extras["plans"])]
-    return ModelBackend(engine, calibrated.artifact_id, front, quality)
+    with store.kept_open():  # the backend builds every uniform plan's packs
+        backend = ModelBackend(engine, store.artifact_id, front, quality)
+    _return_freed_memory()
+    return backend
+
+
+def _return_freed_memory() -> None:
+    """Give the memory freed during start-up (the model on a first start, probes and staging copies
+    of packs) back to the system: glibc keeps freed heap pages in the process otherwise."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+def _served(settings: Settings) -> tuple[ServingStore, dict] | None:
+    """The serving store and the mixed-precision extras of the artifact to serve, when both are there
+    and current; found from the base model's checksum, without loading the model."""
+    source = resolve_model(settings.model)
+    _, checksum = float_folder(source)
+    if settings.artifact is not None:
+        artifact_dir = settings.artifact
+        manifest = verify_artifact(artifact_dir, source.name, checksum)
+    else:
+        artifact_dir = ready_artifact(source.name, checksum, settings.preset)
+        if artifact_dir is None:
+            return None
+        manifest = read_manifest(artifact_dir)
+    store = open_serving_store(serving_store_dir(artifact_dir), artifact_id_of(manifest))
+    extras = stored_mixed_extras(artifact_dir)
+    return None if store is None or extras is None else (store, extras)
+
+
+def _calibrate_and_store(settings: Settings) -> None:
+    """Load the model, ensure its artifact (calibrating on first use) and mixed-precision extras, and
+    write the serving store; everything loaded here is dropped on return."""
+    loaded = load_model(settings.model)
+    calibrated = load_artifact(settings.artifact or ensure_artifact(loaded, preset=settings.preset), loaded)
+    ensure_mixed_extras(calibrated.artifact_dir, calibrated)
+    write_serving_store(serving_store_dir(calibrated.artifact_dir),
+                        ElasticWeights(loaded, calibrated.elastic, calibrated.bit_config), loaded.tokenizer,
+                        artifact_id=calibrated.artifact_id, model_name=loaded.name, model_checksum=loaded.checksum)

@@ -1,7 +1,9 @@
 """The engine on a tiny random model: plans and packs, the running set (join, leave, abort, mixed
 plans in one step), the KV pool, sampling and log-probabilities."""
 
+import gc
 import random
+import weakref
 
 import pytest
 import torch
@@ -233,6 +235,19 @@ def test_eviction_under_a_small_limit_keeps_results_identical(engine):
     assert small.cache.evictions > 0 and small.cache.resident_bytes <= small.cache.limit_bytes
     for want, have in zip(expected, got, strict=True):
         assert all(torch.equal(a, b) for a, b in zip(want, have, strict=True))
+
+
+def test_an_evicted_pack_is_freed_not_kept_by_a_remembered_layout(engine):
+    one_plan = max(engine.weight_bytes(engine.plan(p)) for p in ("w3", "w8"))
+    small = make_engine(memory_limit_bytes=int(one_plan * 1.2))
+    w8 = small.plan("w8")
+    small.prepare(w8)
+    keys = small.pack_keys(w8)
+    packs = dict(zip(keys, map(weakref.ref, small.cache.ensure(keys)), strict=True))
+    small.prepare(small.plan("w3"))
+    gc.collect()
+    evicted = [key for key in keys if key not in small.cache]
+    assert evicted and all(packs[key]() is None for key in evicted)
 
 
 def test_plan_larger_than_the_limit_is_a_clear_error():

@@ -1,0 +1,67 @@
+"""The real default model served from its serving store: the first start writes the store and frees
+the transformers model; a later start never loads it. Needs the calibrated fast artifact (the first
+run of `quept serve` or `quept calibrate --preset fast` makes it)."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import pytest
+import torch
+from transformers import PreTrainedModel
+
+from quept_core.artifact.serving import ServingStore
+from quept_core.runtime.protocol import SamplingParams
+from service.engine import loading
+from service.engine.pipeline import GenerationSpec, Pipeline
+from service.settings import Settings
+
+pytestmark = pytest.mark.integration
+
+
+def resident_mb() -> float:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * 4096 / 2**20
+
+
+def test_the_second_start_serves_from_the_store_without_loading_the_model(tmp_path, monkeypatch):
+    torch.set_num_threads(2)
+    monkeypatch.setattr(loading, "serving_store_dir", lambda artifact_dir: tmp_path / "store")
+    models = []
+    real_load_model = loading.load_model
+
+    def recording_load_model(spec):
+        loaded = real_load_model(spec)
+        models.append(weakref.ref(loaded.model))
+        return loaded
+
+    monkeypatch.setattr(loading, "load_model", recording_load_model)
+    settings = Settings(threads=2)
+    first = loading.load_backend(settings)
+    assert len(models) == 1 and (tmp_path / "store" / "manifest.json").is_file()
+    gc.collect()
+    assert models[0]() is None, "the transformers model is still referenced after the first start"
+    pipeline = Pipeline(first, controller=None, scheduler=None, metrics=None, max_new_tokens_limit=64,
+                        queue_timeout_s=1, max_running=1)
+    prompt = pipeline.prompt_ids(GenerationSpec(
+        None, [{"role": "user", "content": "What is the capital of France? Answer with one word."}],
+        SamplingParams()))
+    del pipeline
+    first_tokens = first.engine.generate(prompt, first.resolve("w8"), SamplingParams(max_new_tokens=16))
+    del first
+    gc.collect()
+
+    def no_model(spec):
+        raise AssertionError("a start with a serving store loaded the transformers model")
+
+    monkeypatch.setattr(loading, "load_model", no_model)
+    second = loading.load_backend(settings)
+    assert isinstance(second.engine.weights, ServingStore)
+    assert not [o for o in gc.get_objects() if issubclass(type(o), PreTrainedModel)]
+    tokens = second.engine.generate(prompt, second.resolve("w8"), SamplingParams(max_new_tokens=16))
+    assert tokens == first_tokens and "Paris" in second.tokenizer.decode(tokens, skip_special_tokens=True)
+    resident = second.resident_bytes()
+    assert all(resident.values()), resident  # every uniform plan's packs were built at start
+    print(f"\nRSS after the second start, every uniform plan resident: {resident_mb():.0f} MB "
+          f"(packs {second.engine.cache.resident_bytes / 2**20:.0f} MiB)")
