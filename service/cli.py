@@ -165,6 +165,9 @@ def bench(
     model: Annotated[str, typer.Option(help="model name, .gguf file or Hugging Face folder")] = DEFAULT_MODEL,
     precisions: Annotated[str, typer.Option(help="comma list of fp, w<b>")] = "fp,w8,w7,w6,w5,w4,w3",
     mixed: Annotated[str, typer.Option(help="comma list of average bits for mixed plans, e.g. 3.5,4.5")] = "",
+    mixed_set: Annotated[str, typer.Option(help="comma list of plans decoding in one running set, 2 sequences "
+                                                "each, against per-plan batches in turns; empty: no such row")
+                         ] = "w8,w6,w4,w3",
     artifact: Annotated[Path | None, typer.Option(help="calibrated artifact folder (default: the one "
                                                        "`quept serve` uses, calibrated first if missing)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
@@ -195,11 +198,13 @@ def bench(
     logging.getLogger("quept_core.bench.runner").setLevel(logging.INFO)  # progress on stderr
     torch.set_num_threads(threads)
     config = runner.BenchConfig(prompt_tokens=prompt_tokens, new_tokens=new_tokens, ppl_tokens=ppl_tokens,
-                                seqlen=seqlen, repeats=repeats)
+                                seqlen=seqlen, repeats=repeats,
+                                mixed_set=tuple(p.strip() for p in mixed_set.split(",") if p.strip()))
 
     def make_engine(loaded):
         """The served model: the calibrated artifact's weights, not plain quantization."""
-        engine = QueptEngine.from_calibrated(load_artifact(artifact or ensure_artifact(loaded), loaded))
+        engine = QueptEngine.from_calibrated(load_artifact(artifact or ensure_artifact(loaded), loaded),
+                                             max_running=max(runner.BATCHES))
         engine.mixed_resolver = runner.allocator_resolver(loaded, engine)
         return engine
 

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, astuple
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -19,7 +21,7 @@ import torch.nn.functional as F
 
 from quept_core.bench.peers import llamacpp
 from quept_core.bench.peers.hf import hf_speed
-from quept_core.bench.results import BenchConfig, BenchResult, BenchRow, Speed
+from quept_core.bench.results import BATCHES, BenchConfig, BenchResult, BenchRow, MixedSetRow, Speed
 from quept_core.io.models import LoadedModel, load_model
 from quept_core.planning.plan import Plan
 from quept_core.precision import Precision
@@ -56,10 +58,39 @@ def perplexity(window_logits: Callable[[torch.Tensor], torch.Tensor], tokens: to
 
 # the runtime --------------------------------------------------------------------------------------
 
-def _generate_timed(engine: QueptEngine, prompts: torch.Tensor, plans: list[Plan], new_tokens: int
-                    ) -> tuple[float, float]:
-    """(prefill seconds, decode tokens per second) for prompts [rows, tokens] joining one running set
-    (row i at plans[i % len(plans)]), stopping only at the length."""
+def resident_set_bytes() -> int | None:
+    """The process's resident set size (Linux /proc; None elsewhere)."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except OSError:
+        return None
+    return pages * os.sysconf("SC_PAGE_SIZE")
+
+
+@dataclass(frozen=True)
+class _Run:
+    prefill_s: float
+    decode_tokens: int
+    decode_s: float
+
+    @property
+    def decode_tok_s(self) -> float:
+        return self.decode_tokens / max(self.decode_s, 1e-9)
+
+
+@contextmanager
+def _fixed_length(engine: QueptEngine):
+    """No end-of-sequence stop: throughput is measured over a fixed number of tokens."""
+    eos_ids, engine.eos_ids = engine.eos_ids, frozenset()
+    try:
+        yield
+    finally:
+        engine.eos_ids = eos_ids
+
+
+def _generate_timed(engine: QueptEngine, prompts: torch.Tensor, plans: list[Plan], new_tokens: int) -> _Run:
+    """Prompts [rows, tokens] joining one running set (row i at plans[i % len(plans)]), run to their length:
+    the step that prefills them all, then the decode steps."""
     sampling = SamplingParams(max_new_tokens=new_tokens)
     for row, prompt in enumerate(prompts):
         engine.add(SequenceRequest(prompt.tolist(), plans[row % len(plans)], sampling))
@@ -67,18 +98,35 @@ def _generate_timed(engine: QueptEngine, prompts: torch.Tensor, plans: list[Plan
     tokens, start = 0, time.perf_counter()
     while engine.running:
         tokens += len(engine.step())
-    return prefill, tokens / max(time.perf_counter() - start, 1e-9)
+    return _Run(prefill, tokens, time.perf_counter() - start)
 
 
 def engine_speed(engine: QueptEngine, plan: Plan, prompts: torch.Tensor, config: BenchConfig) -> Speed:
-    eos_ids = engine.eos_ids
-    engine.eos_ids = frozenset()  # throughput is measured over a fixed number of tokens
-    try:
-        prefill, decode_b1 = _generate_timed(engine, prompts[:1], [plan], config.new_tokens)
-        _, decode_b8 = _generate_timed(engine, prompts, [plan], config.new_tokens)
-    finally:
-        engine.eos_ids = eos_ids
-    return Speed(prompts.shape[1] / prefill, decode_b1, decode_b8)
+    """Prefill of one prompt, and decode tokens/s of the running set at every batch size in BATCHES."""
+    with _fixed_length(engine):
+        runs = [_generate_timed(engine, prompts[:batch], [plan], config.new_tokens) for batch in BATCHES]
+    b1, b8, b32 = (run.decode_tok_s for run in runs)
+    return Speed(prompts.shape[1] / runs[0].prefill_s, b1, b8, b32, engine.step_route)
+
+
+def mixed_set_speed(engine: QueptEngine, plans: list[Plan], prompts: torch.Tensor, config: BenchConfig
+                    ) -> MixedSetRow:
+    """The same sequences (config.mixed_set_rows per plan) decoded in one running set, then as one
+    per-plan batch after another (the scheduler before continuous batching)."""
+    batch = prompts[: len(plans) * config.mixed_set_rows]
+    with _fixed_length(engine):
+        one_set = _generate_timed(engine, batch, plans, config.new_tokens)
+        route = engine.step_route
+        turns = [_generate_timed(engine, batch[index::len(plans)], [plan], config.new_tokens)
+                 for index, plan in enumerate(plans)]
+    turns_tok_s = sum(t.decode_tokens for t in turns) / max(sum(t.decode_s for t in turns), 1e-9)
+    return MixedSetRow([p.name for p in plans], len(batch), one_set.decode_tok_s, turns_tok_s, step_route=route)
+
+
+def resident_weight_bytes(engine: QueptEngine, plans: list[Plan]) -> int:
+    """Bytes of the packs the plans run on, each counted once, plus the norms."""
+    keys = list(dict.fromkeys(key for plan in plans for key in engine.pack_keys(plan)))
+    return sum(pack.nbytes for pack in engine.cache.ensure(keys)) + engine.model.norm_bytes
 
 
 def switch_latency(engine: QueptEngine, plans: list[Plan], switches: int) -> dict[str, float]:
@@ -107,16 +155,19 @@ def run_bench(
     notes = []
     loaded = load_model(model_spec)
     engine = make_engine(loaded)
+    if engine.max_running < max(BATCHES):
+        raise ValueError(f"quept bench decodes batches of {max(BATCHES)}: the engine needs max_running >= "
+                         f"{max(BATCHES)}, it has {engine.max_running}")
     tokens = text_tokens(loaded, text) if text is not None else None
     vocab = engine.model.dims.vocab
-    needed = config.prompt_tokens * config.batch
+    needed = config.prompt_tokens * max(BATCHES)
     if tokens is None or tokens.numel() < needed:
         notes.append("no evaluation text: prompts are random token ids and perplexity is not measured")
         tokens = torch.randint(0, vocab, (needed,), generator=torch.Generator().manual_seed(0))
         ppl_tokens = None
     else:
         ppl_tokens = tokens[: config.ppl_tokens]
-    prompts = tokens[:needed].view(config.batch, config.prompt_tokens)
+    prompts = tokens[:needed].view(max(BATCHES), config.prompt_tokens)
 
     reload_s = _timed(lambda: load_model(model_spec))
     baseline = load_model(model_spec).model
@@ -135,16 +186,23 @@ def run_bench(
         peer = llamacpp.LlamaCppPeer(gguf, config.prompt_tokens, config.new_tokens)
         rows.append(BenchRow("llama.cpp", peer.precision, weight_bytes=gguf.stat().st_size))
         measures.append(lambda: peer.speed(prompts, config.new_tokens))
-    for plan in plans:  # warm-up: kernel choice, packing, allocation
-        _generate_timed(engine, prompts[:1, :32], [plan], 4)
+    set_plans = [engine.plan(p) for p in config.mixed_set]
+    mixed = MixedSetRow([p.name for p in set_plans], len(set_plans) * config.mixed_set_rows,
+                        weight_bytes=resident_weight_bytes(engine, set_plans)) if set_plans else None
+    _warm_up(engine, plans, set_plans, prompts, config)
     # Rounds over every row, keeping each row's best: load from other processes only slows a row down.
     speeds = [Speed() for _ in measures]
     for round_index in range(config.repeats):
         for index, measure in enumerate(measures):
             log.info("round %d: %s %s", round_index + 1, rows[index].engine, rows[index].precision)
             speeds[index] = speeds[index].best(measure())
+            rows[index].rss_bytes = resident_set_bytes()
+        if mixed is not None:
+            log.info("round %d: mixed running set %s", round_index + 1, "+".join(mixed.plans))
+            mixed = mixed.best(replace(mixed_set_speed(engine, set_plans, prompts, config),
+                                       weight_bytes=mixed.weight_bytes, rss_bytes=resident_set_bytes()))
     for row, speed in zip(rows, speeds):
-        row.prefill_tok_s, row.decode_tok_s_b1, row.decode_tok_s_b8 = astuple(speed)
+        row.take(speed)
     if ppl_tokens is not None:
         with torch.inference_mode():
             rows[0].ppl = perplexity(lambda w: baseline(w).logits, ppl_tokens, config.seqlen)
@@ -160,9 +218,23 @@ def run_bench(
     uniform_keys = {key for plan in uniform for key in engine.pack_keys(plan)}
     uniform_bytes = sum(engine.cache.nbytes(key) for key in uniform_keys)
     switch_ms = switch_latency(engine, uniform + plans, config.switches)
-    settings = {**asdict(config), "threads": torch.get_num_threads(), "device": str(engine.device),
-                "dtype": str(engine.dtype).removeprefix("torch."), "head_bits": engine.head_bits}
-    return BenchResult(rows, switch_ms, reload_s, uniform_bytes, fp32_bytes, notes, settings)
+    settings = {**asdict(config), "mixed_set": list(config.mixed_set), "batches": list(BATCHES), "threads": torch.get_num_threads(),
+                "device": str(engine.device), "dtype": str(engine.dtype).removeprefix("torch."),
+                "head_bits": engine.head_bits, "max_running": engine.max_running}
+    return BenchResult(rows, switch_ms, reload_s, uniform_bytes, fp32_bytes, notes, settings, mixed)
+
+
+def _warm_up(engine: QueptEngine, plans: list[Plan], set_plans: list[Plan], prompts: torch.Tensor,
+             config: BenchConfig) -> None:
+    """Kernel choice, packing and allocation before anything is timed; the full-size batch commits the
+    KV pool's pages (allocated uninitialised) for every slot the rows will use."""
+    with _fixed_length(engine):
+        for plan in plans:
+            _generate_timed(engine, prompts[:1, :32], [plan], 4)
+        if set_plans:
+            _generate_timed(engine, prompts[: len(set_plans), :32], set_plans, 4)
+        if plans:
+            _generate_timed(engine, prompts, plans[:1], config.new_tokens)
 
 
 def allocator_resolver(loaded: LoadedModel, engine: QueptEngine) -> Callable[[float], Plan]:

@@ -6,20 +6,23 @@ import pytest
 import torch
 from tiny_llama import tiny_elastic, tiny_loaded
 
-from quept_core.bench.report import SECTION_BEGIN, SECTION_END, markdown, text_table, update_docs
+from quept_core.bench.report import SECTION_BEGIN, SECTION_END, markdown, plot, ratios, text_table, update_docs
 from quept_core.bench.runner import (
     BenchConfig,
     BenchResult,
     BenchRow,
+    MixedSetRow,
     Speed,
     perplexity,
+    resident_set_bytes,
     run_bench,
     switch_latency,
 )
 from quept_core.precision import Precision
 from quept_core.runtime.engine import QueptEngine
 
-CONFIG = BenchConfig(prompt_tokens=16, new_tokens=4, batch=8, ppl_tokens=64, seqlen=32, switches=20, repeats=2)
+MB = 2**20
+CONFIG = BenchConfig(prompt_tokens=16, new_tokens=4, ppl_tokens=64, seqlen=32, switches=20, repeats=2)
 
 
 @pytest.fixture(scope="module")
@@ -33,17 +36,29 @@ def folder(tmp_path_factory):
 
 def test_bench_runs_every_row(folder):
     engines = []
+    layouts = []  # the plans of every multi-row layout the engine built
 
     def make_engine(loaded):
-        engines.append(QueptEngine.from_elastic(loaded, tiny_elastic(loaded), device="cpu"))
-        return engines[0]
+        engine = QueptEngine.from_elastic(loaded, tiny_elastic(loaded), device="cpu", max_running=32)
+        build = engine._layout
+
+        def spy(plans):
+            layouts.append([plan.name for plan in plans])
+            return build(plans)
+
+        engine._layout = spy
+        engines.append(engine)
+        return engine
 
     result = run_bench(str(folder), make_engine, ["fp", "w4", "w3"], CONFIG, None, None)
     assert [(r.engine, r.precision) for r in result.rows] == [("hf", "fp"), ("quept", "fp"), ("quept", "w4"),
                                                               ("quept", "w3")]
     for row in result.rows:
         assert row.prefill_tok_s > 0 and row.decode_tok_s_b1 > 0 and row.decode_tok_s_b8 > 0
+        assert row.decode_tok_s_b32 > 0 and row.rss_bytes > 0
         assert row.ppl is None  # no text: random prompts
+    assert result.rows[0].step_route is None
+    assert all(row.step_route in ("native", "pytorch") for row in result.rows[1:])
     w4, w3 = result.rows[2], result.rows[3]
     assert w3.weight_bytes < w4.weight_bytes < result.rows[1].weight_bytes
     assert 0 < result.switch_ms["p50"] <= result.switch_ms["p99"]
@@ -55,10 +70,33 @@ def test_bench_runs_every_row(folder):
     total = sum(engine.weight_bytes(p) for p in uniform)
     assert result.uniform_resident_bytes == total - 5 * head - 6 * norms
     assert any("llama.cpp" in note for note in result.notes)
+
+    mixed = result.mixed_set
+    assert mixed.plans == ["w8", "w6", "w4", "w3"] and mixed.sequences == 8
+    assert mixed.one_set_tok_s > 0 and mixed.turns_tok_s > 0 and mixed.ratio > 0 and mixed.rss_bytes > 0
+    assert mixed.step_route in ("native", "pytorch")
+    # Each plan's packs once: less than the four plans' resident bytes summed (shared head and norms).
+    assert mixed.weight_bytes < sum(engine.weight_bytes(engine.plan(p)) for p in mixed.plans)
+    # The eight sequences decoded in one running set of all four plans, two rows each.
+    assert ["w8", "w6", "w4", "w3"] * 2 in layouts
+
     encoded = json.loads(json.dumps(result.to_dict()))
-    assert set(encoded) >= {"rows", "switch_ms", "reload_s"}
-    assert set(encoded["rows"][0]) == {"engine", "precision", "prefill_tok_s", "decode_tok_s_b1",
-                                       "decode_tok_s_b8", "weight_bytes", "ppl"}
+    assert encoded == result.to_dict()
+    assert set(encoded["rows"][0]) == {"engine", "precision", "prefill_tok_s", "decode_tok_s_b1", "decode_tok_s_b8",
+                                       "decode_tok_s_b32", "weight_bytes", "rss_bytes", "step_route", "ppl"}
+    assert encoded["mixed_set"]["ratio"] == pytest.approx(mixed.ratio)
+
+
+def test_bench_needs_an_engine_that_runs_batches_of_32(folder):
+    def make_engine(loaded):
+        return QueptEngine.from_elastic(loaded, tiny_elastic(loaded), device="cpu", max_running=16)
+
+    with pytest.raises(ValueError, match="max_running"):
+        run_bench(str(folder), make_engine, ["w4"], CONFIG, None, None)
+
+
+def test_resident_set_is_positive():
+    assert resident_set_bytes() > 0
 
 
 def test_perplexity_follows_the_window_convention():
@@ -84,17 +122,40 @@ def test_switch_latency_measures_resident_plans():
 
 
 def sample_result() -> BenchResult:
-    rows = [BenchRow("hf", "fp", 100.0, 20.0, 80.0, 4000, 30.0), BenchRow("quept", "w4", 400.0, 50.0, 160.0, 1000, 38.0),
-            BenchRow("llama.cpp", "q4_1", 300.0, 40.0, None, 900, 31.0)]
-    return BenchResult(rows, {"p50": 0.1, "p99": 0.5}, 2.0, 3000, 4000, ["a note"], {"device": "cpu", "switches": 9})
+    rows = [BenchRow("hf", "fp", 100.0, 20.0, 80.0, 160.0, 4000 * MB, 5000 * MB, None, 30.0),
+            BenchRow("quept", "fp", 110.0, 22.0, 88.0, 176.0, 4000 * MB, 6000 * MB, "native", 30.0),
+            BenchRow("quept", "w8", 300.0, 40.0, 120.0, 200.0, 1500 * MB, 7000 * MB, "native", 30.5),
+            BenchRow("quept", "w4", 400.0, 50.0, 160.0, 320.0, 1000 * MB, 8000 * MB, "native", 38.0),
+            BenchRow("quept", "w3", 500.0, 45.0, 150.0, 300.0, 900 * MB, 8100 * MB, "pytorch", 60.0),
+            BenchRow("llama.cpp", "q4_1", 300.0, 40.0, None, None, 900 * MB, 9000 * MB, None, 31.0)]
+    mixed = MixedSetRow(["w8", "w4"], 4, 90.0, 60.0, 2000 * MB, 9500 * MB, "native")
+    return BenchResult(rows, {"p50": 0.1, "p99": 0.5}, 2.0, 3000 * MB, 4000 * MB, ["a note"],
+                       {"device": "cpu", "switches": 9}, mixed)
 
 
 def test_report_gives_ratios_against_the_baseline_and_llama_cpp():
-    text = markdown(sample_result(), "quept bench", "plot.png")
-    assert "| quept | w4 | 400.0 (4.00×) | 50.0 (2.50×) | 160.0 (2.00×) |" in text
-    assert "w4: decode 1.25×, prefill 1.33×" in text
+    result = sample_result()
+    text = markdown(result, "quept bench", "plot.png")
+    assert "| quept | w4 | 400.0 (4.00×) | 50.0 (2.50×) | 160.0 (2.00×) | 320.0 (2.00×) | 1000.0 | 8000.0 | native |" in text
+    assert "| one set of 2 plans | 90.0 |" in text and "| per-plan batches in turns | 60.0 |" in text
+    got = dict(ratios(result))
+    assert got["w4 b1 / llama.cpp b1"] == pytest.approx(1.25)
+    assert got["w3 b1 / w4 b1"] == pytest.approx(0.9) and got["w4 b1 / w8 b1"] == pytest.approx(1.25)
+    assert got["w8 b1 / fp b1"] == pytest.approx(40 / 22)
+    assert got["w3 b1 / w8 b1"] == pytest.approx(45 / 40)
+    assert got["w4 prefill / llama.cpp prefill"] == pytest.approx(4 / 3)
+    assert got["w4 b8 / w4 b1"] == pytest.approx(3.2) and got["w4 b32 / w4 b1"] == pytest.approx(6.4)
+    assert got["mixed set / per-plan turns"] == pytest.approx(1.5)
+    assert "| w4 b1 / llama.cpp b1 | 1.25× |" in text and "| mixed set / per-plan turns | 1.50× |" in text
     assert "0.75×" in text and "![" in text
-    assert "a note" in text_table(sample_result())
+    table = text_table(result)
+    assert "a note" in table and "ratio w4 b1 / llama.cpp b1: 1.25×" in table and "one set 90.0 tok/s" in table
+
+
+def test_plot_draws_every_row_and_the_mixed_set(tmp_path):
+    path = tmp_path / "plot.png"
+    plot(sample_result(), path)
+    assert path.stat().st_size > 0
 
 
 def test_docs_update_replaces_only_its_own_section(tmp_path):
@@ -108,5 +169,7 @@ def test_docs_update_replaces_only_its_own_section(tmp_path):
 
 
 def test_rounds_keep_each_figure_at_its_best():
-    best = Speed(10.0, 5.0, None).best(Speed(8.0, 7.0, None))
-    assert best == Speed(10.0, 7.0, None)
+    best = Speed(10.0, 5.0, None, 3.0, "native").best(Speed(8.0, 7.0, None, None, "native"))
+    assert best == Speed(10.0, 7.0, None, 3.0, "native")
+    mixed = MixedSetRow(["w8", "w4"], 4, 90.0, 50.0).best(MixedSetRow(["w8", "w4"], 4, 80.0, 60.0, rss_bytes=7))
+    assert (mixed.one_set_tok_s, mixed.turns_tok_s, mixed.rss_bytes) == (90.0, 60.0, 7)

@@ -7,7 +7,7 @@ import time
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from quept_core.bench.results import BenchConfig, Speed
+from quept_core.bench.results import BATCHES, BenchConfig, Speed
 
 
 class _StepClock(LogitsProcessor):
@@ -34,6 +34,6 @@ def _hf_generate(model, prompts: torch.Tensor, new_tokens: int) -> tuple[float, 
 @torch.inference_mode()
 def hf_speed(model, prompts: torch.Tensor, config: BenchConfig) -> Speed:
     """transformers' `generate` in full precision (the baseline)."""
-    prefill, decode_b1 = _hf_generate(model, prompts[:1], config.new_tokens)
-    _, decode_b8 = _hf_generate(model, prompts, config.new_tokens)
-    return Speed(prompts.shape[1] / prefill, decode_b1, decode_b8)
+    runs = [_hf_generate(model, prompts[:batch], config.new_tokens) for batch in BATCHES]
+    b1, b8, b32 = (decode for _, decode in runs)
+    return Speed(prompts.shape[1] / runs[0][0], b1, b8, b32)

@@ -48,8 +48,7 @@ class LlamaCppPeer:
         self.path = path
         self.llama = _load(path, n_ctx=prompt_tokens + new_tokens + 8, logits_all=False)
 
-    def speed(self, prompts: torch.Tensor, new_tokens: int):
-
+    def speed(self, prompts: torch.Tensor, new_tokens: int) -> Speed:
         prompt = prompts[0].tolist()
         llama = self.llama
         llama.reset()
@@ -61,7 +60,7 @@ class LlamaCppPeer:
         for _ in range(new_tokens - 1):
             llama.eval([token])
             token = int(np.argmax(llama.scores[llama.n_tokens - 1]))
-        return Speed(len(prompt) / prefill, (new_tokens - 1) / (time.perf_counter() - start), None)
+        return Speed(len(prompt) / prefill, (new_tokens - 1) / (time.perf_counter() - start))
 
     def perplexity(self, tokens: torch.Tensor, seqlen: int) -> float:
         llama = _load(self.path, n_ctx=seqlen, logits_all=True)
