@@ -18,6 +18,7 @@ _MIXED = re.compile(r"^mixed:(\d+(?:\.\d+)?)$")
 
 Kind = Literal["auto", "fp", "uniform", "mixed"]
 KINDS: tuple[Kind, ...] = ("auto", "fp", "uniform", "mixed")
+MIXED_LABEL = "mixed"  # the metric label of every mixed plan, whatever its budget
 
 
 class PrecisionError(ValueError):
@@ -70,7 +71,7 @@ class Precision:
     @property
     def label(self) -> str:
         """The metric label value: `fp`, `w2`..`w8` or `mixed` (a small fixed set)."""
-        return "mixed" if self.kind == "mixed" else self.name
+        return MIXED_LABEL if self.kind == "mixed" else self.name
 
     def __str__(self) -> str:
         return self.name
@@ -97,4 +98,4 @@ def allowed_precisions(bit_set: tuple[int, ...]) -> list[str]:
 
 def metric_labels(bit_set: tuple[int, ...]) -> list[str]:
     """Every value the `precision` metric label can take for this bit set."""
-    return [p.label for p in uniform_precisions(bit_set)] + ["mixed"]
+    return [p.label for p in uniform_precisions(bit_set)] + [MIXED_LABEL]

@@ -78,6 +78,7 @@ class ServiceState:
         self.costs = CostModel(backend.shapes, settings.ewma_alpha)
         measure_costs(backend.engine, uniform, backend.tokenizer, self.costs)
         controller = Controller(candidates, self.costs, backend.kv_bytes_per_token, settings.brownout_queue_depth)
+        self.metrics.start_downgrades_at_zero(controller.downgrades())
         limits = SchedulerLimits(settings.max_queue, settings.max_queue_tokens, settings.max_running)
         self.scheduler = Scheduler(backend.engine, limits, self.metrics, self.costs, self.clock,
                                    on_layout_change=self.refresh_gauges)

@@ -39,7 +39,7 @@ class SequenceRequest:
 @dataclass(frozen=True)
 class TokenLogprob:
     token_id: int
-    logprob: float  # natural log of the probability the sampler drew from (after temperature and filters)
+    logprob: float  # natural log of the raw model's probability (before penalty, temperature and filters)
 
 
 @dataclass(frozen=True)

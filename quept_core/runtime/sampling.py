@@ -1,5 +1,7 @@
 """Next-token choice for every running sequence: greedy, or temperature / top-k / top-p sampling with
-repetition penalty, and the log-probabilities a request asks for.
+repetition penalty, and the log-probabilities a request asks for. Log-probabilities are those of the
+raw model: the log-softmax of the logits before penalty, temperature, top-k and top-p (vLLM's default,
+"raw_logprobs"), so they compare across requests whatever their sampling settings.
 
 State lives per KV slot (a sequence's generator and the tokens it has seen), so sequences join and
 leave the running set without touching each other. The common case, every row greedy with no
@@ -86,17 +88,19 @@ class Sampler:
     def __call__(self, logits: torch.Tensor) -> list[Choice]:
         if self._plain:
             return [Choice(t) for t in logits.argmax(dim=-1).tolist()]
+        raw = logits
         if self._penalty is not None:
             seen = self.seen.index_select(0, self._slot_index)
             penalised = torch.where(logits > 0, logits / self._penalty, logits * self._penalty)
             logits = torch.where(seen, penalised, logits)
-        choices = [self._choose(logits[row], slot) for row, slot in enumerate(self._order)]
+        choices = [self._choose(logits[row], raw[row], slot) for row, slot in enumerate(self._order)]
         if self._penalty is not None:
             chosen = torch.tensor([c.token_id for c in choices], device=self.device)
             self.seen[self._slot_index, chosen] = True
         return choices
 
-    def _choose(self, logits: torch.Tensor, slot: int) -> Choice:
+    def _choose(self, logits: torch.Tensor, raw: torch.Tensor, slot: int) -> Choice:
+        """The token drawn from the processed `logits`; log-probabilities from the `raw` ones."""
         params = self.params[slot]
         if params.temperature == 0:
             token = int(logits.argmax())
@@ -105,11 +109,15 @@ class Sampler:
             token = int(torch.multinomial(logits.softmax(-1), 1, generator=self.generators[slot])[0])
         if params.logprobs is None:
             return Choice(token)
-        logprobs = logits.log_softmax(-1)
-        top = torch.topk(logprobs, params.logprobs) if params.logprobs else None
-        alternatives = () if top is None else tuple(
-            TokenLogprob(t, v) for t, v in zip(top.indices.tolist(), top.values.tolist(), strict=True))
-        return Choice(token, TokenLogprob(token, float(logprobs[token])), alternatives)
+        return Choice(token, *_logprobs(raw, token, params.logprobs))
+
+
+def _logprobs(raw: torch.Tensor, token: int, k: int) -> tuple[TokenLogprob, tuple[TokenLogprob, ...]]:
+    """The chosen token's log-probability under the raw model, and the k likeliest tokens'."""
+    logprobs = raw.log_softmax(-1)
+    top = torch.topk(logprobs, k)
+    alternatives = tuple(TokenLogprob(t, v) for t, v in zip(top.indices.tolist(), top.values.tolist(), strict=True))
+    return TokenLogprob(token, float(logprobs[token])), alternatives
 
 
 def _filtered(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
+from quept_core.runtime.sampling import MAX_TOP_LOGPROBS
 
 MAX_STOP_STRINGS = 8
+MAX_COMPLETION_LOGPROBS = 5  # the legacy completions API's limit
+LOGPROBS_MEANING = ("natural log-probabilities of the raw model, before repetition penalty, temperature, "
+                    "top-k and top-p (vLLM's default)")
 
 
 def _stop_list(value: object) -> object:
@@ -20,6 +25,17 @@ def _no_empty_stops(value: list[str]) -> list[str]:
     if any(not s for s in value):
         raise ValueError("stop strings must not be empty")
     return value
+
+
+def _needs(switch: str):
+    """A validator: the field may be given only when the earlier field `switch` is true."""
+
+    def check(value: object, info: ValidationInfo) -> object:
+        if value is not None and not info.data.get(switch):
+            raise ValueError(f"{switch} must be true to use this field")
+        return value
+
+    return check
 
 
 def _unsupported(value: object) -> object:
@@ -55,10 +71,20 @@ class GenerateRequest(PrecisionFields):
     seed: int | None = Field(None, ge=0, lt=2**63)
     stop: list[str] = Field(default_factory=list, max_length=MAX_STOP_STRINGS)
     stream: bool = False
-    precision: str = Field("auto", description="auto, fp, w<b> or mixed:<avg bits>")
+    precision: str = Field("auto", description="auto, fp, w<b> or mixed:<avg bits>; the x-quept-precision "
+                                               "header applies when this field is not sent")
+    details: bool = Field(False, description=f"per-token ids, texts and {LOGPROBS_MEANING} (TGI's details)")
+    top_n_tokens: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS,
+                                     description="with details: the likeliest alternatives at each position")
 
     _stop_list = field_validator("stop", mode="before")(_stop_list)
     _no_empty = field_validator("stop")(_no_empty_stops)
+    _top_n_needs_details = field_validator("top_n_tokens")(_needs("details"))
+
+    @property
+    def engine_logprobs(self) -> int | None:
+        """SamplingParams.logprobs: the alternatives to report at each position, None for none."""
+        return (self.top_n_tokens or 0) if self.details else None
 
 
 class Usage(BaseModel):
@@ -96,6 +122,7 @@ class GenerateResponse(BaseModel):
     precision: PrecisionView
     timing: TimingView
     seed: int | None
+    details: Details | None = None
 
 
 class PredictionView(BaseModel):
@@ -117,11 +144,25 @@ class PlanResponse(BaseModel):
 class TokenView(BaseModel):
     id: int
     text: str
+    logprob: float | None = None  # with details
+
+
+class TokenDetail(BaseModel):
+    id: int
+    text: str  # the token alone, decoded (U+FFFD for part of a character)
+    logprob: float
+    special: bool
+
+
+class Details(BaseModel):
+    tokens: list[TokenDetail]
+    top_tokens: list[list[TokenDetail]]  # per position, top_n_tokens alternatives, likeliest first
 
 
 class StreamToken(BaseModel):
     token: TokenView
     index: int
+    top_tokens: list[TokenDetail] | None = None  # with details and top_n_tokens
 
 
 # ---- OpenAI-compatible ------------------------------------------------------------------------
@@ -135,15 +176,15 @@ class OpenAIFields(PrecisionFields):
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
-    n: int = Field(1, ge=1, le=1, description="one choice per request")
+    n: int = Field(1, ge=1, description="choices, sharing one prefill; sampled ones draw seeds seed, seed + 1, ...")
     stream: bool = False
     stream_options: dict | None = None
     stop: list[str] = Field(default_factory=list, max_length=MAX_STOP_STRINGS)
     seed: int | None = Field(None, ge=0, lt=2**63)
     presence_penalty: float = Field(0.0, description="not supported: 0 only")
     frequency_penalty: float = Field(0.0, description="not supported: 0 only")
-    logprobs: bool | int | None = Field(None, description="not supported")
-    # Extensions (send with extra_body): precision overrides the model id's suffix.
+    # Extensions (send with extra_body). precision must agree with the x-quept-precision header and the
+    # model id's suffix when they are sent too; the header overrides the suffix.
     precision: str | None = None
     top_k: int = Field(0, ge=0)
     repetition_penalty: float = Field(1.0, gt=0)
@@ -151,7 +192,7 @@ class OpenAIFields(PrecisionFields):
     _stop_list = field_validator("stop", mode="before")(_stop_list)
     _no_empty = field_validator("stop")(_no_empty_stops)
 
-    _unsupported = field_validator("presence_penalty", "frequency_penalty", "logprobs")(_unsupported)
+    _unsupported = field_validator("presence_penalty", "frequency_penalty")(_unsupported)
 
     @property
     def include_usage(self) -> bool:
@@ -162,8 +203,14 @@ class CompletionRequest(OpenAIFields):
     prompt: str | list[str]
     max_tokens: int | None = Field(16, ge=1)
     echo: bool = Field(False, description="not supported")
+    logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS,
+                                 description=f"the chosen token's and this many alternatives' {LOGPROBS_MEANING}")
 
     _no_echo = field_validator("echo")(_unsupported)
+
+    @property
+    def engine_logprobs(self) -> int | None:
+        return self.logprobs
 
     @field_validator("prompt")
     @classmethod
@@ -193,3 +240,12 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(OpenAIFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = Field(None, description=f"each output token's {LOGPROBS_MEANING}")
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS,
+                                     description="with logprobs: the likeliest alternatives at each position")
+
+    _top_needs_logprobs = field_validator("top_logprobs")(_needs("logprobs"))
+
+    @property
+    def engine_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None

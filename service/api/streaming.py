@@ -12,6 +12,7 @@ from starlette.requests import Request
 from starlette.responses import StreamingResponse
 
 from service.api.middleware import RequestRecord
+from service.api.precision import HEADER as PRECISION_HEADER
 from service.engine.controller import INFEASIBLE, OVERLOADED
 from service.engine.pipeline import ClientGone, GenerationSpec, Pipeline, Prepared
 from service.engine.scheduler import Event, Failed, Finished, Job
@@ -40,6 +41,7 @@ class Run:
         return {
             "x-precision-requested": self.prepared.spec.precision.strip().lower(),  # as parsed
             "x-precision-served": self.prepared.plan.name,
+            PRECISION_HEADER: self.prepared.plan.name,
             "x-queue-time-ms": f"{(job.started_at - job.arrival) * 1000:.1f}",
             "x-time-to-first-token-ms": f"{(job.first_token_at - job.arrival) * 1000:.1f}",
         }

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from quept_core.planning.bits import Shapes
 from quept_core.planning.plan import Plan
-from quept_core.precision import uniform_name
+from quept_core.precision import FP, MIXED_LABEL, uniform_name
 from service.errors import ServiceError, invalid, unavailable
 
 MIB = 2**20
@@ -25,6 +25,7 @@ MIB = 2**20
 LATENCY = "latency_budget"
 MEMORY = "memory_budget"
 BROWNOUT = "brownout"
+DOWNGRADE_REASONS = (LATENCY, MEMORY, BROWNOUT)
 INFEASIBLE = "infeasible_budget"  # error type of a budget no allowed plan can meet
 OVERLOADED = "overloaded"  # error type of a latency budget that only the current queue puts out of reach
 
@@ -179,6 +180,16 @@ class Controller:
         self.kv_bytes_per_token = kv_bytes_per_token
         self.brownout_queue_depth = brownout_queue_depth
 
+    def downgrades(self) -> list[tuple[str, str, str]]:
+        """Every (from, to, reason) label triple the downgrade metric can count for these candidates: a
+        requested fp or mixed plan may step down to any candidate, a candidate to one of no more bits or
+        no better measured quality (a superset of what budgets and load will pick)."""
+        targets = {c.plan.label for c in self.candidates}
+        pairs = {(source, target) for source in (FP.label, MIXED_LABEL) for target in targets}
+        pairs |= {(source.plan.label, target.plan.label) for source in self.candidates for target in self.candidates
+                  if target.plan != source.plan and _may_replace(target, source)}
+        return sorted((source, target, reason) for source, target in pairs for reason in DOWNGRADE_REASONS)
+
     def predict(self, candidate: Candidate, request: PlanRequest, load: Load) -> Prediction:
         cost = self.costs.cost(candidate.plan)
         return Prediction(
@@ -289,6 +300,12 @@ def _describe(prediction: Prediction, field: str) -> str:
                 f"{prediction.prefill_s * 1000:.0f} ms, decode {prediction.decode_s * 1000:.0f} ms)")
     return (f"{prediction.memory_bytes / MIB:.1f} MiB (weights {prediction.weight_bytes / MIB:.1f} MiB, "
             f"KV cache {prediction.kv_bytes / MIB:.1f} MiB)")
+
+
+def _may_replace(target: Candidate, source: Candidate) -> bool:
+    """Could `target` serve in place of `source` as a downgrade, by either quality key of `_quality_key`?"""
+    measured = target.ppl_delta_pct is not None and source.ppl_delta_pct is not None
+    return target.nominal_bits <= source.nominal_bits or (measured and target.ppl_delta_pct >= source.ppl_delta_pct)
 
 
 def _quality_key(candidates: list[Candidate]):

@@ -40,6 +40,7 @@ class GenerationSpec:
     allow_degrade: bool = True
     n: int = 1  # sequences generated from the prompt (they share its prefill)
     max_tokens_field: str = "max_new_tokens"  # how the route family names it, for error messages
+    precision_field: str = "precision"  # where the request named its precision: body field, header or model id
 
 
 @dataclass(frozen=True)
@@ -122,9 +123,9 @@ class Pipeline:
             raise invalid(f"{field}: the prompt's {len(ids)} tokens plus {sampling.max_new_tokens} new "
                           f"tokens exceed the context length {self.backend.context_length}", field)
         requested = None
-        precision = self._parse(spec.precision, "precision")
+        precision = self._parse(spec.precision, spec.precision_field)
         if precision.kind != "auto":
-            requested = self.backend.describe(self._resolve(precision, "precision"))
+            requested = self.backend.describe(self._resolve(precision, spec.precision_field))
         floor = None
         if spec.min_precision is not None:
             minimum = self._parse(spec.min_precision, "min_precision")

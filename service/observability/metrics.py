@@ -16,6 +16,14 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 NO_PLAN = "none"
 INVALID = "invalid"
 
+# Label values known before the first request: their series are exported at 0 from the start, so that
+# rate() and alert rules see a counter before its first increment (Prometheus' instrumentation advice).
+FAILURE_REASONS = ("dropped", "deadline", "error")  # counted by the scheduler
+BUDGETS = ("latency", "memory")  # counted by the pipeline
+ADMISSION_REASONS = ("body_too_large", "draining", "infeasible", "not_ready", "overloaded", "queue_full",
+                     "queue_tokens")  # counted by the middleware, the service state, the routes and the scheduler
+DECISION_MODES = ("uniform", "mixed")
+
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 _TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
@@ -71,6 +79,20 @@ class Metrics:
                                           buckets=_SWITCH_BUCKETS, registry=r)
         self.build_info = Gauge("quept_build_info", "Version, model and artifact of this server (always 1).",
                                 ["version", "model", "artifact"], registry=r)
+
+        self._start_at_zero()
+
+    def _start_at_zero(self) -> None:
+        for counter, values in ((self.request_failures, FAILURE_REASONS), (self.budget_violations, BUDGETS),
+                                (self.admission_rejections, ADMISSION_REASONS),
+                                (self.controller_decisions, DECISION_MODES)):
+            for value in values:
+                counter.labels(value)
+
+    def start_downgrades_at_zero(self, triples: list[tuple[str, str, str]]) -> None:
+        """The (from, to, reason) series the controller can count, once it knows its plans."""
+        for source, target, reason in triples:
+            self.precision_downgrades.labels(source, target, reason)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

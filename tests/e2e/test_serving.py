@@ -6,6 +6,7 @@ Generations are kept to a few tokens: CI runs on two cores.
 from __future__ import annotations
 
 import json
+import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 
@@ -142,3 +143,50 @@ def test_the_openai_client_talks_to_the_server(live_server_url):
     stream = client.completions.create(model="smollm2-135m@w4", prompt="The capital of France is", max_tokens=4,
                                        temperature=0, stream=True)
     assert "".join(chunk.choices[0].text for chunk in stream if chunk.choices).strip()
+
+
+def _client(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=300)
+
+
+def _consistent(entries) -> None:
+    """Each token's logprob is <= 0, equals its own entry among its alternatives, and they sum finitely."""
+    assert entries
+    for entry in entries:
+        assert entry.logprob <= 0 and all(alt.logprob <= 0 for alt in entry.top_logprobs)
+        same = [alt.logprob for alt in entry.top_logprobs if alt.token == entry.token]
+        assert not same or same[0] == pytest.approx(entry.logprob, abs=1e-4)
+    assert math.isfinite(sum(entry.logprob for entry in entries))
+
+
+def test_chat_logprobs_are_consistent_also_when_streamed(live_server_url):
+    client = _client(live_server_url)
+    kwargs = {"model": "smollm2-135m@w8", "messages": CAPITAL, "max_tokens": 4, "temperature": 0,
+              "logprobs": True, "top_logprobs": 3}
+    chat = client.chat.completions.create(**kwargs)
+    content = chat.choices[0].logprobs.content
+    _consistent(content)
+    assert all(entry.top_logprobs[0].token == entry.token for entry in content)  # greedy takes the likeliest
+    chunks = list(client.chat.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}))
+    streamed = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [e.token for e in streamed] == [e.token for e in content]
+    assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in content], abs=1e-3)
+    assert chunks[-1].usage.completion_tokens == len(content)
+
+
+def test_completion_logprobs_and_n_choices_with_a_seed(live_server_url):
+    client = _client(live_server_url)
+    prompt = "Once upon a time"
+    sampled = client.completions.create(model="smollm2-135m@w4", prompt=prompt, max_tokens=6, n=2, seed=11,
+                                        temperature=1, logprobs=2)
+    assert len({choice.text for choice in sampled.choices}) == 2
+    for choice in sampled.choices:
+        logprobs = choice.logprobs
+        assert all(lp <= 0 for lp in logprobs.token_logprobs) and math.isfinite(sum(logprobs.token_logprobs))
+        for token, logprob, top in zip(logprobs.tokens, logprobs.token_logprobs, logprobs.top_logprobs, strict=True):
+            assert top[token] == pytest.approx(logprob, abs=1e-4)
+    again = client.completions.create(model="smollm2-135m@w4", prompt=prompt, max_tokens=6, n=2, seed=11,
+                                      temperature=1)
+    assert [c.text for c in again.choices] == [c.text for c in sampled.choices]
+    greedy = client.completions.create(model="smollm2-135m@w4", prompt=prompt, max_tokens=6, n=2, temperature=0)
+    assert greedy.choices[0].text == greedy.choices[1].text

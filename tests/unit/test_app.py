@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import threading
 
+import pytest
 from fastapi.testclient import TestClient
 
 from service.app import create_app
 from service.settings import Settings
 from tests.support import wait_for
-from tests.unit.fakes import FakeBackend, FakeEngine, expected_text
+from tests.unit.fakes import ALTERNATIVE_LOGPROBS, CHOSEN_LOGPROB, FakeBackend, FakeEngine, expected_text
 
 
 def sse_events(text: str) -> list[tuple[str | None, str]]:
@@ -215,3 +216,60 @@ def test_metrics_count_requests_by_route_status_and_precision(make_client):
             'status="422"} 1.0') in text
     assert 'quept_controller_decisions_total{mode="uniform"} 1.0' in text
     assert 'quept_build_info{artifact="0123456789ab",model="tiny",version="0.1.0"} 1.0' in text
+
+
+def test_details_list_each_token_with_its_logprob_and_top_n_alternatives(make_client):
+    client = make_client()
+    body = client.post("/generate", json={"prompt": "Hi", "max_new_tokens": 3, "precision": "w4", "details": True,
+                                          "top_n_tokens": 2}).json()
+    tokens = body["details"]["tokens"]
+    assert "".join(t["text"] for t in tokens) == body["generated_text"] == expected_text("w4", 3)
+    assert all(t["logprob"] == pytest.approx(CHOSEN_LOGPROB) and not t["special"] for t in tokens)
+    tops = body["details"]["top_tokens"]
+    assert [[t["logprob"] for t in top] for top in tops] == [pytest.approx([CHOSEN_LOGPROB,
+                                                                            ALTERNATIVE_LOGPROBS[0]])] * 3
+    assert [top[0]["id"] for top in tops] == [t["id"] for t in tokens]
+    assert client.post("/generate", json={"prompt": "Hi", "max_new_tokens": 2}).json()["details"] is None
+
+
+def test_streamed_tokens_carry_their_logprob_with_details(make_client):
+    response = make_client().post("/generate", json={"prompt": "Hi", "max_new_tokens": 2, "stream": True,
+                                                     "details": True, "top_n_tokens": 1})
+    events = [json.loads(data) for _, data in sse_events(response.text)]
+    assert [e["token"]["logprob"] for e in events[:-1]] == pytest.approx([CHOSEN_LOGPROB] * 2)
+    assert [len(e["top_tokens"]) for e in events[:-1]] == [1, 1]
+    assert len(events[-1]["details"]["tokens"]) == 2
+    plain = make_client().post("/generate", json={"prompt": "Hi", "max_new_tokens": 1, "stream": True})
+    assert set(json.loads(sse_events(plain.text)[0][1])) == {"token", "index"}
+
+
+def test_the_precision_header_applies_unless_the_body_names_another(make_client):
+    client = make_client()
+    headers = {"x-quept-precision": "w5"}
+    response = client.post("/generate", json={"prompt": "Hi", "max_new_tokens": 2}, headers=headers)
+    assert response.json()["precision"]["served"] == "w5" and response.headers["x-quept-precision"] == "w5"
+    assert client.post("/generate/plan", json={"prompt": "Hi"}, headers=headers).json()["precision"]["served"] == "w5"
+    agreeing = client.post("/generate", json={"prompt": "Hi", "max_new_tokens": 2, "precision": "w5"},
+                           headers=headers)
+    assert agreeing.status_code == 200
+    conflict = client.post("/generate", json={"prompt": "Hi", "precision": "w4"}, headers=headers)
+    assert conflict.status_code == 422
+    error = conflict.json()["error"]
+    assert error["param"] == "precision" and "x-quept-precision" in error["message"] and "'w5'" in error["message"]
+    unknown = client.post("/generate", json={"prompt": "Hi"}, headers={"x-quept-precision": "w1"}).json()["error"]
+    assert unknown["param"] == "x-quept-precision" and "mixed:" in unknown["message"]
+
+
+def test_a_seeded_sampled_request_is_served_with_that_seed(make_client):
+    body = make_client().post("/generate", json={"prompt": "x", "max_new_tokens": 5, "temperature": 1.0,
+                                                 "seed": 7, "precision": "w4"}).json()
+    assert body["seed"] == 7 and body["generated_text"] == expected_text("w4", 5, 7)
+
+
+def test_bad_details_fields_are_422_naming_them(make_client):
+    client = make_client()
+    for body, field in [({"top_n_tokens": 2}, "top_n_tokens"), ({"details": True, "top_n_tokens": 21}, "top_n_tokens"),
+                        ({"details": "maybe"}, "details")]:
+        response = client.post("/generate", json={"prompt": "x", **body})
+        assert response.status_code == 422, body
+        assert response.json()["error"]["param"] == field

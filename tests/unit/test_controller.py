@@ -215,3 +215,20 @@ def test_cost_of_an_unmeasured_mixed_plan_is_the_parameter_weighted_mix(backend)
     assert cost.decode_s_per_step == pytest.approx(share_w4 * 0.030 + (1 - share_w4) * 0.040)
     with pytest.raises(KeyError):
         costs.cost(backend.resolve("w6"))
+
+
+@pytest.mark.parametrize("requested", [None, "fp", "w8", "w6", "w4", "mixed:4.5", "mixed:6"])
+def test_every_downgrade_made_is_among_the_series_preset_at_zero(backend, requested):
+    controller = make_controller(backend, depth=2)
+    known = set(controller.downgrades())
+    made = set()
+    for latency_s in (None, 5.5, 4.5, 3.9, 3.3, 3.05):
+        for waiting in (0, 2, 4, 8, 40):
+            request = auto if requested is None else lambda **kw: explicit(backend, requested, **kw)
+            try:
+                decision = controller.decide(request(budget=Budget(latency_s=latency_s)), Load(waiting=waiting))
+            except ServiceError:
+                continue
+            if decision.degraded:
+                made.add((decision.downgraded_from.label, decision.plan.label, decision.reason))
+    assert made and made <= known

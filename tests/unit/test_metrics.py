@@ -78,3 +78,21 @@ def test_metrics_pass_promtool(make_client, tmp_path):
     result = subprocess.run([promtool, "check", "metrics"], input=exposition.content, capture_output=True, check=False,
                             timeout=60)
     assert result.returncode == 0, result.stderr.decode() + result.stdout.decode()
+
+
+def test_counters_with_known_label_values_are_exported_at_zero_before_any_request(make_client):
+    text = make_client().get("/metrics").text
+    for series in ['quept_request_failures_total{reason="dropped"}', 'quept_request_failures_total{reason="deadline"}',
+                   'quept_request_failures_total{reason="error"}', 'quept_budget_violations_total{budget="latency"}',
+                   'quept_budget_violations_total{budget="memory"}',
+                   'quept_admission_rejections_total{reason="queue_full"}',
+                   'quept_admission_rejections_total{reason="infeasible"}',
+                   'quept_admission_rejections_total{reason="body_too_large"}',
+                   'quept_controller_decisions_total{mode="mixed"}',
+                   'quept_precision_downgrades_total{from="w8",reason="brownout",to="w4"}',
+                   'quept_precision_downgrades_total{from="fp",reason="latency_budget",to="w8"}',
+                   'quept_precision_downgrades_total{from="mixed",reason="memory_budget",to="w3"}']:
+        assert f"{series} 0.0" in text.splitlines(), series
+    # Only pairs the controller can make: never up to more bits and a worse measured quality.
+    assert 'quept_precision_downgrades_total{from="w3",reason="brownout",to="w8"}' not in text
+    assert 'to="fp"' not in text

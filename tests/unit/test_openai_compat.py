@@ -6,7 +6,7 @@ import httpx
 import openai
 import pytest
 
-from tests.unit.fakes import expected_text
+from tests.unit.fakes import ALTERNATIVE_LOGPROBS, CHOSEN_LOGPROB, expected_text
 
 
 @pytest.fixture
@@ -87,3 +87,131 @@ def test_budget_fields_pass_through_extra_body(served):
         client.completions.create(model="tiny@w8", prompt="x", max_tokens=4,
                                   extra_body={"memory_budget_mb": 0.01, "allow_degrade": False})
     assert raised.value.body["param"] == "memory_budget_mb"
+
+
+CHAT = [{"role": "user", "content": "Hi"}]
+
+
+def test_chat_logprobs_name_each_token_with_its_alternatives(served):
+    client, _, _ = served
+    chat = client.chat.completions.create(model="tiny@w4", messages=CHAT, max_tokens=5, temperature=0,
+                                          logprobs=True, top_logprobs=3)
+    content = chat.choices[0].logprobs.content
+    assert "".join(entry.token for entry in content) == chat.choices[0].message.content == expected_text("w4", 5)
+    for entry in content:
+        assert entry.logprob == pytest.approx(CHOSEN_LOGPROB) and entry.bytes == list(entry.token.encode())
+        assert [alt.logprob for alt in entry.top_logprobs] == pytest.approx([CHOSEN_LOGPROB,
+                                                                            *ALTERNATIVE_LOGPROBS[:2]])
+        assert entry.top_logprobs[0].token == entry.token
+    plain = client.chat.completions.create(model="tiny@w4", messages=CHAT, max_tokens=2, temperature=0,
+                                           logprobs=True)
+    assert [entry.top_logprobs for entry in plain.choices[0].logprobs.content] == [[], []]
+    assert client.chat.completions.create(model="tiny@w4", messages=CHAT, max_tokens=2).choices[0].logprobs is None
+
+
+def test_streamed_chat_logprobs_are_those_of_the_whole_response(served):
+    client, _, _ = served
+    kwargs = {"model": "tiny@w5", "messages": CHAT, "max_tokens": 8, "temperature": 0, "logprobs": True,
+              "top_logprobs": 2, "stop": ["cd"]}
+    whole = client.chat.completions.create(**kwargs).choices[0].logprobs.content
+    chunks = list(client.chat.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}))
+    streamed = [entry for c in chunks if c.choices and c.choices[0].logprobs
+                for entry in c.choices[0].logprobs.content]
+    assert [e.model_dump() for e in streamed] == [e.model_dump() for e in whole]
+    assert chunks[-1].usage.completion_tokens == len(whole)
+
+
+def test_completion_logprobs_in_the_legacy_shape(served):
+    client, _, _ = served
+    completion = client.completions.create(model="tiny@w6", prompt="Hi", max_tokens=4, temperature=0, logprobs=2)
+    logprobs = completion.choices[0].logprobs
+    assert logprobs.tokens == list(expected_text("w6", 4)) and logprobs.text_offset == [0, 1, 2, 3]
+    assert logprobs.token_logprobs == pytest.approx([CHOSEN_LOGPROB] * 4)
+    assert all(len(top) == 2 and top[token] == pytest.approx(CHOSEN_LOGPROB)
+               for token, top in zip(logprobs.tokens, logprobs.top_logprobs, strict=True))
+    only_chosen = client.completions.create(model="tiny@w6", prompt="Hi", max_tokens=2, temperature=0, logprobs=0)
+    assert only_chosen.choices[0].logprobs.top_logprobs == [{"[": pytest.approx(CHOSEN_LOGPROB)},
+                                                            {"w": pytest.approx(CHOSEN_LOGPROB)}]
+
+
+def test_streamed_completion_logprobs_continue_the_text_offsets(served):
+    client, _, _ = served
+    stream = client.completions.create(model="tiny@w6", prompt="Hi", max_tokens=6, temperature=0, logprobs=1,
+                                       stream=True)
+    offsets, tokens = [], []
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].logprobs:
+            offsets += chunk.choices[0].logprobs.text_offset
+            tokens += chunk.choices[0].logprobs.tokens
+    assert tokens == list(expected_text("w6", 6)) and offsets == list(range(6))
+
+
+def test_n_choices_differ_when_sampled_with_a_seed_and_agree_when_greedy(served):
+    client, _, _ = served
+    sampled = client.completions.create(model="tiny@w4", prompt="Hi", max_tokens=8, n=2, seed=3, temperature=1)
+    assert [c.index for c in sampled.choices] == [0, 1]
+    assert [c.text for c in sampled.choices] == [expected_text("w4", 8, 3), expected_text("w4", 8, 4)]
+    assert sampled.usage.completion_tokens == 16
+    greedy = client.chat.completions.create(model="tiny@w4", messages=CHAT, max_tokens=6, n=2, temperature=0)
+    assert [c.message.content for c in greedy.choices] == [expected_text("w4", 6)] * 2
+    stream = client.chat.completions.create(model="tiny@w4", messages=CHAT, max_tokens=8, n=2, seed=3,
+                                            temperature=1, stream=True)
+    texts, reasons = {0: "", 1: ""}, {}
+    for chunk in stream:
+        for choice in chunk.choices:
+            texts[choice.index] += choice.delta.content or ""
+            reasons[choice.index] = choice.finish_reason or reasons.get(choice.index)
+    assert texts == {0: expected_text("w4", 8, 3), 1: expected_text("w4", 8, 4)}
+    assert reasons == {0: "length", 1: "length"}
+
+
+def test_precision_from_the_header_the_suffix_or_the_body_and_named_in_the_response(served):
+    client, url, _ = served
+    header = client.with_options(default_headers={"x-quept-precision": "w5"})
+    raw = header.completions.with_raw_response.create(model="tiny@w4", prompt="Hi", max_tokens=2, temperature=0)
+    assert raw.headers["x-quept-precision"] == "w5" and raw.parse().model == "tiny@w5"  # the header overrides
+    agreeing = header.completions.create(model="tiny", prompt="Hi", max_tokens=2, extra_body={"precision": "W5"})
+    assert agreeing.model == "tiny@w5"
+    assert client.completions.create(model="tiny@mixed:4.5", prompt="Hi", max_tokens=2).model == "tiny@mixed:4.50"
+    auto = client.completions.with_raw_response.create(model="tiny@auto", prompt="Hi", max_tokens=2)
+    assert auto.parse().model == "tiny@w8" and auto.headers["x-quept-precision"] == "w8"
+    stream = httpx.post(f"{url}/v1/chat/completions", headers={"x-quept-precision": "w3"},
+                        json={"model": "tiny", "messages": CHAT, "max_tokens": 2, "stream": True})
+    assert stream.headers["x-quept-precision"] == "w3" and '"model":"tiny@w3"' in stream.text
+
+
+def test_precision_conflicts_and_unknown_values_are_400_naming_them(served):
+    client, _, _ = served
+    header = client.with_options(default_headers={"x-quept-precision": "w5"})
+    with pytest.raises(openai.BadRequestError) as raised:
+        header.completions.create(model="tiny", prompt="x", extra_body={"precision": "w4"})
+    assert raised.value.body["param"] == "precision"
+    assert "x-quept-precision" in raised.value.body["message"] and "'w5'" in raised.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.with_options(default_headers={"x-quept-precision": "w11"}).completions.create(model="tiny", prompt="x")
+    assert raised.value.body["param"] == "x-quept-precision" and "w4" in raised.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.completions.create(model="tiny@turbo", prompt="x")
+    assert raised.value.body["param"] == "model" and "allowed: auto, fp, w3" in raised.value.body["message"]
+
+
+@pytest.mark.parametrize(("route", "body", "param"), [
+    ("chat", {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ("chat", {"logprobs": True, "top_logprobs": -1}, "top_logprobs"),
+    ("chat", {"logprobs": False, "top_logprobs": 2}, "top_logprobs"),
+    ("chat", {"top_logprobs": 0}, "top_logprobs"),
+    ("chat", {"logprobs": 3}, "logprobs"),
+    ("completions", {"logprobs": 6}, "logprobs"),
+    ("completions", {"logprobs": -1}, "logprobs"),
+    ("completions", {"n": 0}, "n"),
+    ("chat", {"n": 17}, "n"),
+    ("completions", {"seed": -1}, "seed"),
+])
+def test_bad_logprobs_n_and_seed_are_400_naming_the_field(served, route, body, param):
+    _, url, _ = served
+    base = ({"model": "tiny", "messages": CHAT} if route == "chat" else {"model": "tiny", "prompt": "x"})
+    response = httpx.post(f"{url}/v1/{'chat/completions' if route == 'chat' else 'completions'}",
+                          json={**base, "max_tokens": 2, **body})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and param in error["message"]

@@ -164,19 +164,21 @@ def test_seeded_sampling_is_reproducible_and_forks_draw_their_own_seeds(engine):
     assert alone(engine, request(PROMPTS[1], plan, 8, temperature=0.7, top_p=1e-6, seed=2))[0] == greedy
 
 
-def test_logprobs_are_those_of_the_distribution_drawn_from(engine):
+@pytest.mark.parametrize("sampling", [{}, {"temperature": 1.7, "top_k": 3, "repetition_penalty": 1.3, "seed": 5}],
+                         ids=["greedy", "sampled"])
+def test_logprobs_are_the_raw_models_whatever_the_sampling(engine, sampling):
     plan = engine.plan("w8")
-    (seq_id,) = engine.add(request(PROMPTS[0], plan, 3, logprobs=5))
-    events = engine.step()
-    logits = engine.last_logits[seq_id]
-    event = events[0]
-    expected = logits.log_softmax(-1)
-    assert event.logprob.token_id == event.token_id == int(logits.argmax())
-    assert event.logprob.logprob == pytest.approx(float(expected[event.token_id]), abs=1e-5)
-    assert [t.token_id for t in event.top_logprobs] == torch.topk(expected, 5).indices.tolist()
-    assert event.top_logprobs[0].logprob == pytest.approx(event.logprob.logprob, abs=1e-5)
+    (seq_id,) = engine.add(request(PROMPTS[0], plan, 3, logprobs=5, **sampling))
     while engine.running:
-        engine.step()
+        (event,) = engine.step()
+        expected = engine.last_logits[seq_id].log_softmax(-1)
+        assert event.logprob.token_id == event.token_id
+        assert event.logprob.logprob == pytest.approx(float(expected[event.token_id]), abs=1e-5)
+        assert [t.token_id for t in event.top_logprobs] == torch.topk(expected, 5).indices.tolist()
+        assert [t.logprob for t in event.top_logprobs] == pytest.approx(torch.topk(expected, 5).values.tolist(),
+                                                                         abs=1e-5)
+    if not sampling:
+        assert event.top_logprobs[0].token_id == event.token_id
 
 
 def test_repetition_penalty_changes_greedy_choice(engine):
