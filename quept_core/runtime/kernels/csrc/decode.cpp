@@ -197,6 +197,7 @@ class DecodeProgram : public torch::CustomClassHolder {
     for (int64_t m = 0; m < rows; ++m) {
       const float* xr = x + m * hidden_;
       float squares = 0.f;
+#pragma omp simd reduction(+ : squares)
       for (int64_t j = 0; j < hidden_; ++j) squares += xr[j] * xr[j];
       const float inverse = 1.f / std::sqrt(squares / static_cast<float>(hidden_) + eps_);
       for (int64_t j = 0; j < hidden_; ++j) out[m * hidden_ + j] = xr[j] * inverse * weight[j];
@@ -239,10 +240,18 @@ class DecodeProgram : public torch::CustomClassHolder {
           float sum = 0.f;
           if (w.f32) {
             const float* wr = w.f32 + j * w.k;
+#pragma omp simd reduction(+ : sum)
             for (int64_t i = 0; i < w.k; ++i) sum += wr[i] * xr[i];
           } else {
-            const at::BFloat16* wr = w.bf16 + j * w.k;
-            for (int64_t i = 0; i < w.k; ++i) sum += static_cast<float>(wr[i]) * xr[i];
+            // bf16 is the top half of a float32
+            const uint16_t* wr = reinterpret_cast<const uint16_t*>(w.bf16 + j * w.k);
+#pragma omp simd reduction(+ : sum)
+            for (int64_t i = 0; i < w.k; ++i) {
+              const uint32_t bits = static_cast<uint32_t>(wr[i]) << 16;
+              float value;
+              std::memcpy(&value, &bits, sizeof(value));
+              sum += value * xr[i];
+            }
           }
           y[m * ldy + j] = sum;
         }
@@ -317,7 +326,9 @@ class DecodeProgram : public torch::CustomClassHolder {
         float top = -INFINITY;
         for (int64_t t = 0; t < length; ++t) {
           float dot = 0.f;
-          for (int64_t i = 0; i < head_dim_; ++i) dot += q[i] * keys[t * head_dim_ + i];
+          const float* key = keys + t * head_dim_;
+#pragma omp simd reduction(+ : dot)
+          for (int64_t i = 0; i < head_dim_; ++i) dot += q[i] * key[i];
           scores[t] = dot * scale;
           top = std::max(top, scores[t]);
         }
@@ -330,7 +341,9 @@ class DecodeProgram : public torch::CustomClassHolder {
         for (int64_t i = 0; i < head_dim_; ++i) out[i] = 0.f;
         for (int64_t t = 0; t < length; ++t) {
           const float weight = scores[t] / total;
-          for (int64_t i = 0; i < head_dim_; ++i) out[i] += weight * values[t * head_dim_ + i];
+          const float* value = values + t * head_dim_;
+#pragma omp simd
+          for (int64_t i = 0; i < head_dim_; ++i) out[i] += weight * value[i];
         }
       }
     });

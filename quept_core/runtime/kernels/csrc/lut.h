@@ -92,37 +92,45 @@ struct LutActivations {
 
 inline void prepare_lut(const float* x, int64_t rows, int64_t k, int64_t group, int64_t bits, int8_t* tables,
                         int32_t* weights, float* unit, float* sums) {
+#ifdef QUEPT_AVX512
   const int64_t blocks = k / kBlock, groups = (k + group - 1) / group, per_group = group / kBlock;
   const int finest = 8 - static_cast<int>(bits);  // the largest exponent f that keeps every weight <= 128
-  std::vector<float> raw(blocks * 64);
+  // Entry e of a quad's table holds x_t where bit t of e is set: four masked adds of 16 lanes.
+  __m512 member[4];
+  for (int t = 0; t < 4; ++t) {
+    alignas(64) float mask[16];
+    for (int e = 0; e < 16; ++e) mask[e] = static_cast<float>((e >> t) & 1);
+    member[t] = _mm512_load_ps(mask);
+  }
+  std::vector<__m512> raw(blocks * 4);
+  std::vector<float> quad_top(blocks * 4);
   for (int64_t m = 0; m < rows; ++m) {
     const float* xr = x + m * k;
     for (int64_t block = 0; block < blocks; ++block)
-      for (int s = 0; s < 4; ++s)
-        for (int e = 0; e < 16; ++e) {
-          float sum = 0.f;
-          for (int t = 0; t < 4; ++t)
-            if ((e >> t) & 1) sum += xr[block * kBlock + s + 4 * t];
-          raw[block * 64 + 16 * s + e] = sum;
-        }
+      for (int s = 0; s < 4; ++s) {
+        __m512 entries = _mm512_setzero_ps();
+        for (int t = 0; t < 4; ++t)
+          entries = _mm512_fmadd_ps(_mm512_set1_ps(xr[block * kBlock + s + 4 * t]), member[t], entries);
+        raw[block * 4 + s] = entries;
+        quad_top[block * 4 + s] = _mm512_reduce_max_ps(_mm512_abs_ps(entries));
+      }
     for (int64_t g = 0; g < groups; ++g) {
       const int64_t first = g * per_group, last = std::min(blocks, (g + 1) * per_group);
       float top = 0.f, full = 0.f;
-      for (int64_t i = first * 64; i < last * 64; ++i) top = std::max(top, std::fabs(raw[i]));
+      for (int64_t i = first * 4; i < last * 4; ++i) top = std::max(top, quad_top[i]);
       const float step = top / 127.f;
       for (int64_t block = first; block < last; ++block) {
         uint32_t pattern = 0;
         for (int s = 0; s < 4; ++s) {
-          const float* entries = raw.data() + block * 64 + 16 * s;
-          float quad_top = 0.f;
-          for (int e = 0; e < 16; ++e) quad_top = std::max(quad_top, std::fabs(entries[e]));
+          const int64_t quad = block * 4 + s;
           int f = 0;
-          while (f < finest && quad_top * static_cast<float>(1 << (f + 1)) <= top) ++f;
+          while (f < finest && quad_top[quad] * static_cast<float>(1 << (f + 1)) <= top) ++f;
           const float inverse = top > 0.f ? 127.f * static_cast<float>(1 << f) / top : 0.f;
-          for (int e = 0; e < 16; ++e)
-            tables[(m * blocks + block) * 64 + 16 * s + e] = static_cast<int8_t>(std::nearbyint(entries[e] * inverse));
+          const __m512i rounded = _mm512_cvtps_epi32(_mm512_mul_ps(raw[quad], _mm512_set1_ps(inverse)));
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(tables + (m * blocks + block) * 64 + 16 * s),
+                           _mm512_cvtsepi32_epi8(rounded));
           pattern |= static_cast<uint32_t>(1u << (finest - f)) << (8 * s);
-          full += entries[15];
+          for (int t = 0; t < 4; ++t) full += xr[block * kBlock + s + 4 * t];
         }
         for (int i = 0; i < 8; ++i)
           weights[(m * blocks + block) * 8 + i] = i < bits ? static_cast<int32_t>(pattern << i) : 0;
@@ -131,6 +139,9 @@ inline void prepare_lut(const float* x, int64_t rows, int64_t k, int64_t group, 
       sums[m * groups + g] = full;
     }
   }
+#else
+  TORCH_CHECK(false, "lookup-table kernels need AVX-512 VBMI and VNNI");
+#endif
 }
 
 #ifdef QUEPT_AVX512

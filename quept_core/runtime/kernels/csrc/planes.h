@@ -109,16 +109,23 @@ inline void prepare_activations(const float* x, int64_t rows, int64_t k, int64_t
     for (int64_t c = 0; c < chunks; ++c) {
       const float* xc = x + m * k + c * kChunk;
 #ifdef QUEPT_AVX512
-      float top = 0.f;
-      for (int j = 0; j < kChunk; ++j) top = std::max(top, std::fabs(xc[j]));
+      __m512 v[4];
+      __m512 top_v = _mm512_setzero_ps();
+      for (int i = 0; i < 4; ++i) {
+        v[i] = _mm512_loadu_ps(xc + 16 * i);
+        top_v = _mm512_max_ps(top_v, _mm512_abs_ps(v[i]));
+      }
+      const float top = _mm512_reduce_max_ps(top_v);
       const float step = top / 127.f, inverse = top > 0.f ? 127.f / top : 0.f;
       int8_t* qc = q + m * k + c * kChunk;
-      int total = 0;
-      for (int j = 0; j < kChunk; ++j) {
-        const int v = static_cast<int>(std::nearbyint(xc[j] * inverse));
-        qc[j] = static_cast<int8_t>(v);
-        total += v;
+      __m512i count = _mm512_setzero_si512();
+      for (int i = 0; i < 4; ++i) {
+        // round to nearest even, as std::nearbyint
+        const __m512i rounded = _mm512_cvtps_epi32(_mm512_mul_ps(v[i], _mm512_set1_ps(inverse)));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(qc + 16 * i), _mm512_cvtsepi32_epi8(rounded));
+        count = _mm512_add_epi32(count, rounded);
       }
+      const int total = _mm512_reduce_add_epi32(count);
       scale[m * chunks + c] = step;
       row_sums[c / per_group] += step * static_cast<float>(total);
 #else
