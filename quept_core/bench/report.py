@@ -63,6 +63,10 @@ def ratios(result: BenchResult) -> list[tuple[str, float]]:
     return out
 
 
+def _ppl(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2f}"
+
+
 def _mixed_label(mixed: MixedSetRow) -> str:
     return f"{mixed.sequences} sequences over {'+'.join(mixed.plans)}"
 
@@ -70,12 +74,13 @@ def _mixed_label(mixed: MixedSetRow) -> str:
 def text_table(result: BenchResult) -> str:
     """A fixed-width table for the terminal."""
     lines = [f"{'engine':<10} {'precision':<11} {'prefill':>9} {'dec b1':>8} {'dec b8':>8} {'dec b32':>8} "
-             f"{'MB':>7} {'RSS MB':>8} {'route':>8} {'ppl':>8}"]
+             f"{'MB':>7} {'RSS MB':>8} {'route':>8} {'ppl':>8} {'dec ppl':>8}"]
     for row in result.rows:
         shown = ["–" if getattr(row, name) is None else f"{getattr(row, name):.1f}" for name in _SPEEDS]
-        ppl = "–" if row.ppl is None else f"{row.ppl:.2f}"
+        ppl, decode_ppl = _ppl(row.ppl), _ppl(row.decode_ppl)
         lines.append(f"{row.engine:<10} {row.precision:<11} {shown[0]:>9} {shown[1]:>8} {shown[2]:>8} {shown[3]:>8} "
-                     f"{_mb(row.weight_bytes):>7} {_mb(row.rss_bytes):>8} {row.step_route or '–':>8} {ppl:>8}")
+                     f"{_mb(row.weight_bytes):>7} {_mb(row.rss_bytes):>8} {row.step_route or '–':>8} {ppl:>8} "
+                     f"{decode_ppl:>8}")
     lines.append("tokens/s; MB = resident weight bytes; RSS = the process's resident set after the row")
     mixed = result.mixed_set
     if mixed is not None:
@@ -98,14 +103,13 @@ def _speed_table(result: BenchResult) -> list[str]:
     hf = next((r for r in result.rows if r.engine == "hf"), None)
     out = [
         "| engine | precision | prefill tok/s | decode tok/s, batch 1 | batch 8 | batch 32 | weights MB | RSS MB "
-        "| decode route | ppl |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---|---:|",
+        "| decode route | ppl | decode-path ppl |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|",
     ]
     for row in result.rows:
         cells = [_ratio(getattr(row, name), hf and getattr(hf, name)) for name in _SPEEDS]
-        ppl = "–" if row.ppl is None else f"{row.ppl:.2f}"
         out.append(f"| {row.engine} | {row.precision} | {' | '.join(cells)} | {_mb(row.weight_bytes)} | "
-                   f"{_mb(row.rss_bytes)} | {row.step_route or '–'} | {ppl} |")
+                   f"{_mb(row.rss_bytes)} | {row.step_route or '–'} | {_ppl(row.ppl)} | {_ppl(row.decode_ppl)} |")
     return out
 
 
@@ -135,7 +139,9 @@ def markdown(result: BenchResult, command: str, plot_name: str | None) -> str:
         f"{s.get('prompt_tokens')} tokens, {s.get('new_tokens')} new tokens (greedy, no early stop); batch b = b "
         f"prompts decoding in one running set (engine max_running {s.get('max_running')}), decode tokens/s of "
         f"the whole set; perplexity on the first {s.get('ppl_tokens')} tokens of WikiText-2 test, seqlen "
-        f"{s.get('seqlen')}. QuEPT rows run our runtime with packed weights (group sizes from BitConfig, "
+        f"{s.get('seqlen')} (prefill's dense path); decode-path perplexity on its first "
+        f"{s.get('decode_ppl_tokens')} tokens read one per decode step (teacher-forced), the kernels that serve. "
+        f"QuEPT rows run our runtime with packed weights (group sizes from BitConfig, "
         f"integer zero-points; output head at {s.get('head_bits')} bits in quantized plans). Ratios in "
         "parentheses are against the HF full-precision row of the same run. RSS is the process's resident "
         "set after the row ran (it only grows: packs and KV pages stay resident)."),

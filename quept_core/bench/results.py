@@ -13,6 +13,7 @@ class BenchConfig:
     prompt_tokens: int = 256
     new_tokens: int = 64
     ppl_tokens: int = 4096
+    decode_ppl_tokens: int = 512  # teacher-forced through the decode step, one token per step
     seqlen: int = 512
     switches: int = 200
     repeats: int = 1  # rounds over every row; each row keeps its best
@@ -52,7 +53,8 @@ class BenchRow:
     weight_bytes: int | None = None
     rss_bytes: int | None = None  # the process's resident set after the row's latest measurement
     step_route: str | None = None
-    ppl: float | None = None
+    ppl: float | None = None  # prefill's path (dense matmuls over windows of seqlen)
+    decode_ppl: float | None = None  # the decode path, kernels included, on the first decode_ppl_tokens tokens
 
     def take(self, speed: Speed) -> None:
         """Copy a measurement's figures into the row."""

@@ -208,6 +208,7 @@ def run_bench(
             rows[0].ppl = perplexity(lambda w: baseline(w).logits, ppl_tokens, config.seqlen)
         for row, plan in zip(rows[1:], plans):
             row.ppl = perplexity(lambda w, plan=plan: engine.logits(w, plan), ppl_tokens, config.seqlen)
+            row.decode_ppl = math.exp(engine.decode_nll(ppl_tokens[: config.decode_ppl_tokens].tolist(), plan))
         if peer is not None:
             rows[-1].ppl = peer.perplexity(ppl_tokens, config.seqlen)
 

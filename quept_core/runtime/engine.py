@@ -469,6 +469,27 @@ class QueptEngine:
             tokens += [e.token_id for e in self.step() if e.seq_id == seq_id]
         return tokens
 
+    def decode_nll(self, tokens: list[int], plan: Plan) -> float:
+        """Mean next-token NLL of `tokens`, read one token per decode step (teacher-forced): the quality
+        of the decode path that serves, kernels included (`logits` measures prefill's dense path)."""
+        if self._sequences:
+            raise RuntimeError("decode_nll needs an idle engine")
+        if len(tokens) < 2:
+            raise RequestError(f"decode_nll needs at least 2 tokens, got {len(tokens)}")
+        (seq_id,) = self.add(SequenceRequest(tokens[:1], plan, SamplingParams(max_new_tokens=len(tokens))))
+        sequence = self._sequences[seq_id]
+        eos_ids, self.eos_ids = self.eos_ids, frozenset()  # the text goes on past end-of-sequence tokens
+        total = 0.0
+        try:
+            for position in range(1, len(tokens)):
+                self.step()
+                total -= torch.log_softmax(self.last_logits[seq_id], -1)[tokens[position]].item()
+                sequence.last_token = tokens[position]  # the next step reads the text's token, not the sampled one
+        finally:
+            self.eos_ids = eos_ids
+            self.abort(seq_id)
+        return total / (len(tokens) - 1)
+
     @torch.inference_mode()
     def logits(self, tokens: torch.Tensor, plan: Plan) -> torch.Tensor:
         """Float32 logits at every position of `tokens` [batch, seq] (no cache): for perplexity."""

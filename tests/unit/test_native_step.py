@@ -64,3 +64,23 @@ def test_a_program_refuses_bad_rows_with_a_clear_error(pair):
         step([999], [0], [0], pool)
     with pytest.raises(RuntimeError, match="no KV slot 99"):
         step([1], [0], [99], pool)
+
+
+def test_decode_path_perplexity_agrees_with_prefill_and_between_routes(pair):
+    native, reference = pair
+    text = PROMPTS[3] + PROMPTS[0]
+    for name in ("w3", "w8"):
+        plan = native.plan(name)
+        logits = native.logits(torch.tensor([text]), plan)[0, :-1]
+        prefill = torch.nn.functional.cross_entropy(logits, torch.tensor(text[1:])).item()
+        on_native, on_pytorch = native.decode_nll(text, plan), reference.decode_nll(text, plan)
+        assert abs(on_native - prefill) < 0.02 * prefill and abs(on_native - on_pytorch) < 0.02 * on_pytorch
+        assert native.running == 0 and native.eos_ids
+
+
+def test_decode_path_perplexity_refuses_a_busy_engine(pair):
+    native, _ = pair
+    (busy,) = native.add(request(PROMPTS[0], native.plan("w4")))
+    with pytest.raises(RuntimeError, match="idle engine"):
+        native.decode_nll(PROMPTS[1], native.plan("w4"))
+    native.abort(busy)

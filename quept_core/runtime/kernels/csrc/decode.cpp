@@ -323,31 +323,73 @@ class DecodeProgram : public torch::CustomClassHolder {
         const float* keys = kp + base(slots[m], kv_head);
         const float* values = vp + base(slots[m], kv_head);
         float* scores = scores_all + task * max_len;
+        score_keys(q, keys, length, scale, scores);
         float top = -INFINITY;
-        for (int64_t t = 0; t < length; ++t) {
-          float dot = 0.f;
-          const float* key = keys + t * head_dim_;
-#pragma omp simd reduction(+ : dot)
-          for (int64_t i = 0; i < head_dim_; ++i) dot += q[i] * key[i];
-          scores[t] = dot * scale;
-          top = std::max(top, scores[t]);
-        }
+        for (int64_t t = 0; t < length; ++t) top = std::max(top, scores[t]);
         float total = 0.f;
         for (int64_t t = 0; t < length; ++t) {
           scores[t] = std::exp(scores[t] - top);
           total += scores[t];
         }
-        float* out = attn + m * heads_ * head_dim_ + head * head_dim_;
-        for (int64_t i = 0; i < head_dim_; ++i) out[i] = 0.f;
-        for (int64_t t = 0; t < length; ++t) {
-          const float weight = scores[t] / total;
-          const float* value = values + t * head_dim_;
-#pragma omp simd
-          for (int64_t i = 0; i < head_dim_; ++i) out[i] += weight * value[i];
-        }
+        for (int64_t t = 0; t < length; ++t) scores[t] /= total;
+        weigh_values(scores, values, length, attn + m * heads_ * head_dim_ + head * head_dim_);
       }
     });
   }
+
+  // scores[t] = scale * q . keys[t]; the head's 64 or 128 dimensions stay in registers.
+  void score_keys(const float* q, const float* keys, int64_t length, float scale, float* scores) const {
+#ifdef QUEPT_AVX512
+    if (head_dim_ == 64) return score_keys_avx512<4>(q, keys, length, scale, scores);
+    if (head_dim_ == 128) return score_keys_avx512<8>(q, keys, length, scale, scores);
+#endif
+    for (int64_t t = 0; t < length; ++t) {
+      float dot = 0.f;
+      const float* key = keys + t * head_dim_;
+#pragma omp simd reduction(+ : dot)
+      for (int64_t i = 0; i < head_dim_; ++i) dot += q[i] * key[i];
+      scores[t] = dot * scale;
+    }
+  }
+
+  // out = sum_t weights[t] * values[t], accumulated in registers.
+  void weigh_values(const float* weights, const float* values, int64_t length, float* out) const {
+#ifdef QUEPT_AVX512
+    if (head_dim_ == 64) return weigh_values_avx512<4>(weights, values, length, out);
+    if (head_dim_ == 128) return weigh_values_avx512<8>(weights, values, length, out);
+#endif
+    for (int64_t i = 0; i < head_dim_; ++i) out[i] = 0.f;
+    for (int64_t t = 0; t < length; ++t) {
+      const float* value = values + t * head_dim_;
+#pragma omp simd
+      for (int64_t i = 0; i < head_dim_; ++i) out[i] += weights[t] * value[i];
+    }
+  }
+
+#ifdef QUEPT_AVX512
+  template <int D16>
+  static void score_keys_avx512(const float* q, const float* keys, int64_t length, float scale, float* scores) {
+    __m512 query[D16];
+    for (int i = 0; i < D16; ++i) query[i] = _mm512_mul_ps(_mm512_loadu_ps(q + 16 * i), _mm512_set1_ps(scale));
+    for (int64_t t = 0; t < length; ++t) {
+      const float* key = keys + t * 16 * D16;
+      __m512 dot = _mm512_mul_ps(query[0], _mm512_loadu_ps(key));
+      for (int i = 1; i < D16; ++i) dot = _mm512_fmadd_ps(query[i], _mm512_loadu_ps(key + 16 * i), dot);
+      scores[t] = _mm512_reduce_add_ps(dot);
+    }
+  }
+
+  template <int D16>
+  static void weigh_values_avx512(const float* weights, const float* values, int64_t length, float* out) {
+    __m512 acc[D16];
+    for (int i = 0; i < D16; ++i) acc[i] = _mm512_setzero_ps();
+    for (int64_t t = 0; t < length; ++t) {
+      const __m512 weight = _mm512_set1_ps(weights[t]);
+      for (int i = 0; i < D16; ++i) acc[i] = _mm512_fmadd_ps(weight, _mm512_loadu_ps(values + (t * D16 + i) * 16), acc[i]);
+    }
+    for (int i = 0; i < D16; ++i) _mm512_storeu_ps(out + 16 * i, acc[i]);
+  }
+#endif
 
   void swiglu(int64_t rows) {
     const float* gu = gate_up_.data_ptr<float>();
