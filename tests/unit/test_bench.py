@@ -56,7 +56,7 @@ def test_bench_runs_every_row(folder):
     for row in result.rows:
         assert row.prefill_tok_s > 0 and row.decode_tok_s_b1 > 0 and row.decode_tok_s_b8 > 0
         assert row.decode_tok_s_b32 > 0 and row.rss_bytes > 0
-        assert row.ppl is None  # no text: random prompts
+        assert row.ppl is None and row.decode_ppl is None  # no text: random prompts
     assert result.rows[0].step_route is None
     assert all(row.step_route in ("native", "pytorch") for row in result.rows[1:])
     w4, w3 = result.rows[2], result.rows[3]
@@ -83,7 +83,8 @@ def test_bench_runs_every_row(folder):
     encoded = json.loads(json.dumps(result.to_dict()))
     assert encoded == result.to_dict()
     assert set(encoded["rows"][0]) == {"engine", "precision", "prefill_tok_s", "decode_tok_s_b1", "decode_tok_s_b8",
-                                       "decode_tok_s_b32", "weight_bytes", "rss_bytes", "step_route", "ppl"}
+                                       "decode_tok_s_b32", "weight_bytes", "rss_bytes", "step_route", "ppl",
+                                       "decode_ppl"}
     assert encoded["mixed_set"]["ratio"] == pytest.approx(mixed.ratio)
 
 
