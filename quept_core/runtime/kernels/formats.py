@@ -365,8 +365,9 @@ class LutPlanes(PackedWeight):
         self.group = k if qw.group_size == -1 else qw.group_size
         self.planes = pack_lut(qw.codes, qw.bits)
         self.scale = _tiled(qw.scale).float()
-        self.zero = _tiled(qw.zero).to(torch.int16)
-        if not torch.equal(self.zero.float(), _tiled(qw.zero)):
+        zero = _tiled(qw.zero)
+        self.zero = zero.to(torch.int16)
+        if not torch.equal(self.zero.float(), zero):
             raise ValueError("zero-points do not fit int16")
         self._native, self._native_dequant = lut_gemv(), lut_dequant()
 

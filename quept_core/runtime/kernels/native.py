@@ -69,12 +69,17 @@ def planes_dequant() -> Callable | None:
 def lut_gemv() -> Callable | None:
     """`torch.ops.quept.lut_gemv(x, planes, bits, scale, zero, group)`, or None where the
     lookup-table kernels do not run (they need AVX-512 VBMI and VNNI)."""
-    return torch.ops.quept.lut_gemv.default if _build() and torch.ops.quept.has_lut() else None
+    return torch.ops.quept.lut_gemv.default if _lut_built() else None
 
 
 def lut_dequant() -> Callable | None:
     """`torch.ops.quept.lut_dequant(planes, bits, scale, zero, group, in_features)` -> bf16, or None."""
-    return torch.ops.quept.lut_dequant.default if _build() and torch.ops.quept.has_lut() else None
+    return torch.ops.quept.lut_dequant.default if _lut_built() else None
+
+
+@cache
+def _lut_built() -> bool:
+    return _build() and torch.ops.quept.has_lut()
 
 
 def int4pack_dequant() -> Callable | None:

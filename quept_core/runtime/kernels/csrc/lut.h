@@ -102,8 +102,10 @@ inline void prepare_lut(const float* x, int64_t rows, int64_t k, int64_t group, 
     for (int e = 0; e < 16; ++e) mask[e] = static_cast<float>((e >> t) & 1);
     member[t] = _mm512_load_ps(mask);
   }
-  std::vector<__m512> raw(blocks * 4);
-  std::vector<float> quad_top(blocks * 4);
+  // Per-thread scratch, grown once: this runs for every lookup-table matmul of every decode step.
+  thread_local std::vector<float> raw, quad_top;
+  raw.resize(blocks * 64);
+  quad_top.resize(blocks * 4);
   for (int64_t m = 0; m < rows; ++m) {
     const float* xr = x + m * k;
     for (int64_t block = 0; block < blocks; ++block)
@@ -111,7 +113,7 @@ inline void prepare_lut(const float* x, int64_t rows, int64_t k, int64_t group, 
         __m512 entries = _mm512_setzero_ps();
         for (int t = 0; t < 4; ++t)
           entries = _mm512_fmadd_ps(_mm512_set1_ps(xr[block * kBlock + s + 4 * t]), member[t], entries);
-        raw[block * 4 + s] = entries;
+        _mm512_storeu_ps(raw.data() + (block * 4 + s) * 16, entries);
         quad_top[block * 4 + s] = _mm512_reduce_max_ps(_mm512_abs_ps(entries));
       }
     for (int64_t g = 0; g < groups; ++g) {
@@ -126,7 +128,7 @@ inline void prepare_lut(const float* x, int64_t rows, int64_t k, int64_t group, 
           int f = 0;
           while (f < finest && quad_top[quad] * static_cast<float>(1 << (f + 1)) <= top) ++f;
           const float inverse = top > 0.f ? 127.f * static_cast<float>(1 << f) / top : 0.f;
-          const __m512i rounded = _mm512_cvtps_epi32(_mm512_mul_ps(raw[quad], _mm512_set1_ps(inverse)));
+          const __m512i rounded = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(raw.data() + quad * 16), _mm512_set1_ps(inverse)));
           _mm_storeu_si128(reinterpret_cast<__m128i*>(tables + (m * blocks + block) * 64 + 16 * s),
                            _mm512_cvtsepi32_epi8(rounded));
           pattern |= static_cast<uint32_t>(1u << (finest - f)) << (8 * s);
@@ -203,15 +205,7 @@ void lut_tile(const LutProblem& p, const LutActivations& a, float* y, int64_t ld
 // y[m, 16 begin .. 16 end) (row stride ldy) for tiles [begin, end).
 inline void lut_gemv_tiles(const LutProblem& p, const LutActivations& a, float* y, int64_t ldy, int64_t begin,
                            int64_t end) {
-  switch (p.bits) {
-    case 2: return lut_tile<2>(p, a, y, ldy, begin, end);
-    case 3: return lut_tile<3>(p, a, y, ldy, begin, end);
-    case 4: return lut_tile<4>(p, a, y, ldy, begin, end);
-    case 5: return lut_tile<5>(p, a, y, ldy, begin, end);
-    case 6: return lut_tile<6>(p, a, y, ldy, begin, end);
-    case 7: return lut_tile<7>(p, a, y, ldy, begin, end);
-    default: return lut_tile<8>(p, a, y, ldy, begin, end);
-  }
+  with_bits(p.bits, [&](auto b) { lut_tile<decltype(b)::value>(p, a, y, ldy, begin, end); });
 }
 
 // The dense bf16 weight [n, k] for tiles [begin, end): per (tile, block) the 16 x 16 codes are

@@ -21,6 +21,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__) && defined(__AVX512VNNI__) && \
@@ -47,6 +48,22 @@ inline std::vector<int> plane_widths(int64_t bits) {
     case 7: return {4, 2, 1};
     case 8: return {8};
     default: TORCH_CHECK(false, "planes: bits must be in 2..8, got ", bits);
+  }
+}
+
+// Calls f(std::integral_constant<int, bits>{}) for bits in 2..8: one switch for every kernel templated
+// on the bit-width.
+template <typename F>
+inline void with_bits(int64_t bits, F&& f) {
+  switch (bits) {
+    case 2: return f(std::integral_constant<int, 2>{});
+    case 3: return f(std::integral_constant<int, 3>{});
+    case 4: return f(std::integral_constant<int, 4>{});
+    case 5: return f(std::integral_constant<int, 5>{});
+    case 6: return f(std::integral_constant<int, 6>{});
+    case 7: return f(std::integral_constant<int, 7>{});
+    case 8: return f(std::integral_constant<int, 8>{});
+    default: TORCH_CHECK(false, "kernels: bits must be in 2..8, got ", bits);
   }
 }
 
@@ -295,15 +312,7 @@ void avx512_tile(const Problem& p, const Activations& a, float* y, int64_t ldy, 
 
 // y[m, row] (row stride ldy) for output rows [begin, end).
 inline void gemv_rows(const Problem& p, const Activations& a, float* y, int64_t ldy, int64_t begin, int64_t end) {
-  switch (p.bits) {
-    case 2: return avx512_tile<2>(p, a, y, ldy, begin, end);
-    case 3: return avx512_tile<3>(p, a, y, ldy, begin, end);
-    case 4: return avx512_tile<4>(p, a, y, ldy, begin, end);
-    case 5: return avx512_tile<5>(p, a, y, ldy, begin, end);
-    case 6: return avx512_tile<6>(p, a, y, ldy, begin, end);
-    case 7: return avx512_tile<7>(p, a, y, ldy, begin, end);
-    default: return avx512_tile<8>(p, a, y, ldy, begin, end);
-  }
+  with_bits(p.bits, [&](auto b) { avx512_tile<decltype(b)::value>(p, a, y, ldy, begin, end); });
 }
 
 template <int BITS>
@@ -331,15 +340,7 @@ void avx512_dequant(const Problem& p, uint16_t* out, int64_t begin, int64_t end)
 // The dense bf16 weight, rows [begin, end).
 inline void dequant_rows_bf16(const Problem& p, at::BFloat16* out_bf16, int64_t begin, int64_t end) {
   uint16_t* out = reinterpret_cast<uint16_t*>(out_bf16);
-  switch (p.bits) {
-    case 2: return avx512_dequant<2>(p, out, begin, end);
-    case 3: return avx512_dequant<3>(p, out, begin, end);
-    case 4: return avx512_dequant<4>(p, out, begin, end);
-    case 5: return avx512_dequant<5>(p, out, begin, end);
-    case 6: return avx512_dequant<6>(p, out, begin, end);
-    case 7: return avx512_dequant<7>(p, out, begin, end);
-    default: return avx512_dequant<8>(p, out, begin, end);
-  }
+  with_bits(p.bits, [&](auto b) { avx512_dequant<decltype(b)::value>(p, out, begin, end); });
 }
 
 #endif
