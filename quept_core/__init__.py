@@ -11,34 +11,40 @@ The public API (the README's "Use as a library" shows it end to end):
 
 __version__ = "0.1.0"
 
-from quept_core.artifact.store import CalibratedModel, calibrate_artifact, ensure_artifact, load_artifact
-from quept_core.calibration.loop import CalibrationConfig
-from quept_core.config import BitConfig
-from quept_core.eval.perplexity import make_windows, perplexity, tokenize_text
-from quept_core.io.models import LoadedModel, load_model
-from quept_core.planning.plan import Plan, uniform_plan
-from quept_core.precision import Precision, PrecisionError
-from quept_core.runtime.engine import QueptEngine
-from quept_core.runtime.protocol import SamplingParams, SequenceRequest
+from importlib import import_module
 
-__all__ = [
-    "BitConfig",
-    "CalibratedModel",
-    "CalibrationConfig",
-    "LoadedModel",
-    "Plan",
-    "Precision",
-    "PrecisionError",
-    "QueptEngine",
-    "SamplingParams",
-    "SequenceRequest",
-    "__version__",
-    "calibrate_artifact",
-    "ensure_artifact",
-    "load_artifact",
-    "load_model",
-    "make_windows",
-    "perplexity",
-    "tokenize_text",
-    "uniform_plan",
-]
+# name -> the module that defines it. Imported on first use: a server that only serves never loads
+# the calibration or transformers' modelling code, which take seconds to import.
+_PUBLIC = {
+    "BitConfig": "quept_core.config",
+    "CalibratedModel": "quept_core.artifact.store",
+    "CalibrationConfig": "quept_core.calibration.loop",
+    "LoadedModel": "quept_core.io.models",
+    "Plan": "quept_core.planning.plan",
+    "Precision": "quept_core.precision",
+    "PrecisionError": "quept_core.precision",
+    "QueptEngine": "quept_core.runtime.engine",
+    "SamplingParams": "quept_core.runtime.protocol",
+    "SequenceRequest": "quept_core.runtime.protocol",
+    "calibrate_artifact": "quept_core.artifact.store",
+    "ensure_artifact": "quept_core.artifact.store",
+    "load_artifact": "quept_core.artifact.store",
+    "load_model": "quept_core.io.models",
+    "make_windows": "quept_core.eval.perplexity",
+    "perplexity": "quept_core.eval.perplexity",
+    "tokenize_text": "quept_core.eval.perplexity",
+    "uniform_plan": "quept_core.planning.plan",
+}
+__all__ = sorted([*_PUBLIC, "__version__"])
+
+
+def __getattr__(name: str):
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'quept_core' has no attribute {name!r}")
+    value = getattr(import_module(_PUBLIC[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -13,15 +13,13 @@ import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import (
-    AutoConfig,
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-)
+from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
+
+if TYPE_CHECKING:  # the modelling code costs seconds to import; a server that only serves never needs it
+    from transformers import PreTrainedModel
 
 from quept_core.io.paths import cache_dir
 
@@ -115,6 +113,8 @@ def _convert_gguf(source: ModelSource, folder: Path) -> None:
     log.info("converting %s to float (first load only)", source.path)
     _check_architecture(source.path.parent, gguf_file=source.path.name)
     tokenizer = AutoTokenizer.from_pretrained(source.path.parent, gguf_file=source.path.name)
+    from transformers import AutoModelForCausalLM
+
     model = AutoModelForCausalLM.from_pretrained(
         source.path.parent, gguf_file=source.path.name, dtype=torch.float32
     )
@@ -154,6 +154,8 @@ def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32) -> L
     folder, checksum = float_folder(source)
     _check_architecture(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder)
+    from transformers import AutoModelForCausalLM
+
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
     model.eval()
     model.requires_grad_(False)

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers.masking_utils import create_causal_mask
 
 from quept_core.layers import INPUT_GROUP_PATHS
 
@@ -37,6 +36,8 @@ def model_device(model: nn.Module) -> torch.device:
 @torch.no_grad()
 def embed(model: nn.Module, tokens: torch.Tensor) -> tuple[torch.Tensor, BlockContext]:
     """Block 0's input hidden states [n, T, C] for `tokens` [n, T], and the block context."""
+    from transformers.masking_utils import create_causal_mask  # imports torch._dynamo: seconds, only here
+
     tokens = tokens.to(model_device(model))
     hidden = model.model.embed_tokens(tokens)
     position_ids = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0)

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from quept_core.layers import FUSED, FUSED_PATHS, HEAD, LINEAR_PATHS, layer_name, linear_type
 from quept_core.runtime.kernels.formats import PackedWeight
@@ -156,17 +155,17 @@ class CompactLlama:
         return sum(t.numel() * t.element_size() for t in norms) + embedding
 
     def _rope_tables(self, config) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sign-folded sin for every position, from transformers' own rotary module (honours rope_scaling).
+        """cos and sign-folded sin for every position, as transformers computes them (honours rope_scaling).
 
         rotate_half(x) * sin == x.roll(d/2) * [-sin_1, sin_2], so the rotation is a roll and two products.
         """
-        positions = torch.arange(self.dims.max_positions).unsqueeze(0)
-        probe = torch.zeros(1, dtype=torch.float32)
-        with torch.no_grad():
-            cos, sin = LlamaRotaryEmbedding(config=config)(probe, positions)
+        inv_freq, scaling = _rope_frequencies(config, self.dims.head_dim)
+        freqs = torch.arange(self.dims.max_positions, dtype=torch.float32)[:, None] * inv_freq[None, :]
+        angles = torch.cat([freqs, freqs], dim=-1)
+        cos, sin = angles.cos() * scaling, angles.sin() * scaling
         half = self.dims.head_dim // 2
-        sin = torch.cat([-sin[0, :, :half], sin[0, :, half:]], dim=-1)
-        return cos[0].float().contiguous(), sin.float().contiguous()
+        sin = torch.cat([-sin[:, :half], sin[:, half:]], dim=-1)
+        return cos.contiguous(), sin.contiguous()
 
     # ---- pieces shared by prefill and decode ----------------------------------------------------
 
@@ -259,3 +258,16 @@ class CompactLlama:
             x = self._finish_block(sites, index, x, attn.reshape(rows, 1, -1))
         return self._head(layout, x)[:, 0]
 
+
+def _rope_frequencies(config, head_dim: int) -> tuple[torch.Tensor, float]:
+    """RoPE's inverse frequencies and its attention scaling, as transformers' LlamaRotaryEmbedding has them.
+    The default rope needs nothing from transformers; scaled ropes use its init functions (imported only
+    then: the module takes a second to import)."""
+    parameters = config.rope_parameters
+    if parameters["rope_type"] == "default":
+        exponents = torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim
+        return 1.0 / (parameters["rope_theta"] ** exponents), 1.0
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    inv_freq, scaling = ROPE_INIT_FUNCTIONS[parameters["rope_type"]](config)
+    return inv_freq.float(), float(scaling)

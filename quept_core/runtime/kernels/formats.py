@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from quept_core.quant.grid import QuantizedWeight
+from quept_core.runtime.kernels.choices import Choice, ChoiceBook
 from quept_core.runtime.kernels.native import int4pack_dequant, lut_dequant, lut_gemv, planes_dequant, planes_gemv
 
 log = logging.getLogger(__name__)
@@ -436,8 +437,14 @@ def _seconds(fn: Callable[[], torch.Tensor], device: torch.device, repeats: int 
     return best
 
 
-# (device type, bits, group size, out, in, dtype) -> (format, prefill_dense), measured once per process.
-_CHOICES: dict[tuple, tuple[type[PackedWeight], bool]] = {}
+_BOOKS: dict[str, ChoiceBook] = {}  # device -> its choices, read once per process
+
+
+def _book(device: torch.device) -> ChoiceBook:
+    key = str(device)
+    if key not in _BOOKS:
+        _BOOKS[key] = ChoiceBook(device)
+    return _BOOKS[key]
 
 
 def _choose(qw: QuantizedWeight, dtype: torch.dtype, candidates: list[type[PackedWeight]]) -> PackedWeight:
@@ -468,22 +475,36 @@ def _choose(qw: QuantizedWeight, dtype: torch.dtype, candidates: list[type[Packe
     return pack
 
 
-def pack_weight(qw: QuantizedWeight, dtype: torch.dtype) -> PackedWeight:
-    """Pack a quantized weight into the fastest correct format for it on its device."""
+def _candidates(qw: QuantizedWeight) -> list[type[PackedWeight]]:
     device = qw.codes.device
-    key = (device.type, qw.bits, qw.group_size, *qw.codes.shape, dtype)
-    if key in _CHOICES:
-        fmt, prefill_dense = _CHOICES[key]
-        pack = fmt(qw, dtype) if fmt is not DenseWeight else DenseWeight(qw.dequantize(), dtype)
-        pack.prefill_dense = prefill_dense
-        return pack
     candidates = [fmt for fmt in FORMATS if fmt.supports(qw, device)]
     if device.type == "cpu" and BitPlanes in candidates and planes_gemv() is not None:
         # The native decode step (csrc/decode.cpp) reads bit planes and lookup-table planes: one call
         # for the whole forward beats a faster-per-call ATen kernel behind Python dispatch.
         candidates = [fmt for fmt in candidates if fmt in (BitPlanes, LutPlanes)]
+    return candidates
+
+
+def pack_weight(qw: QuantizedWeight, dtype: torch.dtype) -> PackedWeight:
+    """Pack a quantized weight into the fastest correct format for it on its device (chosen once per
+    machine, see choices.py)."""
+    book = _book(qw.codes.device)
+    shape = (qw.bits, qw.group_size, *qw.codes.shape, dtype)
+    candidates = _candidates(qw)
+    known = book.get(*shape)
+    by_name = {fmt.__name__: fmt for fmt in candidates}
+    if known is not None and (known.format in by_name or known.format == DenseWeight.__name__):
+        fmt = by_name.get(known.format)
+        pack = fmt(qw, dtype) if fmt is not None else DenseWeight(qw.dequantize(), dtype)
+        pack.prefill_dense = known.prefill_dense
+        return pack
     pack = _choose(qw, dtype, candidates)
-    _CHOICES[key] = (type(pack), pack.prefill_dense)
+    book.put(Choice(type(pack).__name__, pack.prefill_dense), *shape)
     log.info("%d-bit [%d, %d] weights: %s, prefill %s", qw.bits, *qw.codes.shape, type(pack).__name__,
              "dequantize + dense matmul" if pack.prefill_dense else "packed kernel")
     return pack
+
+
+def kernel_choices(device: torch.device) -> dict[str, Choice]:
+    """Every shape's chosen format on `device` so far, as stored (see choices.py)."""
+    return _book(device).entries()

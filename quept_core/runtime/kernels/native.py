@@ -51,6 +51,12 @@ def _source_key() -> str:
     return digest.hexdigest()[:10]
 
 
+def machine_key() -> str:
+    """What compiled kernels and measurements made with them depend on: torch, the CPU, the kernels'
+    source and flags, and whether they built here at all."""
+    return f"torch-{torch.__version__}-{_cpu_key()}-{_source_key()}-native{int(_build())}-lut{int(_lut_built())}"
+
+
 def decode_program_class() -> type | None:
     """`torch.classes.quept.DecodeProgram` (csrc/decode.cpp), or None without the kernels."""
     return torch.classes.quept.DecodeProgram if _build() else None
