@@ -107,11 +107,14 @@ def plan(
         typer.echo(json.dumps({"sensitivity": extras["sensitivity"]["kind"], "quality": extras["quality"]}))
         return
     typer.echo(f"{calibrated.artifact_dir}: sensitivity {extras['sensitivity']['kind']}, quality on "
-               f"{extras['quality']['tokens']} held-out calibration tokens")
-    typer.echo(f"{'plan':<12} {'bits/weight':>11} {'ppl':>9} {'vs fp':>8}")
+               f"{extras['quality']['tokens']} held-out calibration tokens, on the serving engine")
+    typer.echo(f"{'plan':<12} {'bits/weight':>11} {'head bits':>9} {'ppl':>9} {'vs fp':>8} {'± 95 %':>7}")
     ordered = sorted(quality.items(), key=lambda item: (item[0] != "fp", item[1]["storage_bits"]))
     for name, entry in ordered:
-        typer.echo(f"{name:<12} {entry['storage_bits']:>11.3f} {entry['ppl']:>9.3f} {entry['ppl_delta_pct']:>+7.2f}%")
+        head, interval = entry["lm_head_bits"] or "fp", entry["ppl_delta_interval_pct"]
+        interval_text = "–" if interval is None else f"{interval:.2f}%"
+        typer.echo(f"{name:<12} {entry['storage_bits']:>11.3f} {head:>9} {entry['ppl']:>9.3f} "
+                   f"{entry['ppl_delta_pct']:>+7.2f}% {interval_text:>7}")
 
 
 @app.command()

@@ -77,6 +77,7 @@ class ServiceState:
         self.plans = uniform + [c.plan for c in candidates if c.plan.mode == "mixed"]
         self.costs = CostModel(backend.shapes, settings.ewma_alpha)
         measure_costs(backend.engine, uniform, backend.tokenizer, self.costs)
+        backend.release_after_warmup()
         controller = Controller(candidates, self.costs, backend.kv_bytes_per_token, settings.brownout_queue_depth)
         self.metrics.start_downgrades_at_zero(controller.downgrades())
         limits = SchedulerLimits(settings.max_queue, settings.max_queue_tokens, settings.max_running)

@@ -3,63 +3,94 @@
 `ensure_mixed_extras` computes, once per artifact, whichever is missing of:
 - `sensitivity`: the per-layer table (`sensitivity.py`, the proxy unless asked for the KL probe);
 - `plans`: the best mixed plan every `FRONT_STEP` bits per weight (`mixed.py`);
-- `quality`: perplexity and its change against full precision for fp, every uniform bit-width and
-  every stored mixed plan, on held-out windows of the calibration data (never the evaluation text).
+- `quality`: perplexity, its change against full precision and that change's interval for fp, every
+  uniform bit-width and every stored mixed plan, measured on the packed engine that serves (bf16, the
+  output head at the bits the plan serves) on held-out windows of the calibration data (never the
+  evaluation text).
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import time
 from pathlib import Path
 
 import torch
-from torch import nn
+import torch.nn.functional as F
 
 from quept_core.artifact.store import ArtifactError, CalibratedModel, read_extra, write_extra
 from quept_core.calibration.data import calibration_tokens
 from quept_core.config import BitConfig
-from quept_core.eval.perplexity import perplexity
 from quept_core.io.models import LoadedModel
 from quept_core.layers import model_linear_names
 from quept_core.planning.allocator import Allocator
 from quept_core.planning.bits import linear_shapes, storage_bits
-from quept_core.planning.plan import Plan, uniform_plan
+from quept_core.planning.plan import Plan
 from quept_core.planning.sensitivity import (
     SensitivityTable,
     kl_sensitivity,
     proxy_sensitivity,
     sensitivity_tokens,
 )
-from quept_core.precision import FP, Precision
-from quept_core.quant.sources import QueptWeights, WeightSource, dequantized_weights, use_weights
+from quept_core.precision import FP, Precision, uniform_name
+from quept_core.quant.sources import QueptWeights
+from quept_core.runtime.engine import QueptEngine
 
 log = logging.getLogger(__name__)
 
 FRONT_STEP = 0.5  # bits per weight between stored mixed plans
-QUALITY_TOKENS = 512  # held-out tokens behind each plan's perplexity
+QUALITY_TOKENS = 1024  # held-out tokens behind each plan's perplexity
+QUALITY_CHUNK = 64  # positions per chunk of the interval's spread
+Z95 = 1.96
 HELD_OUT_SEED_OFFSET = 1_000_003  # held-out windows come from another seed of the same data source
 SENSITIVITY_KINDS = ("proxy", "kl")
 # The layout of the stored `plans` and `quality` documents; a document of another format is measured again.
-EXTRAS_FORMAT = 2
+EXTRAS_FORMAT = 3
 
 
-def measure_plan_quality(calibrated: CalibratedModel, plans: list[Plan], tokens: torch.Tensor,
-                         batch_size: int = 4) -> dict[str, dict[str, float]]:
-    """{plan name: {"ppl", "ppl_delta_pct"}} on `tokens` [n, T], with full precision as "fp"."""
-    return plan_quality(calibrated.loaded.model, QueptWeights(calibrated.elastic), plans, tokens, batch_size)
+def measure_plan_quality(calibrated: CalibratedModel, plans: list[Plan], tokens: torch.Tensor
+                         ) -> dict[str, dict[str, float]]:
+    """Quality of `plans` on `tokens` [n, T] as they are served: on the packed engine, at their head bits."""
+    return plan_quality(QueptEngine.from_calibrated(calibrated), plans, tokens)
 
 
-def plan_quality(model: nn.Module, source: WeightSource, plans: list[Plan], tokens: torch.Tensor,
-                 batch_size: int = 4) -> dict[str, dict[str, float]]:
-    reference = perplexity(model, tokens, batch_size).ppl
-    quality = {FP.name: {"ppl": reference, "ppl_delta_pct": 0.0}}
+def plan_quality(engine: QueptEngine, plans: list[Plan], tokens: torch.Tensor) -> dict[str, dict[str, float]]:
+    """{plan name: {"ppl", "ppl_delta_pct", "ppl_delta_interval_pct", "lm_head_bits"}}, with full
+    precision (bf16) as "fp". The interval is the 95 % half-width of ppl_delta_pct from the spread of
+    the per-token loss difference over chunks of QUALITY_CHUNK positions (paired with fp's): plans
+    whose difference lies inside it are not told apart by these tokens (None: too few tokens to say)."""
+    reference = _token_nll(engine, engine.plan(FP), tokens)
+    quality = {FP.name: {"ppl": math.exp(reference.mean().item()), "ppl_delta_pct": 0.0,
+                         "ppl_delta_interval_pct": 0.0, "lm_head_bits": None}}
     for plan in plans:
-        with use_weights(model, dequantized_weights(source, plan.layer_bits)):
-            ppl = perplexity(model, tokens, batch_size).ppl
-        quality[plan.name] = {"ppl": ppl, "ppl_delta_pct": 100.0 * (ppl / reference - 1.0)}
+        nll = _token_nll(engine, plan, tokens)
+        excess = (nll - reference).mean().item()
+        quality[plan.name] = {"ppl": math.exp(nll.mean().item()), "ppl_delta_pct": 100.0 * math.expm1(excess),
+                              "ppl_delta_interval_pct": _interval_pct(nll - reference, excess),
+                              "lm_head_bits": plan.lm_head_bits}
     return quality
+
+
+def _interval_pct(difference: torch.Tensor, excess: float) -> float | None:
+    """95 % half-width of 100 * (exp(mean difference) - 1), from the spread of the difference's means
+    over whole chunks; None with fewer than two chunks."""
+    chunks = difference[: difference.numel() // QUALITY_CHUNK * QUALITY_CHUNK].view(-1, QUALITY_CHUNK).mean(1)
+    if chunks.numel() < 2:
+        return None
+    return 100.0 * math.exp(excess) * Z95 * chunks.std().item() / math.sqrt(chunks.numel())
+
+
+def _token_nll(engine: QueptEngine, plan: Plan, tokens: torch.Tensor) -> torch.Tensor:
+    """Next-token NLL of every predicted position of every window, float64, windows concatenated; the
+    plan's packs are released afterwards, so measuring many plans holds one plan's packs at a time."""
+    rows = []
+    for window in tokens:
+        logits = engine.logits(window.unsqueeze(0), plan)[0, :-1]
+        rows.append(F.cross_entropy(logits.double(), window[1:].to(logits.device), reduction="none"))
+    engine.release(plan)
+    return torch.cat(rows).cpu()
 
 
 def calibration_data(loaded: LoadedModel, manifest: dict, text_file: Path | None = None) -> torch.Tensor:
@@ -95,8 +126,13 @@ def front_points(table: SensitivityTable, bit_config: BitConfig) -> dict:
 
 
 def stored_plans(document: dict) -> list[Plan]:
-    """The mixed plans of a stored `plans` document."""
+    """The mixed plans of a stored `plans` document (decoder linears only)."""
     return [Plan(Precision.mixed(entry["budget_bits"]), entry["layer_bits"]) for entry in document["points"]]
+
+
+def served_plans(document: dict, engine: QueptEngine) -> list[Plan]:
+    """The stored mixed plans as `engine` serves them: the output head at the engine's setting."""
+    return [plan.with_head_bits(engine.head_bits) for plan in stored_plans(document)]
 
 
 def _current(document: dict | list | None) -> dict | None:
@@ -153,8 +189,10 @@ def ensure_mixed_extras(artifact_dir: Path, calibrated: CalibratedModel, text_fi
         tokens = held_out_tokens(loaded, calibrated.manifest, calib, text_file)
         names = model_linear_names(model)
         shapes = linear_shapes(model, names)
-        every = [uniform_plan(names, b) for b in bit_config.bits] + stored_plans(plans)
-        measured = plan_quality(model, source, every, tokens)
+        engine = QueptEngine.from_calibrated(calibrated)
+        every = [engine.plan(uniform_name(b)) for b in bit_config.bits] + served_plans(plans, engine)
+        measured = plan_quality(engine, every, tokens)
+        del engine
         for plan in [Plan(FP), *every]:
             measured[plan.name]["storage_bits"] = storage_bits(plan, shapes, bit_config)
         quality = {"format": EXTRAS_FORMAT, "tokens": int(tokens.numel()), "plans": measured}

@@ -257,6 +257,14 @@ class QueptEngine:
         """Make a plan's packs resident and its step ready (what a switch to it costs)."""
         self._plan_step(plan)
 
+    def release(self, plan: Plan) -> None:
+        """Drop the packs only `plan` runs on, of the plans prepared or running; it stays servable, its
+        packs are built again when it next runs."""
+        others = {p for p in self._steps if p != plan} | {s.plan for s in self._sequences.values()}
+        kept = {key for other in others for key in self.pack_keys(other)}
+        self._steps.pop(plan, None)
+        self.cache.drop([key for key in self.pack_keys(plan) if key not in kept])
+
     def _plan_layout(self, plan: Plan) -> Layout:
         return self._plan_step(plan).layout
 

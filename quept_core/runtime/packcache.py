@@ -55,6 +55,14 @@ class PackCache:
                 self._evict(wanted)
         return [self._packs[key] for key in keys]
 
+    def drop(self, keys: list[Hashable]) -> None:
+        """Forget resident packs (they are built again when next needed)."""
+        for key in keys:
+            if key in self._packs:
+                self.resident_bytes -= self._packs.pop(key).nbytes
+                self.evictions += 1
+                self.generation += 1
+
     def _evict(self, keep: set[Hashable]) -> None:
         if self.limit_bytes is None:
             return

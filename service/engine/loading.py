@@ -30,7 +30,7 @@ from quept_core.planning.allocator import Allocator
 from quept_core.planning.bits import FP_BITS, nominal_bits
 from quept_core.planning.plan import Plan
 from quept_core.planning.sensitivity import SensitivityTable
-from quept_core.precision import Precision, uniform_name, uniform_precisions
+from quept_core.precision import FP, Precision, uniform_name, uniform_precisions
 from quept_core.runtime.engine import QueptEngine
 from quept_core.runtime.weights import ElasticWeights
 from service.engine.controller import Candidate, bit_shares
@@ -74,6 +74,11 @@ class ModelBackend:
     def candidates(self) -> list[Candidate]:
         plans = [p for p in self._uniform_plans() if p.mode != "fp"] + self._front
         return sorted((self.describe(p) for p in plans), key=lambda c: c.nominal_bits, reverse=True)
+
+    def release_after_warmup(self) -> None:
+        """The fp plan's packs (bf16, the largest plan and the one least asked for) are built again on
+        its first request, in about a second, instead of being held from the start."""
+        self.engine.release(self.engine.plan(FP))
 
     def resident_bytes(self) -> dict[str, int]:
         resident = {p.name: 0 for p in uniform_precisions(self.bit_set)}

@@ -237,5 +237,8 @@ class FakeBackend:
         plans = [self.resolve(p) for p in ("w8", "w7", "w6", "w5", "mixed:4.5", "w4", "w3")]
         return [self.describe(p) for p in plans]
 
+    def release_after_warmup(self) -> None:
+        self.released_after_warmup = True
+
     def resident_bytes(self) -> dict[str, int]:
         return {Precision.uniform(b).name: 1000 * b for b in self.bit_set}

@@ -1,9 +1,11 @@
 """Mixed-precision extras of a calibrated tiny artifact, and `quept eval` on all three methods."""
 
 import json
+import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from tiny_lm import tiny_folder, tiny_text
 from typer.testing import CliRunner
 
@@ -12,9 +14,7 @@ from quept_core.calibration.loop import CalibrationConfig
 from quept_core.eval import plan_quality as quality
 from quept_core.eval.perplexity import perplexity
 from quept_core.io.models import load_model
-from quept_core.layers import model_linear_names
-from quept_core.planning.plan import uniform_plan
-from quept_core.quant.sources import QueptWeights, dequantized_weights, use_weights
+from quept_core.runtime.engine import QueptEngine
 from service.cli import app
 
 CONFIG = CalibrationConfig(n_samples=4, seqlen=32, batch_size=2, clip_search_grid=4, clip_search_samples=2)
@@ -75,15 +75,39 @@ def test_held_out_windows_are_not_calibration_windows(artifact):
     assert not {tuple(r.tolist()) for r in held_out} & {tuple(r.tolist()) for r in calib}
 
 
-def test_plan_quality_is_the_plans_perplexity(artifact):
+def test_plan_quality_is_measured_on_the_serving_engine(artifact):
     model = calibrated(artifact)
     tokens = torch.randint(0, 127, (2, 24), generator=torch.Generator().manual_seed(5))
-    plan = uniform_plan(model_linear_names(model.loaded.model), 4)
-    result = quality.measure_plan_quality(model, [plan], tokens)
-    with use_weights(model.loaded.model, dequantized_weights(QueptWeights(model.elastic), plan.layer_bits)):
-        expected = perplexity(model.loaded.model, tokens).ppl
-    assert result["w4"]["ppl"] == pytest.approx(expected)
-    assert result["fp"]["ppl"] == pytest.approx(perplexity(model.loaded.model, tokens).ppl)
+    engine = QueptEngine.from_calibrated(model)
+    plan = engine.plan("w4")
+    result = quality.plan_quality(engine, [plan], tokens)
+
+    def served_ppl(served):
+        logits = engine.logits(tokens, served)[:, :-1]
+        return math.exp(F.cross_entropy(logits.reshape(-1, logits.shape[-1]).double(),
+                                        tokens[:, 1:].reshape(-1)).item())
+
+    assert result["w4"]["ppl"] == pytest.approx(served_ppl(plan), rel=1e-6)
+    assert result["w4"]["lm_head_bits"] == engine.head_bits
+    assert result["fp"]["ppl"] == pytest.approx(served_ppl(engine.plan("fp")), rel=1e-6)
+    # The engine's bf16 fp plan is the float model up to bf16 rounding.
+    assert result["fp"]["ppl"] == pytest.approx(perplexity(model.loaded.model, tokens).ppl, rel=0.02)
+    assert result["w4"]["ppl_delta_pct"] == pytest.approx(100 * (result["w4"]["ppl"] / result["fp"]["ppl"] - 1))
+
+
+def test_quality_interval_follows_the_spread_of_the_loss(artifact):
+    """Identical plans: no difference and no interval; a plan at another width: an interval > 0 that
+    shrinks with more tokens."""
+    engine = QueptEngine.from_calibrated(calibrated(artifact))
+    generator = torch.Generator().manual_seed(7)
+    few = torch.randint(0, 127, (2, 3 * quality.QUALITY_CHUNK + 1), generator=generator)
+    many = torch.randint(0, 127, (8, 3 * quality.QUALITY_CHUNK + 1), generator=generator)
+    same = quality.plan_quality(engine, [engine.plan("w8").with_head_bits(None)], few)["w8"]
+    low_few = quality.plan_quality(engine, [engine.plan("w3")], few)["w3"]
+    low_many = quality.plan_quality(engine, [engine.plan("w3")], many)["w3"]
+    assert low_few["ppl_delta_interval_pct"] > 0 and low_many["ppl_delta_interval_pct"] > 0
+    assert low_many["ppl_delta_interval_pct"] < low_few["ppl_delta_interval_pct"]
+    assert abs(same["ppl_delta_pct"]) < low_few["ppl_delta_interval_pct"]
 
 
 def test_text_file_artifact_needs_its_text(artifact):

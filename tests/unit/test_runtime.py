@@ -252,6 +252,21 @@ def test_an_evicted_pack_is_freed_not_kept_by_a_remembered_layout(engine):
     assert evicted and all(packs[key]() is None for key in evicted)
 
 
+def test_a_released_plan_frees_only_its_own_packs_and_stays_servable():
+    engine = make_engine()
+    fp, w4 = engine.plan("fp"), engine.plan("w4")
+    before = {name: alone(engine, request(PROMPTS[0], engine.plan(name)))[1] for name in ("fp", "w4")}
+    keys = engine.pack_keys(fp)
+    packs = dict(zip(keys, map(weakref.ref, engine.cache.ensure(keys)), strict=True))
+    engine.release(fp)
+    gc.collect()
+    assert all(key not in engine.cache and packs[key]() is None for key in keys)
+    assert all(key in engine.cache for key in engine.pack_keys(w4))
+    for name in ("fp", "w4"):
+        after = alone(engine, request(PROMPTS[0], engine.plan(name)))[1]
+        assert all(torch.equal(a, b) for a, b in zip(before[name], after, strict=True))
+
+
 def test_plan_larger_than_the_limit_is_a_clear_error():
     small = make_engine(memory_limit_bytes=50_000)
     with pytest.raises(MemoryLimitError, match="memory limit"):
