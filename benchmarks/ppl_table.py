@@ -5,6 +5,8 @@
     python benchmarks/ppl_table.py results.json --plot docs/ppl_vs_bits.png
 
 Several JSON files (for example one per method) are merged; they must share model, seqlen and tokens.
+llama.cpp rows (`llamacpp-*`, one per llama.cpp type) get a table of their own: their types do not
+line up with the uniform widths.
 """
 
 from __future__ import annotations
@@ -15,8 +17,14 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 
-METHOD_ORDER = ("rtn", "gptq", "quept")
-STYLE = {"rtn": ("tab:gray", "s"), "gptq": ("tab:blue", "^"), "quept": ("tab:red", "o")}
+METHOD_ORDER = ("rtn", "gptq", "llmc-gptq", "llmc-gptq-act", "llmc-awq", "quept")
+STYLE = {"rtn": ("tab:gray", "s"), "gptq": ("tab:blue", "^"), "llmc-gptq": ("tab:cyan", "v"),
+         "llmc-gptq-act": ("tab:purple", "v"), "llmc-awq": ("tab:green", "D"), "quept": ("tab:red", "o")}
+LLAMACPP = "llamacpp-"
+
+
+def is_llamacpp(row: dict) -> bool:
+    return row["method"].startswith(LLAMACPP)
 
 
 def load(paths: list[Path]) -> tuple[dict, list[dict]]:
@@ -41,7 +49,12 @@ def _precision_key(precision: str) -> tuple[int, float]:
 
 
 def markdown(header: dict, rows: list[dict]) -> str:
-    """One row per precision, one perplexity column per method; mixed cells add their bits per weight."""
+    """One row per precision, one perplexity column per method; mixed cells add their bits per weight.
+
+    Then the llama.cpp rows, one per type, with their measured bits per weight and note.
+    """
+    llamacpp = sorted((r for r in rows if is_llamacpp(r)), key=lambda r: r["storage_bits"])
+    rows = [r for r in rows if not is_llamacpp(r)]
     methods = [m for m in METHOD_ORDER if any(r["method"] == m for r in rows)]
     lines = [f"| precision | bits/weight | {' | '.join(methods)} |", f"|---|---|{'---|' * len(methods)}"]
     fp = next((r for r in rows if r["method"] == "fp"), None)
@@ -55,6 +68,10 @@ def markdown(header: dict, rows: list[dict]) -> str:
         cells = ["–" if m not in found else f"{found[m]['ppl']:.2f}" +
                  (f" ({found[m]['storage_bits']:.2f})" if mixed else "") for m in methods]
         lines.append(f"| {precision} | {bits} | {' | '.join(cells)} |")
+    if llamacpp:
+        lines += ["", "| llama.cpp | bits/weight | ppl | note |", "|---|---|---|---|"]
+        lines += [f"| {r['method']} | {r['storage_bits']:.3f} | {r['ppl']:.2f} | {r.get('note', '')} |"
+                  for r in llamacpp]
     return "\n".join(lines)
 
 
@@ -72,6 +89,10 @@ def plot(header: dict, rows: list[dict], path: Path) -> None:
         if mixed:
             axis.plot([p[0] for p in mixed], [p[1] for p in mixed], color=color, marker=marker, linestyle="--",
                       markerfacecolor="white", label=f"{method} mixed")
+    kquants = sorted((r["storage_bits"], r["ppl"]) for r in rows if is_llamacpp(r) and r["precision"] != "fp")
+    if kquants:
+        axis.plot([p[0] for p in kquants], [p[1] for p in kquants], color="tab:orange", marker="P",
+                  linestyle=":", label="llama.cpp types")
     fp = next((r for r in rows if r["method"] == "fp"), None)
     if fp is not None:
         axis.axhline(fp["ppl"], color="black", linestyle="--", linewidth=1, label=f"fp ({fp['ppl']:.2f})")

@@ -44,7 +44,9 @@ def eval_command(
     text: Annotated[Path, typer.Option(help="text file to measure perplexity on (e.g. wiki.test.raw)")],
     model: Annotated[str, typer.Option(help="model name, .gguf file or Hugging Face folder")] = DEFAULT_MODEL,
     precision: Annotated[str, typer.Option(help="comma list of fp, all, w<b>, mixed:<avg bits per weight>")] = "fp",
-    method: Annotated[str, typer.Option(help="comma list of quept, rtn, gptq")] = "quept",
+    method: Annotated[str, typer.Option(help="comma list of quept, rtn, gptq, llmc-gptq, llmc-gptq-act, "
+                                        "llmc-awq, llamacpp-<type> (q3_k_s, q3_k_m, q4_k_m, q5_k_m, q6_k, q8_0: "
+                                        "one row each, whatever --precision says)")] = "quept",
     seqlen: Annotated[int, typer.Option(help="window length in tokens")] = 512,
     max_tokens: Annotated[int | None, typer.Option(help="use only the first N tokens of the text")] = None,
     artifact: Annotated[Path | None, typer.Option(help="calibrated artifact folder (default: the cached one)")] = None,
@@ -54,7 +56,7 @@ def eval_command(
         "sensitivity tables use the artifact's calibration data)")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="print one JSON object instead of a table")] = False,
 ) -> None:
-    """Perplexity per (method, precision): fp, QuEPT, RTN and GPTQ on the same windows."""
+    """Perplexity per (method, precision): fp, QuEPT, RTN, GPTQ and maintained baselines on the same windows."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     request = EvalRequest(text, model, precision, method, seqlen, max_tokens, artifact, batch_size, calib_text)
     try:

@@ -4,6 +4,12 @@ Methods: `quept` (the calibrated elastic model), `rtn` (round-to-nearest, no cli
 (calibrated per bit-width on the same calibration tokens as QuEPT). Every method uses the same
 asymmetric integer zero-point grid and the group size BitConfig gives each bit-width. `mixed:<b>`
 rows run the allocator on the method's own sensitivity table.
+
+Maintained baselines (the optional `baselines` extra; skipped with a message without it):
+`llmc-gptq`, `llmc-gptq-act` and `llmc-awq` (llm-compressor, `baselines/llmc.py`) at the uniform
+widths asked for, same groups and calibration tokens; `llamacpp-<type>` (`baselines/kquants.py`),
+one row per llama.cpp type whatever --precision says, plus `llamacpp-f32`, the float model in
+llama.cpp, whose perplexity checks llama.cpp's scoring against the fp row.
 """
 
 from __future__ import annotations
@@ -23,10 +29,12 @@ from quept_core.artifact.store import CalibratedModel, ensure_artifact, load_art
 from quept_core.calibration.data import calibration_tokens
 from quept_core.calibration.loop import CalibrationConfig
 from quept_core.config import BitConfig
+from quept_core.eval.baselines import kquants, llmc
 from quept_core.eval.baselines.gptq import gptq_model
-from quept_core.eval.perplexity import make_windows, perplexity, read_text, tokenize_text
+from quept_core.eval.perplexity import make_windows, perplexity, perplexity_of, read_text, tokenize_text
 from quept_core.eval.plan_quality import calibration_data, ensure_mixed_extras
-from quept_core.io.models import load_model
+from quept_core.io import llamacpp
+from quept_core.io.models import LoadedModel, load_model, resolve_model
 from quept_core.layers import model_linear_names
 from quept_core.planning.allocator import Allocator
 from quept_core.planning.bits import FP_BITS, linear_shapes, storage_bits
@@ -57,7 +65,7 @@ from quept_core.quant.sources import (
 
 log = logging.getLogger(__name__)
 
-METHODS = ("quept", "rtn", "gptq")
+METHODS = ("quept", "rtn", "gptq", *llmc.LLMC_METHODS, *kquants.KQUANT_TYPES)
 # The preset of the default artifact (`ensure_artifact`): without an artifact, the baselines use its data.
 DEFAULT_PRESET = "fast"
 ALL = "all"
@@ -73,6 +81,7 @@ class EvalRow:
     method: str
     ppl: float
     storage_bits: float  # per weight, scales and zero-points included
+    note: str = ""  # what a reader must know about the row (e.g. a llama.cpp file's tensor types)
 
 
 def parse_precisions(text: str, bit_set: tuple[int, ...]) -> list[Precision]:
@@ -191,6 +200,62 @@ def evaluate_method(
     return rows
 
 
+def _no_sensitivity() -> SensitivityTable:
+    raise ComparisonError("--precision: mixed rows need a method with one model for every bit-width")
+
+
+def llmc_rows(method: str, base: LoadedModel, calib: CalibrationInputs, precisions: list[Precision],
+              windows: torch.Tensor, bit_config: BitConfig, batch_size: int) -> list[EvalRow]:
+    """One row per uniform width, each width quantized by llm-compressor on its own copy of the model."""
+    rows = []
+    for precision in precisions:
+        if precision.kind != "uniform":
+            log.warning("%s %s skipped: llm-compressor rows are uniform bit-widths only", method,
+                        precision.name)
+            continue
+        bits = precision.width
+        start = time.perf_counter()
+        model, table = llmc.llmc_quantize(base.model, base.tokenizer, calib.tokens, method, bits,
+                                          bit_config.group_size_for(bits))
+        log.info("%s w%d: quantized in %.1f s", method, bits, time.perf_counter() - start)
+        source = TableWeights({(name, bits): weight for name, weight in table.items()})
+        setup = MethodSetup(model, source, _no_sensitivity)
+        rows += evaluate_method(method, setup, [precision], windows, bit_config, batch_size)
+        del model, source, setup
+        gc.collect()
+    return rows
+
+
+def kquant_rows(methods: list[str], files: kquants.KQuantFiles, windows: torch.Tensor) -> list[EvalRow]:
+    """The float GGUF first (the scoring check), then one row per llama.cpp type."""
+    rows = []
+    for method in [kquants.FLOAT_METHOD, *methods]:
+        start = time.perf_counter()
+        path = files.path(method)
+        ppl = perplexity_of(kquants.llamacpp_window_nll(path, windows), windows).ppl
+        bits = kquants.block_linear_bits(path)
+        note = "block linears: " + ", ".join(f"{count} {kind}" for kind, count in bits.types.items())
+        if method in kquants.REPRODUCES_SOURCE:
+            note += f"; {kquants.SOURCE_NOTE}"
+        precision = FP.name if method == kquants.FLOAT_METHOD else kquants.precision_label(method)
+        log.info("%s: ppl %.3f at %.3f bits/weight (%.1f s)", method, ppl, bits.bits_per_weight,
+                 time.perf_counter() - start)
+        rows.append(EvalRow(precision, method, ppl, bits.bits_per_weight, note))
+    return rows
+
+
+def unavailable(method: str, model: str) -> str | None:
+    """Why a method cannot run here (a missing optional package, a model without a GGUF file), else None."""
+    if method in llmc.LLMC_METHODS and not llmc.available():
+        return f"{method} skipped: llm-compressor is not installed ({llmc.EXTRA_HINT})"
+    if method in kquants.KQUANT_TYPES:
+        if not llamacpp.available():
+            return f"{method} skipped: llama-cpp-python is not installed ({llmc.EXTRA_HINT})"
+        if resolve_model(model).kind != "gguf":
+            return f"{method} skipped: llama.cpp rows need a GGUF model (the default model or a .gguf file)"
+    return None
+
+
 def fp_row(model: nn.Module, windows: torch.Tensor, batch_size: int = 4) -> EvalRow:
     start = time.perf_counter()
     ppl = perplexity(model, windows, batch_size).ppl
@@ -224,19 +289,22 @@ class ComparisonResult:
     tokens: int  # tokens in the evaluated windows
     rows: list[EvalRow]
     bit_config: BitConfig
+    skipped: tuple[str, ...] = ()  # one message per requested method that could not run
 
     def to_json(self) -> dict:
         return {"model": self.model, "seqlen": self.seqlen, "tokens": self.tokens,
-                "results": [asdict(row) for row in self.rows]}
+                "results": [asdict(row) for row in self.rows], "skipped": list(self.skipped)}
 
     def table(self) -> str:
         lines = [
             f"{self.model}: perplexity at seqlen {self.seqlen} over {self.tokens} tokens",
             f"grid: {grid_description(self.bit_config)}",
             "",
-            f"{'precision':<12} {'method':<7} {'bits/weight':>11} {'ppl':>10}",
+            f"{'precision':<12} {'method':<15} {'bits/weight':>11} {'ppl':>10}  note",
         ]
-        lines += [f"{r.precision:<12} {r.method:<7} {r.storage_bits:>11.3f} {r.ppl:>10.3f}" for r in self.rows]
+        lines += [f"{r.precision:<12} {r.method:<15} {r.storage_bits:>11.3f} {r.ppl:>10.3f}  {r.note}"
+                  .rstrip() for r in self.rows]
+        lines += list(self.skipped)
         return "\n".join(lines)
 
 
@@ -256,6 +324,11 @@ class EvalRequest:
 def run_comparison(request: EvalRequest) -> ComparisonResult:
     """Load the model, cut the text into windows and measure every requested row."""
     methods = parse_methods(request.method)
+    reasons = {method: unavailable(method, request.model) for method in methods}
+    skipped = tuple(reason for reason in reasons.values() if reason is not None)
+    for reason in skipped:
+        log.warning("%s", reason)
+    methods = [method for method in methods if reasons[method] is None]
     manifest = read_manifest(request.artifact) if request.artifact is not None else None
     bit_config = BitConfig.from_dict(manifest["bit_config"]) if manifest is not None else BitConfig()
     precisions = parse_precisions(request.precision, bit_config.bits)
@@ -270,8 +343,13 @@ def run_comparison(request: EvalRequest) -> ComparisonResult:
     windows = make_windows(tokenize_text(base.tokenizer, text), request.seqlen, request.max_tokens)
     rows = [fp_row(base.model, windows, request.batch_size)] if FP in precisions else []
     quantized = [p for p in precisions if p != FP]
-    if not quantized:
-        return ComparisonResult(base.name, request.seqlen, windows.numel(), rows, bit_config)
+    llamacpp_methods = [m for m in methods if m in kquants.KQUANT_TYPES]
+    methods = [m for m in methods if m not in kquants.KQUANT_TYPES]
+    if llamacpp_methods:
+        files = kquants.KQuantFiles(resolve_model(request.model).path, base.folder / "llamacpp")
+        rows += kquant_rows(llamacpp_methods, files, windows)
+    if not quantized or not methods:
+        return ComparisonResult(base.name, request.seqlen, windows.numel(), rows, bit_config, skipped)
 
     calibrated = None
     if "quept" in methods:
@@ -286,6 +364,9 @@ def run_comparison(request: EvalRequest) -> ComparisonResult:
         calib = CalibrationInputs(lambda: calibration_tokens(
             base, request.calib_text, n_samples=config.n_samples, seqlen=config.seqlen, seed=config.seed))
     for method in methods:
+        if method in llmc.LLMC_METHODS:
+            rows += llmc_rows(method, base, calib, quantized, windows, bit_config, request.batch_size)
+            continue
         if method == "quept":
             setup = quept_setup(calibrated, request.calib_text)
         elif method == "rtn":
@@ -295,4 +376,4 @@ def run_comparison(request: EvalRequest) -> ComparisonResult:
         rows += evaluate_method(method, setup, quantized, windows, bit_config, request.batch_size)
         del setup
         gc.collect()
-    return ComparisonResult(base.name, request.seqlen, windows.numel(), rows, bit_config)
+    return ComparisonResult(base.name, request.seqlen, windows.numel(), rows, bit_config, skipped)

@@ -85,8 +85,12 @@ def window_nll(model: nn.Module, windows: torch.Tensor, batch_size: int = 4) -> 
     return torch.cat(sums)
 
 
-def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4) -> Perplexity:
-    nll = window_nll(model, windows, batch_size)
+def perplexity_of(nll: torch.Tensor, windows: torch.Tensor) -> Perplexity:
+    """Perplexity from each window's summed NLL [n]: every predicted token of every window counts once."""
     predicted = windows.shape[0] * (windows.shape[1] - 1)
     mean = float(nll.sum()) / predicted
     return Perplexity(math.exp(mean), mean, predicted)
+
+
+def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4) -> Perplexity:
+    return perplexity_of(window_nll(model, windows, batch_size), windows)

@@ -28,11 +28,11 @@ def test_json_has_one_row_per_method_and_precision(model_dir, text_file):
                  "--seqlen", 64, "--max-tokens", 256, "--json")
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
-    assert set(data) == {"model", "seqlen", "tokens", "results"}
+    assert set(data) == {"model", "seqlen", "tokens", "results", "skipped"}
     assert data["seqlen"] == 64 and data["tokens"] == 256
     rows = data["results"]
     assert [(r["precision"], r["method"]) for r in rows] == [("fp", "fp"), ("w3", "rtn"), ("w8", "rtn")]
-    assert all(set(r) == {"precision", "method", "ppl", "storage_bits"} for r in rows)
+    assert all(set(r) == {"precision", "method", "ppl", "storage_bits", "note"} for r in rows)
     fp, w3, w8 = (r["ppl"] for r in rows)
     assert abs(w8 - fp) < abs(w3 - fp)
     assert rows[0]["storage_bits"] == 16.0
@@ -63,3 +63,43 @@ def test_errors_are_one_line_and_name_the_field(model_dir, text_file, tmp_path, 
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith(message)
     assert errors[0] == result.stderr.strip().splitlines()[-1]
+
+
+def test_baselines_without_their_package_are_skipped_with_a_message(model_dir, text_file, monkeypatch):
+    from quept_core.eval.baselines import llmc
+    from quept_core.io import llamacpp
+
+    monkeypatch.setattr(llmc, "available", lambda: False)
+    monkeypatch.setattr(llamacpp, "available", lambda: False)
+    result = run("--text", text_file, "--model", model_dir, "--precision", "fp,w4", "--method",
+                 "rtn,llmc-gptq,llamacpp-q4_k_m", "--seqlen", 64, "--max-tokens", 128, "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert [(r["precision"], r["method"]) for r in data["results"]] == [("fp", "fp"), ("w4", "rtn")]
+    assert data["skipped"] == [
+        "llmc-gptq skipped: llm-compressor is not installed (install the baselines extra: "
+        "bash deploy/install-baselines.sh)",
+        "llamacpp-q4_k_m skipped: llama-cpp-python is not installed (install the baselines extra: "
+        "bash deploy/install-baselines.sh)",
+    ]
+
+
+def test_llamacpp_rows_need_a_gguf_model(model_dir, text_file):
+    pytest.importorskip("llama_cpp")
+    result = run("--text", text_file, "--model", model_dir, "--method", "llamacpp-q8_0", "--seqlen", 64)
+    assert result.exit_code == 0, result.output
+    assert "llamacpp-q8_0 skipped: llama.cpp rows need a GGUF model" in result.stdout
+
+
+def test_llmc_rows_at_each_width(model_dir, text_file, tmp_path):
+    pytest.importorskip("llmcompressor")
+    calib_text = tiny_text(tmp_path / "calib.txt", words=2048, seed=1)  # the fast preset's 8 x 256 tokens
+    result = run("--text", text_file, "--model", model_dir, "--precision", "w4,w8,mixed:5", "--method",
+                 "llmc-gptq-act,llmc-awq", "--calib-text", calib_text, "--seqlen", 64, "--max-tokens", 128,
+                 "--json")
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)["results"]
+    assert [(r["precision"], r["method"]) for r in rows] == [
+        ("w4", "llmc-gptq-act"), ("w8", "llmc-gptq-act"), ("w4", "llmc-awq"), ("w8", "llmc-awq")]
+    assert rows[0]["storage_bits"] == pytest.approx(4 + 24 / 64)
+    assert all(1 < r["ppl"] < 1e4 for r in rows)
