@@ -54,11 +54,15 @@ def eval_command(
     calib_text: Annotated[Path | None, typer.Option(
         "--calib-text", help="the calibration text, when the artifact was calibrated on one (GPTQ and the "
         "sensitivity tables use the artifact's calibration data)")] = None,
+    quept_path: Annotated[str, typer.Option(help="how quept rows are scored: engine (the serving engine: "
+                                            "its packs and output head as served) or reference (fake-quantized float "
+                                            "model, as the other methods)")] = "engine",
     json_output: Annotated[bool, typer.Option("--json", help="print one JSON object instead of a table")] = False,
 ) -> None:
     """Perplexity per (method, precision): fp, QuEPT, RTN, GPTQ and maintained baselines on the same windows."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    request = EvalRequest(text, model, precision, method, seqlen, max_tokens, artifact, batch_size, calib_text)
+    request = EvalRequest(text, model, precision, method, seqlen, max_tokens, artifact, batch_size, calib_text,
+                          quept_path)
     try:
         result = run_comparison(request)
     except (ArtifactError, CalibrationDataError, ComparisonError, EvaluationError, ModelError,

@@ -3,7 +3,10 @@
 Methods: `quept` (the calibrated elastic model), `rtn` (round-to-nearest, no clipping) and `gptq`
 (calibrated per bit-width on the same calibration tokens as QuEPT). Every method uses the same
 asymmetric integer zero-point grid and the group size BitConfig gives each bit-width. `mixed:<b>`
-rows run the allocator on the method's own sensitivity table.
+rows run the allocator on the method's own sensitivity table. `quept` rows are scored on the
+serving engine by default (bf16 packs, the output head at the bits the plan serves, next to an fp row
+of the engine's own), so they describe what is served; `--quept-path reference` scores them like every
+other method, on the float model with fake-quantized weights and a full-precision head.
 
 Maintained baselines (the optional `baselines` extra; skipped with a message without it):
 `llmc-gptq`, `llmc-gptq-act` and `llmc-awq` (llm-compressor, `baselines/llmc.py`) at the uniform
@@ -31,7 +34,14 @@ from quept_core.calibration.loop import CalibrationConfig
 from quept_core.config import BitConfig
 from quept_core.eval.baselines import kquants, llmc
 from quept_core.eval.baselines.gptq import gptq_model
-from quept_core.eval.perplexity import make_windows, perplexity, perplexity_of, read_text, tokenize_text
+from quept_core.eval.perplexity import (
+    engine_token_nll,
+    make_windows,
+    perplexity,
+    perplexity_of,
+    read_text,
+    tokenize_text,
+)
 from quept_core.eval.plan_quality import calibration_data, ensure_mixed_extras
 from quept_core.io import llamacpp
 from quept_core.io.models import LoadedModel, load_model, resolve_model
@@ -62,10 +72,16 @@ from quept_core.quant.sources import (
     float_weights,
     use_weights,
 )
+from quept_core.runtime.engine import QueptEngine
 
 log = logging.getLogger(__name__)
 
 METHODS = ("quept", "rtn", "gptq", *llmc.LLMC_METHODS, *kquants.KQUANT_TYPES)
+# How `quept` rows are scored: on the serving engine (packed weights in its dtype, the output head at the
+# bits the plan serves: what is served), or on the float model with fake-quantized float32 weights and a
+# full-precision head (the reference every other method's rows use).
+ENGINE, REFERENCE = "engine", "reference"
+PATHS = (ENGINE, REFERENCE)
 # The preset of the default artifact (`ensure_artifact`): without an artifact, the baselines use its data.
 DEFAULT_PRESET = "fast"
 ALL = "all"
@@ -119,6 +135,7 @@ class MethodSetup:
     model: nn.Module
     source: WeightSource
     sensitivity: Callable[[], SensitivityTable]  # computed only if a mixed row asks for it
+    engine: QueptEngine | None = None  # rows scored on the serving engine instead of `model` (PATHS)
 
 
 class CalibrationInputs:
@@ -145,13 +162,15 @@ def _proxy_table(model: nn.Module, source: WeightSource, bit_config: BitConfig,
     return lambda: proxy_sensitivity(model, source, bit_config, calib.proxy, calib.probe)
 
 
-def quept_setup(calibrated: CalibratedModel, calib_text: Path | None) -> MethodSetup:
-    """The calibrated artifact's weights; its sensitivity table comes from (or is stored in) the artifact."""
+def quept_setup(calibrated: CalibratedModel, calib_text: Path | None, path: str = ENGINE) -> MethodSetup:
+    """The calibrated artifact's weights; its sensitivity table comes from (or is stored in) the artifact.
+    `path`: ENGINE scores on the serving engine, REFERENCE on the float model with fake-quantized weights."""
     def table() -> SensitivityTable:
         extras = ensure_mixed_extras(calibrated.artifact_dir, calibrated, calib_text)
         return SensitivityTable.from_dict(extras["sensitivity"])
 
-    return MethodSetup(calibrated.loaded.model, QueptWeights(calibrated.elastic), table)
+    engine = QueptEngine.from_calibrated(calibrated) if path == ENGINE else None
+    return MethodSetup(calibrated.loaded.model, QueptWeights(calibrated.elastic), table, engine)
 
 
 def rtn_setup(model: nn.Module, bit_config: BitConfig, calib: CalibrationInputs) -> MethodSetup:
@@ -266,12 +285,35 @@ def fp_row(model: nn.Module, windows: torch.Tensor, batch_size: int = 4) -> Eval
 def _evaluate_plan(method: str, setup: MethodSetup, plan: Plan, windows: torch.Tensor,
                    shapes: dict[str, tuple[int, int]], bit_config: BitConfig, batch_size: int) -> EvalRow:
     start = time.perf_counter()
-    with use_weights(setup.model, dequantized_weights(setup.source, plan.layer_bits)):
-        ppl = perplexity(setup.model, windows, batch_size).ppl
+    note = ""
+    if setup.engine is not None:
+        served = plan.with_head_bits(setup.engine.head_bits) if plan.mode != "fp" else plan
+        ppl = engine_perplexity(setup.engine, served, windows)
+        note = serving_note(setup.engine, served)
+    else:
+        with use_weights(setup.model, dequantized_weights(setup.source, plan.layer_bits)):
+            ppl = perplexity(setup.model, windows, batch_size).ppl
     bits = storage_bits(plan, shapes, bit_config)
     log.info("%s %s: ppl %.3f at %.3f bits/weight (%.1f s)", method, plan.name, ppl, bits,
              time.perf_counter() - start)
-    return EvalRow(plan.name, method, ppl, bits)
+    return EvalRow(plan.name, method, ppl, bits, note)
+
+
+def engine_perplexity(engine: QueptEngine, plan: Plan, windows: torch.Tensor) -> float:
+    ppl = perplexity_of(engine_token_nll(engine, plan, windows).sum(1), windows).ppl
+    engine.release(plan)  # one plan's packs at a time
+    return ppl
+
+
+def serving_note(engine: QueptEngine, plan: Plan) -> str:
+    head = "fp" if plan.lm_head_bits is None else f"{plan.lm_head_bits}-bit"
+    return f"serving engine: {str(engine.dtype).removeprefix('torch.')} packs, {head} output head"
+
+
+def engine_fp_row(engine: QueptEngine, windows: torch.Tensor) -> EvalRow:
+    """Full precision as the engine serves it (its dtype, full-precision head): the engine rows' reference."""
+    plan = engine.plan(FP)
+    return EvalRow(FP.name, "quept", engine_perplexity(engine, plan, windows), FP_BITS, serving_note(engine, plan))
 
 
 def grid_description(bit_config: BitConfig) -> str:
@@ -319,11 +361,14 @@ class EvalRequest:
     artifact: Path | None = None
     batch_size: int = 4
     calib_text: Path | None = None  # the calibration text, when the artifact was calibrated on one
+    quept_path: str = ENGINE  # one of PATHS
 
 
 def run_comparison(request: EvalRequest) -> ComparisonResult:
     """Load the model, cut the text into windows and measure every requested row."""
     methods = parse_methods(request.method)
+    if request.quept_path not in PATHS:
+        raise ComparisonError(f"--quept-path must be one of {', '.join(PATHS)}, got '{request.quept_path}'")
     reasons = {method: unavailable(method, request.model) for method in methods}
     skipped = tuple(reason for reason in reasons.values() if reason is not None)
     for reason in skipped:
@@ -368,7 +413,9 @@ def run_comparison(request: EvalRequest) -> ComparisonResult:
             rows += llmc_rows(method, base, calib, quantized, windows, bit_config, request.batch_size)
             continue
         if method == "quept":
-            setup = quept_setup(calibrated, request.calib_text)
+            setup = quept_setup(calibrated, request.calib_text, request.quept_path)
+            if setup.engine is not None and FP in precisions:
+                rows.append(engine_fp_row(setup.engine, windows))
         elif method == "rtn":
             setup = rtn_setup(base.model, bit_config, calib)
         else:

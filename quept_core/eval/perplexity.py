@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +18,10 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from quept_core.quant.blockwise import model_device
+
+if TYPE_CHECKING:
+    from quept_core.planning.plan import Plan
+    from quept_core.runtime.engine import QueptEngine
 
 # Rows of the output head evaluated at once: bounds the [rows, vocab] logits held in memory.
 HEAD_CHUNK = 2048
@@ -90,6 +95,17 @@ def perplexity_of(nll: torch.Tensor, windows: torch.Tensor) -> Perplexity:
     predicted = windows.shape[0] * (windows.shape[1] - 1)
     mean = float(nll.sum()) / predicted
     return Perplexity(math.exp(mean), mean, predicted)
+
+
+@torch.inference_mode()
+def engine_token_nll(engine: QueptEngine, plan: Plan, windows: torch.Tensor) -> torch.Tensor:
+    """Next-token NLL [n, seqlen - 1] (float64) of each window on the serving engine: its packed
+    weights in its dtype, the output head at `plan`'s head bits (prefill's path, one window at a time)."""
+    rows = []
+    for window in windows:
+        logits = engine.logits(window.unsqueeze(0), plan)[0, :-1]
+        rows.append(F.cross_entropy(logits.double(), window[1:].to(logits.device), reduction="none").cpu())
+    return torch.stack(rows)
 
 
 def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4) -> Perplexity:

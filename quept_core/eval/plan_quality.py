@@ -18,11 +18,11 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from quept_core.artifact.store import ArtifactError, CalibratedModel, read_extra, write_extra
 from quept_core.calibration.data import calibration_tokens
 from quept_core.config import BitConfig
+from quept_core.eval.perplexity import engine_token_nll
 from quept_core.io.models import LoadedModel
 from quept_core.layers import model_linear_names
 from quept_core.planning.allocator import Allocator
@@ -83,14 +83,11 @@ def _interval_pct(difference: torch.Tensor, excess: float) -> float | None:
 
 
 def _token_nll(engine: QueptEngine, plan: Plan, tokens: torch.Tensor) -> torch.Tensor:
-    """Next-token NLL of every predicted position of every window, float64, windows concatenated; the
-    plan's packs are released afterwards, so measuring many plans holds one plan's packs at a time."""
-    rows = []
-    for window in tokens:
-        logits = engine.logits(window.unsqueeze(0), plan)[0, :-1]
-        rows.append(F.cross_entropy(logits.double(), window[1:].to(logits.device), reduction="none"))
+    """Every predicted position's NLL, windows concatenated; the plan's packs are released afterwards,
+    so measuring many plans holds one plan's packs at a time."""
+    nll = engine_token_nll(engine, plan, tokens).flatten()
     engine.release(plan)
-    return torch.cat(rows).cpu()
+    return nll
 
 
 def calibration_data(loaded: LoadedModel, manifest: dict, text_file: Path | None = None) -> torch.Tensor:

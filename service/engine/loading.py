@@ -79,6 +79,7 @@ class ModelBackend:
         """The fp plan's packs (bf16, the largest plan and the one least asked for) are built again on
         its first request, in about a second, instead of being held from the start."""
         self.engine.release(self.engine.plan(FP))
+        _return_freed_memory()
 
     def resident_bytes(self) -> dict[str, int]:
         resident = {p.name: 0 for p in uniform_precisions(self.bit_set)}

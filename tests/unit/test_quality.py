@@ -126,12 +126,35 @@ def test_eval_compares_all_methods_on_uniform_and_mixed_rows(artifact, tmp_path)
     assert result.exit_code == 0, result.output
     rows = json.loads(result.stdout)["results"]
     assert [(r["method"], r["precision"]) for r in rows] == [
-        ("fp", "fp"), ("quept", "w4"), ("quept", "mixed:5.00"), ("rtn", "w4"), ("rtn", "mixed:5.00"),
-        ("gptq", "w4"), ("gptq", "mixed:5.00")]
-    for row in rows[1:]:
+        ("fp", "fp"), ("quept", "fp"), ("quept", "w4"), ("quept", "mixed:5.00"), ("rtn", "w4"),
+        ("rtn", "mixed:5.00"), ("gptq", "w4"), ("gptq", "mixed:5.00")]
+    for row in rows[2:]:
         limit = 5.0 if row["precision"] == "mixed:5.00" else 4.375
         assert row["storage_bits"] <= limit + 1e-9
         assert row["ppl"] > 1.0
+    assert all(r["note"].startswith("serving engine: bfloat16 packs") for r in rows if r["method"] == "quept")
+    assert "fp output head" in rows[1]["note"] and "8-bit output head" in rows[2]["note"]
+
+
+def test_eval_scores_quept_rows_on_the_engine_or_on_the_reference_path(artifact, tmp_path):
+    model_dir, folder, text = artifact
+    evaluation = tiny_text(tmp_path / "eval.txt", words=300, seed=9)
+    base = ["eval", "--text", str(evaluation), "--model", str(model_dir), "--artifact", str(folder),
+            "--calib-text", str(text), "--method", "quept", "--precision", "fp,w8,w3", "--seqlen", "32", "--json"]
+    by_path = {}
+    for path in ("engine", "reference"):
+        result = CliRunner().invoke(app, [*base, "--quept-path", path])
+        assert result.exit_code == 0, result.output
+        by_path[path] = {(r["method"], r["precision"]): r["ppl"] for r in json.loads(result.stdout)["results"]}
+    engine, reference = by_path["engine"], by_path["reference"]
+    assert set(reference) == {("fp", "fp"), ("quept", "w8"), ("quept", "w3")}
+    assert set(engine) == set(reference) | {("quept", "fp")}
+    # Same weights, another path: bf16 rounding and the 8-bit head move the figures a little, not a lot.
+    assert engine[("quept", "fp")] == pytest.approx(reference[("fp", "fp")], rel=0.03)
+    for row in (("quept", "w8"), ("quept", "w3")):
+        assert engine[row] != reference[row] and engine[row] == pytest.approx(reference[row], rel=0.1)
+    refused = CliRunner().invoke(app, [*base, "--quept-path", "gpu"])
+    assert refused.exit_code == 2 and "--quept-path must be one of engine, reference" in refused.stderr
 
 
 def test_plan_command_shows_the_front_and_a_resolved_plan(artifact):
