@@ -8,7 +8,8 @@ import time
 import pytest
 
 from quept_core.runtime.protocol import SamplingParams
-from service.engine.controller import CostModel, PlanCost
+from service.engine.controller import Budget, Controller, PlanRequest
+from service.engine.costs import CostModel, PlanCost
 from service.engine.scheduler import (
     AdmissionError,
     Failed,
@@ -52,16 +53,16 @@ class Collector:
 
 
 class Harness:
-    def __init__(self, gated: bool = True, **limits) -> None:
+    def __init__(self, gated: bool = True, stale_after_s: float = 1000.0, probes: bool = True, **limits) -> None:
         self.clock = FakeClock()
         self.limits = SchedulerLimits(**limits)
         self.engine = FakeEngine(gated=gated, clock=self.clock, max_running=self.limits.max_running)
         self.backend = FakeBackend(self.engine)
         self.metrics = Metrics()
-        self.costs = CostModel(self.backend.shapes, alpha=0.5)
+        self.costs = CostModel(self.backend.shapes, alpha=0.5, stale_after_s=stale_after_s)
         for precision in ("w4", "w6", "w8"):
-            self.costs.record(precision, PlanCost(0.001, 0.03))
-        self.scheduler = Scheduler(self.engine, self.limits, self.metrics, self.costs, self.clock)
+            self.costs.record(self.backend.resolve(precision), PlanCost(0.001, 0.01, 0.0))
+        self.scheduler = Scheduler(self.engine, self.limits, self.metrics, self.costs, self.clock, probes=probes)
         self.scheduler.start()
 
     def job(self, precision: str = "w4", max_new: int = 4, prompt: str = "hi", stop: tuple[str, ...] = (),
@@ -288,13 +289,16 @@ def test_stop_string_and_eos_end_a_request(harness):
     assert ended.finish_reason == "eos" and ended.text == "[w" and ended.completion_tokens == 3
 
 
-def test_steps_feed_the_cost_model(harness):
+def test_steps_feed_the_cost_model_and_a_slow_host_slows_every_plan(harness):
     h = harness(gated=False)
-    h.engine.step_s["w8"] = 0.2
-    h.submit("w8", max_new=6).last()
-    decode = h.costs.measured("w8").decode_s_per_step
-    assert 0.03 < decode <= 0.2
-    assert h.costs.measured("w8").prefill_s_per_token == pytest.approx(0.5 * 0.001 + 0.5 * h.engine.prefill_s_per_token)
+    h.engine.step_s["w8"] = 0.05  # five times what warm-up measured, prefill too
+    h.engine.prefill_s_per_token = 0.005
+    h.submit("w8", max_new=8).last()
+    assert h.costs.host_factor == pytest.approx(5.0)
+    assert h.counter("quept_host_speed_ratio") == pytest.approx(0.2)
+    for name in ("w8", "w4"):  # w4 took no step meanwhile
+        cost = h.costs.cost(h.backend.resolve(name))
+        assert cost.decode_s(1) == pytest.approx(0.05) and cost.prefill_s_per_token == pytest.approx(0.005)
 
 
 def test_timing_metrics_and_gauges(harness):
