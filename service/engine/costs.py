@@ -232,9 +232,14 @@ class CostModel:
             for label, part in remeasured.items():
                 wanted = part + unexplained * part / total
                 self._scale(label, kind, wanted / part, MAX_REMEASURE_FACTOR, REMEASURE_WEIGHT)
-        elif len(plans) == 1 and len(by_width) == 1:  # one uniform plan: the step is its own figure
-            (label,) = by_width
+        elif len(plans) == 1 and len(by_width) == 1 and self._settled(measured_s / expected):
+            (label,) = by_width  # one uniform plan: the step is its own figure
             self._scale(label, kind, relative / expected, MAX_REFINE_FACTOR, self._alpha)
+
+    def _settled(self, ratio: float) -> bool:
+        """Is the host factor near this step's ratio? Far from it, the host is changing faster than the
+        window follows, and the step says more about the host than about the width's figure."""
+        return 1 / MAX_REFINE_FACTOR <= ratio / self._host() <= MAX_REFINE_FACTOR
 
     def _scale(self, label: str, kind: str, factor: float, limit: float, weight: float) -> None:
         """Move a width's prefill or decode figures toward `factor` times themselves, in log space."""

@@ -1,5 +1,7 @@
 """The controller's choice for each budget is the one a person would make from the cost table."""
 
+from dataclasses import replace
+
 import pytest
 
 from service.engine.controller import (
@@ -201,3 +203,46 @@ def test_every_downgrade_made_is_among_the_series_preset_at_zero(backend, reques
             if decision.degraded:
                 made.add((decision.downgraded_from.label, decision.plan.label, decision.reason))
     assert made and made <= known
+
+
+def with_quality(backend: FakeBackend, quality: dict[str, tuple[float, float | None]]) -> list:
+    """The fake's candidates with other perplexity deltas and intervals (name -> (delta, half-width))."""
+    return [replace(c, ppl_delta_pct=quality[c.plan.name][0], ppl_interval_pct=quality[c.plan.name][1])
+            if c.plan.name in quality else c for c in backend.candidates()]
+
+
+def test_plans_whose_perplexity_differs_within_their_intervals_tie_and_the_cheaper_wins(backend):
+    costs = measured_costs(backend)
+    apart = Controller(with_quality(backend, {"w8": (0.05, 0.1), "w7": (0.4, 0.1)}), costs,
+                       backend.kv_bytes_per_token, 8)
+    assert apart.decide(auto(), Load()).plan.name == "w8"  # 0.35 apart, intervals of 0.1: w8 is better
+    tied = Controller(with_quality(backend, {"w8": (0.05, 0.1), "w7": (0.4, 0.5)}), costs,
+                      backend.kv_bytes_per_token, 8)
+    assert tied.decide(auto(), Load()).plan.name == "w7"  # inside w7's 0.5: equal quality, fewer bytes
+    unknown = Controller(with_quality(backend, {"w8": (0.05, None), "w7": (0.4, None)}), costs,
+                         backend.kv_bytes_per_token, 8)
+    assert unknown.decide(auto(), Load()).plan.name == "w8"
+
+
+@pytest.mark.parametrize("requested", [None, "w7", "w6"])
+def test_a_downgrade_never_raises_bits_even_when_the_higher_plan_looks_better_and_cheaper(backend, requested):
+    # Noisy figures: w8 measured worse than w7, and w8 already fills the running set, so adding a w8 row
+    # is predicted cheaper than starting the w7 or w6 kernels.
+    candidates = with_quality(backend, {"w8": (0.6, 0.05), "w7": (0.4, 0.05), "w6": (0.5, 0.05)})
+    controller = Controller(candidates, measured_costs(backend), backend.kv_bytes_per_token, 2)
+    w8 = backend.resolve("w8")
+    made = 0
+    for latency_s in (None, 8.0, 6.0, 5.0, 4.0, 3.5):
+        for waiting in (0, 2, 4, 8):
+            request = auto if requested is None else lambda **kw: explicit(backend, requested, **kw)
+            try:
+                decision = controller.decide(request(budget=Budget(latency_s=latency_s)),
+                                             Load(waiting=waiting, running={w8: 8}))
+            except ServiceError:
+                continue
+            if decision.degraded:
+                made += 1
+                source = backend.describe(decision.downgraded_from)
+                assert decision.candidate.nominal_bits <= source.nominal_bits, (latency_s, waiting)
+                assert decision.plan.name != "w8"
+    assert made
