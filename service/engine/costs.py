@@ -177,6 +177,8 @@ class CostModel:
             missing = [label for label in shares if label not in self._widths]
             if missing:
                 raise KeyError(f"no measured cost for plan {plan.name} (missing: {', '.join(missing)})")
+            if len(self._shares) > 256:  # requests may name any mixed budget: keep the cache bounded
+                self._shares.clear()
             self._shares[plan] = shares
         return shares
 
