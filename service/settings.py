@@ -46,7 +46,8 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(2 * 1024 * 1024, ge=1024, description="largest request body; beyond it, 413")
     brownout_queue_depth: int = Field(8, ge=1, description="waiting requests at which auto and degradable "
                                                           "requests get cheaper plans (one step per multiple)")
-    ewma_alpha: float = Field(0.2, gt=0, le=1, description="weight of a new measurement in the cost model")
+    ewma_alpha: float = Field(0.05, gt=0, le=1, description="weight of one step in the slow refinement of a "
+                                                            "bit-width's relative cost")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level")
 
     @field_validator("log_level", mode="before")

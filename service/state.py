@@ -16,7 +16,8 @@ from quept_core.planning.plan import Plan
 from quept_core.precision import uniform_precisions
 from quept_core.runtime.packcache import MemoryLimitError
 from service.engine.backend import Backend
-from service.engine.controller import Controller, CostModel
+from service.engine.controller import Controller
+from service.engine.costs import CostModel
 from service.engine.pipeline import Pipeline
 from service.engine.scheduler import Scheduler, SchedulerLimits
 from service.engine.warmup import measure_costs
@@ -76,13 +77,14 @@ class ServiceState:
         uniform = [backend.resolve(p) for p in uniform_precisions(backend.bit_set)]
         self.plans = uniform + [c.plan for c in candidates if c.plan.mode == "mixed"]
         self.costs = CostModel(backend.shapes, settings.ewma_alpha)
-        measure_costs(backend.engine, uniform, backend.tokenizer, self.costs)
+        measure_costs(backend.engine, uniform, backend.tokenizer, self.costs,
+                      {plan.name: backend.describe(plan).weight_bytes for plan in uniform})
         backend.release_after_warmup()
         controller = Controller(candidates, self.costs, backend.kv_bytes_per_token, settings.brownout_queue_depth)
         self.metrics.start_downgrades_at_zero(controller.downgrades())
         limits = SchedulerLimits(settings.max_queue, settings.max_queue_tokens, settings.max_running)
         self.scheduler = Scheduler(backend.engine, limits, self.metrics, self.costs, self.clock,
-                                   on_layout_change=self.refresh_gauges)
+                                   on_layout_change=self.refresh_gauges, probes=settings.memory_limit_mb is None)
         self.pipeline = Pipeline(backend, controller, self.scheduler, self.metrics,
                                  settings.max_new_tokens_limit, settings.queue_timeout_s, settings.max_running)
         self.refresh_gauges()

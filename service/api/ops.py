@@ -49,7 +49,7 @@ def precisions(state: ServiceState) -> list[dict]:
             "auto_candidate": plan.name in auto,
             "weight_bytes": candidate.weight_bytes,
             "prefill_tokens_per_s": round(1 / cost.prefill_s_per_token, 1),
-            "decode_tokens_per_s": round(1 / cost.decode_s_per_step, 1),
+            "decode_tokens_per_s": round(1 / cost.decode_s(1), 1),
             "ppl_delta_pct": candidate.ppl_delta_pct,
         })
     return rows

@@ -1,23 +1,40 @@
 """The precision controller: which plan serves a request.
 
-For every candidate plan it predicts `queue wait + prefill + max_new_tokens x decode` (the decode
-step is measured on the running set, whatever it holds) and `weight bytes + KV bytes`, then picks the
-best-quality plan that meets every budget and is not below `min_precision`. Under queue pressure
-("brownout") auto and degradable requests step down to cheaper plans before anything is refused.
+For every candidate plan it predicts `queue wait + prefill + max_new_tokens x decode step` and
+`weight bytes + KV bytes`, then picks the best-quality plan that meets every budget and is not below
+`min_precision`; plans of equal quality within their perplexity intervals go to the cheaper one. The
+decode step is the step of the running set as it is now with the request's rows added: every step
+of a request is a step of the whole set. Under queue pressure ("brownout") auto and degradable
+requests step down to cheaper plans, never to more bits, before anything is refused.
 
 A budget no allowed plan meets is refused: with a 422 when no plan would meet it even on an idle
 server (the client must change the request), with a 503 + Retry-After when only the current load
 puts it out of reach (the client, or a load balancer, should try again or elsewhere).
+
+Predictions come from the cost model (costs.py): relative costs per bit-width from warm-up times one
+host factor learned from every step, so a host that slows down or recovers moves the prediction of
+every plan within a few steps, also of plans nobody is served with. What the host factor cannot fix
+is a wrong relative figure (a width measured during a burst of contention): the plan looks slow, is
+never chosen and so never corrects itself. Hence staleness, in the simplest form that bounds it: a
+width that took part in no step for 30 s of engine work (an idle server does not age) is stale, and
+the scheduler, in its own thread, adds a probe of that width's uniform plan to the running set (a
+4-token prompt, 2 new tokens) when a slot is free after the waiting requests were admitted, or ahead
+of them once the width has been unseen for 45 s. The probe joins the steps the engine runs anyway:
+it costs one slot for three steps and one more kernel call per linear, and its steps re-measure the
+width (the time the other plans' figures do not explain is the stale width's). A real request of a
+stale width re-measures it the same way. So no plan stays unchosen for more than about a minute of
+load because of a stale figure. Whether the host factor moved meanwhile is no condition: a figure
+measured wrong at warm-up needs its re-measurement however steady the host has been since.
 """
 
 from __future__ import annotations
 
-import threading
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
-from quept_core.planning.bits import Shapes
 from quept_core.planning.plan import Plan
-from quept_core.precision import FP, MIXED_LABEL, uniform_name
+from quept_core.precision import FP, MIXED_LABEL
+from service.engine.costs import CostModel
 from service.errors import ServiceError, invalid, unavailable
 
 MIB = 2**20
@@ -38,76 +55,8 @@ class Candidate:
     nominal_bits: float  # parameter-weighted bit-width of the codes; 16 for the unquantized reference
     weight_bytes: int  # resident weight bytes while this plan serves
     ppl_delta_pct: float | None = None  # measured perplexity increase over full precision, %; None: unknown
-
-
-@dataclass(frozen=True)
-class PlanCost:
-    prefill_s_per_token: float
-    decode_s_per_step: float
-
-
-def bit_shares(plan: Plan, shapes: Shapes) -> dict[str, float]:
-    """The share of parameters at each uniform precision name (fp, w2..w8) in a plan."""
-    numels = {name: shapes[name][0] * shapes[name][1] for name in plan.layer_bits}
-    total = sum(numels.values())
-    shares: dict[str, float] = {}
-    for name, bits in plan.layer_bits.items():
-        label = uniform_name(bits)
-        shares[label] = shares.get(label, 0.0) + numels[name] / total
-    return shares
-
-
-class CostModel:
-    """Prefill and decode seconds per plan: measured at warm-up, then an EWMA of real requests.
-
-    A plan never measured (a mixed plan) starts from the uniform plans' costs weighted by the
-    share of parameters at each bit-width, and learns from its own requests from then on.
-    """
-
-    def __init__(self, shapes: Shapes, alpha: float = 0.2):
-        self._shapes = dict(shapes)
-        self._alpha = alpha
-        self._costs: dict[str, PlanCost] = {}
-        self._lock = threading.Lock()
-
-    def record(self, plan_name: str, cost: PlanCost) -> None:
-        with self._lock:
-            self._costs[plan_name] = cost
-
-    def measured(self, plan_name: str) -> PlanCost | None:
-        with self._lock:
-            return self._costs.get(plan_name)
-
-    def observe_prefill(self, plan: Plan, seconds: float, tokens: int) -> None:
-        if tokens > 0:
-            self._blend(plan, seconds / tokens, None)
-
-    def observe_decode(self, plan: Plan, seconds_per_step: float) -> None:
-        self._blend(plan, None, seconds_per_step)
-
-    def _blend(self, plan: Plan, prefill: float | None, decode: float | None) -> None:
-        start = self.cost(plan)
-        a = self._alpha
-        with self._lock:
-            old = self._costs.get(plan.name, start)
-            self._costs[plan.name] = PlanCost(
-                old.prefill_s_per_token if prefill is None else (1 - a) * old.prefill_s_per_token + a * prefill,
-                old.decode_s_per_step if decode is None else (1 - a) * old.decode_s_per_step + a * decode,
-            )
-
-    def cost(self, plan: Plan) -> PlanCost:
-        known = self.measured(plan.name)
-        if known is not None:
-            return known
-        shares = bit_shares(plan, self._shapes)
-        parts = {label: self.measured(label) for label in shares}
-        missing = [label for label, cost in parts.items() if cost is None]
-        if missing or not shares:
-            raise KeyError(f"no measured cost for plan {plan.name} (missing: {', '.join(missing) or 'all'})")
-        return PlanCost(
-            sum(share * parts[label].prefill_s_per_token for label, share in shares.items()),
-            sum(share * parts[label].decode_s_per_step for label, share in shares.items()),
-        )
+    # Half-width of the interval on ppl_delta_pct (from its spread over evaluation windows); None: unknown.
+    ppl_interval_pct: float | None = None
 
 
 @dataclass(frozen=True)
@@ -116,6 +65,7 @@ class Load:
 
     queue_wait_s: float = 0.0
     waiting: int = 0
+    running: Mapping[Plan, int] = field(default_factory=dict)  # rows per plan in the engine's running set
 
 
 @dataclass(frozen=True)
@@ -182,27 +132,29 @@ class Controller:
 
     def downgrades(self) -> list[tuple[str, str, str]]:
         """Every (from, to, reason) label triple the downgrade metric can count for these candidates: a
-        requested fp or mixed plan may step down to any candidate, a candidate to one of no more bits or
-        no better measured quality (a superset of what budgets and load will pick)."""
+        requested fp or mixed plan may step down to any candidate, a candidate to one of no more bits (a
+        superset of what budgets and load will pick)."""
         targets = {c.plan.label for c in self.candidates}
         pairs = {(source, target) for source in (FP.label, MIXED_LABEL) for target in targets}
         pairs |= {(source.plan.label, target.plan.label) for source in self.candidates for target in self.candidates
-                  if target.plan != source.plan and _may_replace(target, source)}
+                  if target.plan != source.plan and target.nominal_bits <= source.nominal_bits}
         return sorted((source, target, reason) for source, target in pairs for reason in DOWNGRADE_REASONS)
 
     def predict(self, candidate: Candidate, request: PlanRequest, load: Load) -> Prediction:
-        cost = self.costs.cost(candidate.plan)
+        """Every decode step of the request is a step of the whole running set, with its rows in it."""
+        plan, rows = candidate.plan, dict(load.running)
+        rows[plan] = rows.get(plan, 0) + request.sequences
         return Prediction(
             queue_s=load.queue_wait_s,
-            prefill_s=request.prompt_tokens * cost.prefill_s_per_token,
-            decode_s=request.max_new_tokens * cost.decode_s_per_step,
+            prefill_s=self.costs.prefill_s(plan, request.prompt_tokens),
+            decode_s=request.max_new_tokens * self.costs.decode_step_s(rows),
             weight_bytes=candidate.weight_bytes,
             kv_bytes=request.sequences * (request.prompt_tokens + request.max_new_tokens) * self.kv_bytes_per_token,
         )
 
     def decide(self, request: PlanRequest, load: Load) -> Decision:
         pool = [c for c in self.candidates if request.floor_bits is None or c.nominal_bits >= request.floor_bits]
-        quality = _quality_key(pool + ([request.requested] if request.requested else []))
+        quality = _Quality(pool + ([request.requested] if request.requested else []))
         predictions = {c.plan.name: self.predict(c, request, load) for c in pool}
 
         def meets(prediction: Prediction) -> bool:
@@ -213,7 +165,7 @@ class Controller:
         if requested is None:
             if not feasible:
                 raise self._refusal(request, pool, predictions, load)
-            chosen, reason, origin = max(feasible, key=quality), None, None
+            chosen, reason, origin = quality.best(feasible, predictions), None, None
         else:
             if request.floor_bits is not None and requested.nominal_bits < request.floor_bits:
                 raise invalid(f"min_precision: {request.floor_bits:g} average bits is above the requested "
@@ -226,16 +178,16 @@ class Controller:
             elif not request.allow_degrade:
                 raise self._refusal(request, pool, predictions, load, requested)
             else:
-                cheaper = [c for c in feasible if quality(c) <= quality(requested)]
+                cheaper = [c for c in feasible if _may_replace(c, requested, quality)]
                 if not cheaper:
                     raise self._refusal(request, pool, predictions, load, requested)
-                chosen, reason, origin = max(cheaper, key=quality), violated, requested.plan
+                chosen, reason, origin = quality.best(cheaper, predictions), violated, requested.plan
         if request.allow_degrade:  # brownout: auto included, unless the client refuses any downgrade
             level = load.waiting // self.brownout_queue_depth
-            latency, ceiling = predictions[chosen.plan.name].latency_s, quality(chosen)
+            latency = predictions[chosen.plan.name].latency_s
             cheaper = sorted((c for c in feasible
-                              if predictions[c.plan.name].latency_s < latency and quality(c) <= ceiling),
-                             key=quality, reverse=True)
+                              if predictions[c.plan.name].latency_s < latency and _may_replace(c, chosen, quality)),
+                             key=quality.key, reverse=True)
             if level > 0 and cheaper:
                 origin = origin or chosen.plan
                 chosen, reason = cheaper[min(level, len(cheaper)) - 1], BROWNOUT
@@ -302,18 +254,33 @@ def _describe(prediction: Prediction, field: str) -> str:
             f"KV cache {prediction.kv_bytes / MIB:.1f} MiB)")
 
 
-def _may_replace(target: Candidate, source: Candidate) -> bool:
-    """Could `target` serve in place of `source` as a downgrade, by either quality key of `_quality_key`?"""
-    measured = target.ppl_delta_pct is not None and source.ppl_delta_pct is not None
-    return target.nominal_bits <= source.nominal_bits or (measured and target.ppl_delta_pct >= source.ppl_delta_pct)
+def _may_replace(target: Candidate, source: Candidate, quality: _Quality) -> bool:
+    """May `target` serve in place of `source` as a downgrade? Never with more bits (noisy perplexity or
+    costs must not turn a downgrade into w7 -> w8), nor with better quality."""
+    return (target.plan != source.plan and target.nominal_bits <= source.nominal_bits
+            and (quality.key(target) <= quality.key(source) or quality.tied(target, source)))
 
 
-def _quality_key(candidates: list[Candidate]):
-    """Higher is better: minus the perplexity delta when every plan has one, else average bits."""
-    by_ppl = all(c.ppl_delta_pct is not None for c in candidates)
+class _Quality:
+    """Higher is better: minus the perplexity delta when every plan has one, else average bits. Plans whose
+    deltas differ by no more than the larger of their two intervals are of equal quality: the cheaper wins."""
 
-    def key(candidate: Candidate) -> tuple[float, float]:
-        primary = -candidate.ppl_delta_pct if by_ppl else candidate.nominal_bits
+    def __init__(self, candidates: list[Candidate]):
+        self.by_ppl = all(c.ppl_delta_pct is not None for c in candidates)
+
+    def key(self, candidate: Candidate) -> tuple[float, float]:
+        primary = -candidate.ppl_delta_pct if self.by_ppl else candidate.nominal_bits
         return (primary, candidate.nominal_bits)
 
-    return key
+    def tied(self, a: Candidate, b: Candidate) -> bool:
+        if not self.by_ppl:
+            return self.key(a) == self.key(b)
+        margin = max(a.ppl_interval_pct or 0.0, b.ppl_interval_pct or 0.0)
+        return abs(a.ppl_delta_pct - b.ppl_delta_pct) <= margin
+
+    def best(self, pool: list[Candidate], predictions: dict[str, Prediction]) -> Candidate:
+        """The best quality, and of the plans tied with it the one with the fewest weight bytes (then the
+        lowest predicted compute)."""
+        top = max(pool, key=self.key)
+        return min((c for c in pool if self.tied(c, top)),
+                   key=lambda c: (c.weight_bytes, predictions[c.plan.name].work_s))

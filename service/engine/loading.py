@@ -33,13 +33,14 @@ from quept_core.planning.sensitivity import SensitivityTable
 from quept_core.precision import FP, Precision, uniform_name, uniform_precisions
 from quept_core.runtime.engine import QueptEngine
 from quept_core.runtime.weights import ElasticWeights
-from service.engine.controller import Candidate, bit_shares
+from service.engine.controller import Candidate
+from service.engine.costs import bit_shares
 from service.settings import Settings
 
 
 class ModelBackend:
     def __init__(self, engine: QueptEngine, artifact_id: str, front: list[Plan] = (),
-                 quality: Mapping[str, float] | None = None):
+                 quality: Mapping[str, float] | None = None, quality_intervals: Mapping[str, float] | None = None):
         self.engine = engine
         self.model_id = engine.model_name
         self.artifact_id = artifact_id
@@ -52,6 +53,7 @@ class ModelBackend:
         self.shapes = dict(engine.linear_shapes)
         self._front = list(front)
         self._quality = dict(quality or {})
+        self._intervals = dict(quality_intervals or {})  # half-widths of the quality figures' intervals
         # Runs before serving (in the loader thread): building every uniform plan's packs once gives
         # their exact resident bytes; a mixed plan's bytes follow from its bit mix.
         self._bytes = {plan.name: engine.weight_bytes(plan) for plan in self._uniform_plans()}
@@ -64,12 +66,14 @@ class ModelBackend:
 
     def describe(self, plan: Plan) -> Candidate:
         if plan.mode == "fp":
-            return Candidate(plan, FP_BITS, self._bytes[plan.name], self._quality.get(plan.name, 0.0))
+            return Candidate(plan, FP_BITS, self._bytes[plan.name], self._quality.get(plan.name, 0.0),
+                             self._intervals.get(plan.name))
         weight_bytes = self._bytes.get(plan.name)
         if weight_bytes is None:
             weight_bytes = round(sum(share * self._bytes[label]
                                      for label, share in bit_shares(plan, self.shapes).items()))
-        return Candidate(plan, nominal_bits(plan, self.shapes), weight_bytes, self._quality.get(plan.name))
+        return Candidate(plan, nominal_bits(plan, self.shapes), weight_bytes, self._quality.get(plan.name),
+                         self._intervals.get(plan.name))
 
     def candidates(self) -> list[Candidate]:
         plans = [p for p in self._uniform_plans() if p.mode != "fp"] + self._front
@@ -115,11 +119,14 @@ def load_backend(settings: Settings) -> ModelBackend:
     engine = QueptEngine(store, store.tokenizer(), model_name=store.model_name, device=device,
                          memory_limit_bytes=settings.memory_limit_bytes, mixed_resolver=allocator.plan,
                          max_running=settings.max_running)
-    quality = {name: entry["ppl_delta_pct"] for name, entry in extras["quality"]["plans"].items()}
+    entries = extras["quality"]["plans"]
+    quality = {name: entry["ppl_delta_pct"] for name, entry in entries.items()}
+    intervals = {name: entry["ppl_delta_interval_pct"] for name, entry in entries.items()
+                 if entry.get("ppl_delta_interval_pct") is not None}
     # Stored front plans run the output head like every quantized plan of this engine.
     front = [plan.with_head_bits(engine.head_bits) for plan in stored_plans(extras["plans"])]
     with store.kept_open():  # the backend builds every uniform plan's packs
-        backend = ModelBackend(engine, store.artifact_id, front, quality)
+        backend = ModelBackend(engine, store.artifact_id, front, quality, intervals)
     _return_freed_memory()
     return backend
 

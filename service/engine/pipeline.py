@@ -152,7 +152,7 @@ class Pipeline:
         texts = [TextStream(self.backend.tokenizer, prepared.prompt_ids, prepared.spec.stop)
                  for _ in range(prepared.spec.n)]
         job = Job(request_id, prepared.prompt_ids, prepared.sampling, decision.plan, texts, deliver,
-                  arrival, deadline, work_s=decision.prediction.work_s)
+                  arrival, deadline, work_s=decision.prediction.work_s, prediction=decision.prediction)
         try:
             self.scheduler.submit(job)
         except AdmissionError as error:

@@ -5,6 +5,10 @@ its loop applies cancellations (`engine.abort`, so a disconnected client stops w
 admits the oldest waiting requests while the engine has free slots (a request joins the running set
 at any step, whatever its plan), calls `engine.step()` once and routes each token to its request by
 sequence id. Tokens reach a request's asyncio queue through `deliver` (`loop.call_soon_threadsafe`).
+
+Every step feeds the cost model with what it ran (prompt tokens and decode rows per plan) and what it
+took. When the cost model reports a stale bit-width, the loop adds a short probe sequence of that
+width's plan to the running set (the controller module says when and why); its tokens go nowhere.
 """
 
 from __future__ import annotations
@@ -16,10 +20,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from quept_core.planning.plan import Plan
-from quept_core.runtime.protocol import Engine, SamplingParams, SequenceRequest, StepStats, TokenEvent, TokenLogprob
+from quept_core.runtime.protocol import Engine, SamplingParams, SequenceRequest, TokenEvent, TokenLogprob
 from quept_core.runtime.sampling import RequestError
-from service.engine.controller import CostModel, Load
+from service.engine.controller import Load, Prediction
+from service.engine.costs import CostModel
 from service.engine.textstream import TextStream
+from service.engine.warmup import warmup_prompt
 from service.errors import ServiceError, invalid, unavailable
 from service.observability.metrics import Metrics
 
@@ -98,6 +104,8 @@ class SchedulerLimits:
 
 
 _WAITING, _RUNNING, _DONE = "waiting", "running", "done"
+PROBE_PROMPT_TOKENS = 4
+PROBE_NEW_TOKENS = 3  # a prefill and two decode steps: what the cost model re-measures a width from
 
 
 @dataclass(eq=False)
@@ -129,6 +137,7 @@ class Job:
     arrival: float  # clock() when the request arrived
     deadline: float  # clock() after which a still-queued request fails
     work_s: float = 0.0  # predicted compute seconds of one choice, for queue-wait estimates
+    prediction: Prediction | None = None  # the controller's, to compare with the measured latency
     state: str = _WAITING
     started_at: float | None = None
     first_token_at: float | None = None
@@ -151,11 +160,24 @@ class Job:
         per_token = self.work_s / max(1, self.sampling.max_new_tokens)
         return sum(self.work_s - per_token * len(c.tokens) for c in self.choices if not c.done)
 
+    def predicted_latency_s(self) -> float:
+        """The prediction for the tokens the request generated (a stop or eos ends it early)."""
+        generated = max(c.output.completion_tokens for c in self.choices)
+        p = self.prediction
+        return p.queue_s + p.prefill_s + p.decode_s * generated / max(1, self.sampling.max_new_tokens)
+
+
+@dataclass
+class _Probe:
+    seq_id: int
+    plan: Plan
+    prefilling: bool = True
+
 
 class Scheduler:
     def __init__(self, engine: Engine, limits: SchedulerLimits, metrics: Metrics, costs: CostModel,
                  clock: Callable[[], float] = time.monotonic,
-                 on_layout_change: Callable[[], None] = lambda: None):
+                 on_layout_change: Callable[[], None] = lambda: None, probes: bool = True):
         self.engine = engine
         self.on_layout_change = on_layout_change  # after a step rebuilt the weight layout, in the engine's thread
         self.limits = limits
@@ -169,6 +191,10 @@ class Scheduler:
         self._cancels: list[tuple[Job, Failed | None, str]] = []
         self._stopping = False
         self._thread: threading.Thread | None = None
+        # Off under a memory limit: a probe's packs might not fit beside the running set's.
+        self._probes = probes
+        self._probe: _Probe | None = None
+        self._probe_prompt = warmup_prompt(engine.tokenizer)[:PROBE_PROMPT_TOKENS]
 
     # ---- called from the event loop -------------------------------------------------------------
 
@@ -231,7 +257,11 @@ class Scheduler:
 
     def load(self) -> Load:
         with self._cond:
-            return Load(self._wait_estimate(), len(self._waiting))
+            rows: dict[Plan, int] = {}
+            for job, choice in self._running.values():
+                if not choice.done:
+                    rows[job.plan] = rows.get(job.plan, 0) + 1
+            return Load(self._wait_estimate(), len(self._waiting), rows)
 
     def _running_jobs(self) -> list[Job]:
         """Call with the lock held."""
@@ -250,7 +280,7 @@ class Scheduler:
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not (self._stopping or self._waiting or self._running or self._cancels):
+                while not (self._stopping or self._waiting or self._running or self._cancels or self._probe):
                     self._cond.wait()
                 cancels, self._cancels = self._cancels, []
                 stopping = self._stopping
@@ -258,13 +288,36 @@ class Scheduler:
                 self._cancel_running(job, failure, reason)
             if stopping:
                 return
+            overdue = self._probe_due(overdue=True)  # goes ahead of the queue
             with self._cond:
                 self._expire_waiting()
-                admitted = self._take_admissible()
+                admitted = self._take_admissible(reserved=1 if overdue else 0)
+                idle_slot = not self._waiting
+            if overdue:
+                self._add_probe(overdue)
             for job in admitted:
                 self._add(job)
-            if self._running:
+            probe = self._probe_due(overdue=False) if idle_slot else None
+            if probe:
+                self._add_probe(probe)
+            if self._running or self._probe:
                 self._step()
+
+    def _probe_due(self, overdue: bool) -> Plan | None:
+        """The plan of a stale width, when a probe may join now."""
+        if not self._probes or self._probe is not None or self.engine.free_slots < 1:
+            return None
+        return self.costs.stalest(overdue)
+
+    def _add_probe(self, plan: Plan) -> None:
+        sampling = SamplingParams(max_new_tokens=PROBE_NEW_TOKENS)
+        try:
+            (seq_id,) = self.engine.add(SequenceRequest(self._probe_prompt, plan, sampling))
+        except Exception:
+            log.exception("adding a cost probe failed; probes are off", extra={"plan": plan.name})
+            self._probes = False
+            return
+        self._probe = _Probe(seq_id, plan)
 
     def _expire_waiting(self) -> None:
         now = self.clock()
@@ -278,10 +331,10 @@ class Scheduler:
             self.metrics.request_failures.labels("deadline").inc()
         self._update_queue_gauges()
 
-    def _take_admissible(self) -> list[Job]:
-        """The oldest waiting requests that fit the free slots; the first that does not fit waits
-        at the head of the queue (so a request with n > 1 is not overtaken for ever)."""
-        free = self.engine.free_slots
+    def _take_admissible(self, reserved: int = 0) -> list[Job]:
+        """The oldest waiting requests that fit the free slots (less `reserved`); the first that does not
+        fit waits at the head of the queue (so a request with n > 1 is not overtaken for ever)."""
+        free = self.engine.free_slots - reserved
         admitted = []
         while self._waiting and self._waiting[0].n <= free:
             job = self._waiting.pop(0)
@@ -312,7 +365,7 @@ class Scheduler:
 
     def _step(self) -> None:
         prefilled, self._prefilling = self._prefilling, []
-        present = {job.plan for job, _ in self._running.values()}
+        prompt_tokens, decode_rows = self._composition(prefilled)
         try:
             events = self.engine.step()
         except Exception:
@@ -321,33 +374,46 @@ class Scheduler:
             log.exception("a generation step failed", extra={"request_ids": [j.request_id for j in jobs]})
             for job in jobs:
                 self._abort_choices(job)
+            self._abort_probe()
             self._fail(jobs, _internal_error(), "error")
             self._update_engine_gauges()
             return
         stats = self.engine.last_step
-        self._observe_costs(stats, prefilled, present)
+        self.costs.observe(stats, prompt_tokens, decode_rows)
+        self.metrics.host_speed.set(1 / self.costs.host_factor)
         if stats.layout_s > 0:
             self.metrics.precision_switch.observe(stats.layout_s)
             self.on_layout_change()
         now = self.clock()
         for event in events:
+            if self._probe is not None and event.seq_id == self._probe.seq_id:
+                if event.finish_reason is not None:
+                    self._probe = None
+                continue
             self._route(event, now)
         self._update_engine_gauges()
 
-    def _observe_costs(self, stats: StepStats, prefilled: list[Job], present: set[Plan]) -> None:
-        """A first, coarse attribution of one mixed step to plans: the prefill's seconds per token go
-        to the plans prefilled in it by their share of its tokens, and the whole decode time is
-        observed for every plan present in the step (a cost model of mixed steps is later work)."""
+    def _composition(self, prefilled: list[Job]) -> tuple[dict[Plan, int], dict[Plan, int]]:
+        """What the coming step runs: prompt tokens per plan (each prompt once, however many choices
+        share it) and decode rows per plan (every running sequence not prefilled in it)."""
         prompt_tokens: dict[Plan, int] = {}
         for job in prefilled:
             prompt_tokens[job.plan] = prompt_tokens.get(job.plan, 0) + len(job.prompt_ids)
-        total = sum(prompt_tokens.values())
-        if stats.prefill_tokens > 0 and total > 0:
-            for plan, tokens in prompt_tokens.items():
-                self.costs.observe_prefill(plan, stats.prefill_s * tokens / total, tokens)
-        if stats.decode_rows > 0:
-            for plan in present:
-                self.costs.observe_decode(plan, stats.decode_s)
+        decode_rows: dict[Plan, int] = {}
+        for job, _ in self._running.values():
+            if job not in prefilled:
+                decode_rows[job.plan] = decode_rows.get(job.plan, 0) + 1
+        probe = self._probe
+        if probe is not None:
+            counts = prompt_tokens if probe.prefilling else decode_rows
+            counts[probe.plan] = counts.get(probe.plan, 0) + (len(self._probe_prompt) if probe.prefilling else 1)
+            probe.prefilling = False
+        return prompt_tokens, decode_rows
+
+    def _abort_probe(self) -> None:
+        if self._probe is not None:
+            self.engine.abort(self._probe.seq_id)
+            self._probe = None
 
     def _route(self, event: TokenEvent, now: float) -> None:
         running = self._running.get(event.seq_id)
@@ -397,6 +463,8 @@ class Scheduler:
         )
         label = job.plan.label
         self.metrics.request_duration.labels(label).observe(timing.total_s)
+        if job.prediction is not None and job.predicted_latency_s() > 0:
+            self.metrics.latency_prediction.labels(label).observe(timing.total_s / job.predicted_latency_s())
         self.metrics.prompt_tokens.labels(label).inc(len(job.prompt_ids))
         self.metrics.generation_tokens.labels(label).inc(generated)
         job.deliver(Finished(outputs, timing))

@@ -1,17 +1,21 @@
-"""Warm-up: build the packed weights of every uniform plan and measure its cost on this host.
+"""Warm-up: build the packed weights of every uniform plan and measure its relative cost on this host.
 
-Mixed plans need no run of their own: the cost model starts them from the uniform plans' costs
-weighted by their bit mix, and real requests refine that.
+Each uniform plan runs alone: prefill seconds per token, and its decode step at 1 and at `ROWS` rows
+(`fixed + per_row x rows`). Then the two plans with the fewest weight bytes run together once, for the
+overhead every step pays whatever its widths. Mixed plans need no run of their own: the cost model
+derives them from their bit mix.
 """
 
 from __future__ import annotations
 
 import logging
 import statistics
+from collections.abc import Mapping
 
 from quept_core.planning.plan import Plan
+from quept_core.runtime.packcache import MemoryLimitError
 from quept_core.runtime.protocol import Engine, SamplingParams, SequenceRequest, StepStats
-from service.engine.controller import CostModel, PlanCost
+from service.engine.costs import CostModel, PlanCost
 
 log = logging.getLogger(__name__)
 
@@ -19,6 +23,7 @@ _TEXT = ("The quick brown fox jumps over the lazy dog while the river keeps flow
          "and the farmers bring their harvest to the market in town. ")
 PROMPT_TOKENS = 16
 DECODE_STEPS = 3
+ROWS = 4  # the second running-set size of each decode measurement
 
 
 def warmup_prompt(tokenizer) -> list[int]:
@@ -28,34 +33,67 @@ def warmup_prompt(tokenizer) -> list[int]:
     return ids[:PROMPT_TOKENS]
 
 
-def _run_alone(engine: Engine, plan: Plan, prompt_ids: list[int], new_tokens: int) -> list[StepStats]:
-    """One greedy sequence on an otherwise idle engine, to its end; the figures of each step."""
-    engine.add(SequenceRequest(prompt_ids, plan, SamplingParams(max_new_tokens=new_tokens)))
+def _run(engine: Engine, requests: list[tuple[SequenceRequest, int]]) -> list[StepStats]:
+    """Greedy sequences (request, n) on an otherwise idle engine, to their end; the figures of each step."""
+    ids = [seq_id for request, n in requests for seq_id in engine.add(request, n)]
     stats = []
-    while engine.running:
-        engine.step()
-        stats.append(engine.last_step)
+    try:
+        while engine.running:
+            engine.step()
+            stats.append(engine.last_step)
+    finally:
+        for seq_id in ids:
+            engine.abort(seq_id)
     return stats
 
 
-def measure_plan(engine: Engine, plan: Plan, prompt_ids: list[int]) -> PlanCost:
-    """Prefill seconds per token and the median decode step of one short greedy sequence.
+def _decode_s(stats: list[StepStats]) -> float:
+    return statistics.median(s.decode_s for s in stats if s.decode_rows > 0)
 
-    The plan's packs are built and its kernels run once before the timed run: first calls pay
+
+def measure_plan(engine: Engine, plan: Plan, prompt_ids: list[int]) -> PlanCost:
+    """Prefill seconds per token and the median decode step at 1 and at `ROWS` rows of short greedy runs.
+
+    The plan's packs are built and its kernels run once before the timed runs: first calls pay
     one-off costs that real requests do not see.
     """
-    _run_alone(engine, plan, prompt_ids, 2)
-    stats = _run_alone(engine, plan, prompt_ids, DECODE_STEPS + 1)
-    prefill = next(s for s in stats if s.prefill_tokens > 0)
-    decode = [s.decode_s for s in stats if s.decode_rows > 0]
-    return PlanCost(prefill.prefill_s / prefill.prefill_tokens, statistics.median(decode))
+    def request(new_tokens: int) -> SequenceRequest:
+        return SequenceRequest(prompt_ids, plan, SamplingParams(max_new_tokens=new_tokens))
+
+    _run(engine, [(request(2), 1)])
+    one = _run(engine, [(request(DECODE_STEPS + 1), 1)])
+    many = _run(engine, [(request(DECODE_STEPS + 1), ROWS)])
+    prefill = next(s for s in one if s.prefill_tokens > 0)
+    alone, full = _decode_s(one), _decode_s(many)
+    per_row = max(0.0, (full - alone) / (ROWS - 1))
+    return PlanCost(prefill.prefill_s / prefill.prefill_tokens, max(alone - per_row, 0.0), per_row)
 
 
-def measure_costs(engine: Engine, plans: list[Plan], tokenizer, costs: CostModel) -> None:
+def measure_shared_overhead(engine: Engine, plans: list[Plan], costs: list[PlanCost], prompt_ids: list[int]) -> float:
+    """What two plans in one step cost less than apart: the part of a step that no width adds.
+    0 when the two do not fit the memory limit together."""
+    sampling = SamplingParams(max_new_tokens=DECODE_STEPS + 1)
+    try:
+        together = _decode_s(_run(engine, [(SequenceRequest(prompt_ids, plan, sampling), 1) for plan in plans]))
+    except MemoryLimitError:
+        return 0.0
+    return sum(cost.decode_s(1) for cost in costs) - together
+
+
+def measure_costs(engine: Engine, plans: list[Plan], tokenizer, costs: CostModel,
+                  weight_bytes: Mapping[str, int]) -> None:
+    """Record every uniform plan's figures, then the shared overhead from the two smallest plans."""
     prompt_ids = warmup_prompt(tokenizer)
+    measured = {}
     for plan in plans:
-        cost = measure_plan(engine, plan, prompt_ids)
-        costs.record(plan.name, cost)
+        cost = measured[plan] = measure_plan(engine, plan, prompt_ids)
+        costs.record(plan, cost)
         log.info("measured plan cost", extra={"plan": plan.name,
                                               "prefill_tokens_per_s": round(1 / cost.prefill_s_per_token, 1),
-                                              "decode_tokens_per_s": round(1 / cost.decode_s_per_step, 1)})
+                                              "decode_tokens_per_s": round(1 / cost.decode_s(1), 1),
+                                              "decode_ms_per_row": round(cost.decode_s_per_row * 1000, 3)})
+    if len(plans) > 1:
+        smallest = sorted(plans, key=lambda p: weight_bytes[p.name])[:2]
+        shared = measure_shared_overhead(engine, smallest, [measured[p] for p in smallest], prompt_ids)
+        costs.record_shared(shared)
+        log.info("measured step overhead", extra={"shared_ms": round(shared * 1000, 3)})

@@ -29,6 +29,7 @@ _TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 _QUEUE_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _SWITCH_BUCKETS = (0.0001, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0)
+_PREDICTION_BUCKETS = (0.25, 0.4, 0.5, 0.67, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 2.5, 4.0)  # around 1
 
 
 def requested_label(precision: str, bit_set: tuple[int, ...]) -> str:
@@ -77,6 +78,13 @@ class Metrics:
         self.kv_cache_usage = Gauge("quept_kv_cache_usage_ratio", "Share of the KV cache in use.", registry=r)
         self.precision_switch = Histogram("quept_precision_switch_seconds", "Time to switch the model's plan.",
                                           buckets=_SWITCH_BUCKETS, registry=r)
+        self.latency_prediction = Histogram("quept_latency_prediction_ratio",
+                                            "Measured end-to-end latency over the controller's prediction, "
+                                            "per finished request.", ["precision_served"],
+                                            buckets=_PREDICTION_BUCKETS, registry=r)
+        self.host_speed = Gauge("quept_host_speed_ratio", "Speed of this host now over its speed at warm-up "
+                                "(expected over measured step seconds).", registry=r)
+        self.host_speed.set(1.0)
         self.build_info = Gauge("quept_build_info", "Version, model and artifact of this server (always 1).",
                                 ["version", "model", "artifact"], registry=r)
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import metric_refs
 
-# The metric table of the serving contract (shared serving-conventions.md, "Metrics").
+# The metric table of the serving contract (shared serving-conventions.md, "Metrics") and the server's own.
 CONTRACT_METRICS = {
     "quept_requests_total",
     "quept_request_duration_seconds",
@@ -26,6 +26,9 @@ CONTRACT_METRICS = {
     "quept_kv_cache_usage_ratio",
     "quept_precision_switch_seconds",
     "quept_build_info",
+    # added by docs/controller.md ("Metrics")
+    "quept_latency_prediction_ratio",
+    "quept_host_speed_ratio",
 }
 
 

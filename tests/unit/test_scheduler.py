@@ -8,7 +8,8 @@ import time
 import pytest
 
 from quept_core.runtime.protocol import SamplingParams
-from service.engine.controller import CostModel, PlanCost
+from service.engine.controller import Budget, Controller, PlanRequest
+from service.engine.costs import CostModel, PlanCost
 from service.engine.scheduler import (
     AdmissionError,
     Failed,
@@ -52,16 +53,16 @@ class Collector:
 
 
 class Harness:
-    def __init__(self, gated: bool = True, **limits) -> None:
+    def __init__(self, gated: bool = True, stale_after_s: float = 1000.0, probes: bool = True, **limits) -> None:
         self.clock = FakeClock()
         self.limits = SchedulerLimits(**limits)
         self.engine = FakeEngine(gated=gated, clock=self.clock, max_running=self.limits.max_running)
         self.backend = FakeBackend(self.engine)
         self.metrics = Metrics()
-        self.costs = CostModel(self.backend.shapes, alpha=0.5)
+        self.costs = CostModel(self.backend.shapes, alpha=0.5, stale_after_s=stale_after_s)
         for precision in ("w4", "w6", "w8"):
-            self.costs.record(precision, PlanCost(0.001, 0.03))
-        self.scheduler = Scheduler(self.engine, self.limits, self.metrics, self.costs, self.clock)
+            self.costs.record(self.backend.resolve(precision), PlanCost(0.001, 0.01, 0.0))
+        self.scheduler = Scheduler(self.engine, self.limits, self.metrics, self.costs, self.clock, probes=probes)
         self.scheduler.start()
 
     def job(self, precision: str = "w4", max_new: int = 4, prompt: str = "hi", stop: tuple[str, ...] = (),
@@ -288,13 +289,16 @@ def test_stop_string_and_eos_end_a_request(harness):
     assert ended.finish_reason == "eos" and ended.text == "[w" and ended.completion_tokens == 3
 
 
-def test_steps_feed_the_cost_model(harness):
+def test_steps_feed_the_cost_model_and_a_slow_host_slows_every_plan(harness):
     h = harness(gated=False)
-    h.engine.step_s["w8"] = 0.2
-    h.submit("w8", max_new=6).last()
-    decode = h.costs.measured("w8").decode_s_per_step
-    assert 0.03 < decode <= 0.2
-    assert h.costs.measured("w8").prefill_s_per_token == pytest.approx(0.5 * 0.001 + 0.5 * h.engine.prefill_s_per_token)
+    h.engine.step_s["w8"] = 0.05  # five times what warm-up measured, prefill too
+    h.engine.prefill_s_per_token = 0.005
+    h.submit("w8", max_new=8).last()
+    assert h.costs.host_factor == pytest.approx(5.0)
+    assert h.counter("quept_host_speed_ratio") == pytest.approx(0.2)
+    for name in ("w8", "w4"):  # w4 took no step meanwhile
+        cost = h.costs.cost(h.backend.resolve(name))
+        assert cost.decode_s(1) == pytest.approx(0.05) and cost.prefill_s_per_token == pytest.approx(0.005)
 
 
 def test_timing_metrics_and_gauges(harness):
@@ -317,3 +321,45 @@ def test_timing_metrics_and_gauges(harness):
     assert h.counter("quept_time_to_first_token_seconds_count", precision_served="w8") == 1
     assert h.counter("quept_inter_token_latency_seconds_count", precision_served="w4") == 2
     assert h.scheduler.load().queue_wait_s == 0
+
+
+def test_a_width_unseen_for_long_gets_a_probe_that_leaves_the_requests_untouched(harness):
+    h = harness(gated=False, stale_after_s=0.05)  # 0.05 s of engine work: five fake steps
+    served = h.submit("w4", max_new=20)
+    assert finished_text(served) == expected_text("w4", 20)
+    probes = [(name, n) for name, n in h.engine.added if name != "w4"]
+    assert probes and set(probes) <= {("w6", 1), ("w8", 1)}
+    assert h.engine.steps_with("w6") + h.engine.steps_with("w8") >= 3  # a prefill and two decode steps
+    assert [e for e in served.events if isinstance(e, TokenOut) and "[w6]" in e.text] == []
+    wait_until(lambda: h.engine.running == 0)  # the probe ends by itself
+
+
+def test_a_stale_probe_waits_behind_the_queue_and_an_overdue_one_goes_first(harness):
+    h = harness(gated=False, stale_after_s=0.1, max_running=1)
+    first, second = h.submit("w4", max_new=12), h.submit("w4", max_new=12)  # 0.12 s: stale, not overdue
+    assert isinstance(first.last(), Finished) and isinstance(second.last(), Finished)
+    assert [name for name, _ in h.engine.added][:2] == ["w4", "w4"]
+    late = harness(gated=False, stale_after_s=0.1, max_running=1)
+    first, second = late.submit("w4", max_new=20), late.submit("w4", max_new=4)  # 0.2 s: overdue
+    assert isinstance(first.last(), Finished) and isinstance(second.last(), Finished)
+    assert [name for name, _ in late.engine.added][1] in ("w6", "w8")
+
+
+def test_no_probe_when_probes_are_off(harness):
+    h = harness(gated=False, stale_after_s=0.05, probes=False)
+    h.submit("w4", max_new=20).last()
+    assert {name for name, _ in h.engine.added} == {"w4"}
+
+
+def test_a_finished_request_observes_its_latency_over_the_prediction(harness):
+    h = harness(gated=False)
+    controller = Controller(h.backend.candidates(), h.costs, h.backend.kv_bytes_per_token, 8)
+    job, collector = h.job("w8", max_new=6)
+    job.prediction = controller.predict(h.backend.describe(job.plan), PlanRequest(None, len(job.prompt_ids), 6),
+                                        h.scheduler.load())
+    h.scheduler.submit(job)
+    finished = collector.last()
+    ratio = finished.timing.total_s / job.prediction.latency_s
+    assert h.counter("quept_latency_prediction_ratio_count", precision_served="w8") == 1
+    assert h.counter("quept_latency_prediction_ratio_sum", precision_served="w8") == pytest.approx(ratio)
+    assert 0.5 < ratio < 2
