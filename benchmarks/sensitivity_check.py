@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from quept_core.artifact.store import ensure_artifact, load_artifact
-from quept_core.eval.plan_quality import artifact_tokens
+from quept_core.eval.plan_quality import calibration_data
 from quept_core.io.models import load_model
 from quept_core.planning.allocator import Allocator
 from quept_core.planning.sensitivity import (
@@ -47,7 +47,7 @@ def main() -> None:
     loaded.model.to(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     artifact_dir = args.artifact or ensure_artifact(loaded)
     calibrated = load_artifact(artifact_dir, loaded)
-    calib, _ = artifact_tokens(calibrated, args.text_file)
+    calib = calibration_data(loaded, calibrated.manifest, args.text_file)
     proxy_tokens, probe_tokens = sensitivity_tokens(calib)
     source = QueptWeights(calibrated.elastic)
     bit_config = calibrated.bit_config

@@ -1,7 +1,7 @@
 """Warm-up: build the packed weights of every uniform plan and measure its relative cost on this host.
 
 Each uniform plan runs alone: prefill seconds per token, and its decode step at 1 and at `ROWS` rows
-(`fixed + per_row x rows`). Then the two plans with the fewest weight bytes run together once, for the
+(`fixed + per_row x rows`), fewer when the KV pool holds fewer sequences. Then the two plans with the fewest weight bytes run together once, for the
 overhead every step pays whatever its widths. Mixed plans need no run of their own: the cost model
 derives them from their bit mix.
 """
@@ -52,7 +52,7 @@ def _decode_s(stats: list[StepStats]) -> float:
 
 
 def measure_plan(engine: Engine, plan: Plan, prompt_ids: list[int]) -> PlanCost:
-    """Prefill seconds per token and the median decode step at 1 and at `ROWS` rows of short greedy runs.
+    """Prefill seconds per token and the median decode step at 1 and at up to `ROWS` rows of short greedy runs.
 
     The plan's packs are built and its kernels run once before the timed runs: first calls pay
     one-off costs that real requests do not see.
@@ -60,18 +60,23 @@ def measure_plan(engine: Engine, plan: Plan, prompt_ids: list[int]) -> PlanCost:
     def request(new_tokens: int) -> SequenceRequest:
         return SequenceRequest(prompt_ids, plan, SamplingParams(max_new_tokens=new_tokens))
 
+    rows = min(ROWS, engine.free_slots)
     _run(engine, [(request(2), 1)])
     one = _run(engine, [(request(DECODE_STEPS + 1), 1)])
-    many = _run(engine, [(request(DECODE_STEPS + 1), ROWS)])
     prefill = next(s for s in one if s.prefill_tokens > 0)
-    alone, full = _decode_s(one), _decode_s(many)
-    per_row = max(0.0, (full - alone) / (ROWS - 1))
+    alone = _decode_s(one)
+    per_row = 0.0  # a one-slot pool never steps more than one row
+    if rows > 1:
+        full = _decode_s(_run(engine, [(request(DECODE_STEPS + 1), rows)]))
+        per_row = max(0.0, (full - alone) / (rows - 1))
     return PlanCost(prefill.prefill_s / prefill.prefill_tokens, max(alone - per_row, 0.0), per_row)
 
 
 def measure_shared_overhead(engine: Engine, plans: list[Plan], costs: list[PlanCost], prompt_ids: list[int]) -> float:
     """What two plans in one step cost less than apart: the part of a step that no width adds.
-    0 when the two do not fit the memory limit together."""
+    0 when the two do not fit the memory limit or the KV pool together."""
+    if engine.free_slots < len(plans):
+        return 0.0
     sampling = SamplingParams(max_new_tokens=DECODE_STEPS + 1)
     try:
         together = _decode_s(_run(engine, [(SequenceRequest(prompt_ids, plan, sampling), 1) for plan in plans]))
