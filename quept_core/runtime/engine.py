@@ -23,7 +23,7 @@ import torch
 
 from quept_core.config import BitConfig
 from quept_core.io.models import LoadedModel
-from quept_core.layers import HEAD, fused_members
+from quept_core.layers import fused_members
 from quept_core.planning.plan import Plan, uniform_plan
 from quept_core.precision import Precision, PrecisionError
 from quept_core.quant.elastic import ElasticLinear

@@ -23,6 +23,7 @@ from quept_core.runtime.kernels.formats import PackedWeight
 from quept_core.runtime.kvpool import KVPool
 from quept_core.runtime.weights import EMBEDDING, ServingWeights
 
+
 @dataclass(frozen=True)
 class LlamaDims:
     n_layers: int

@@ -6,7 +6,15 @@ import pytest
 import torch
 from tiny_llama import tiny_elastic, tiny_loaded
 
-from quept_core.bench.report import SECTION_BEGIN, SECTION_END, markdown, plot, ratios, text_table, update_docs
+from quept_core.bench.report import (
+    SECTION_BEGIN,
+    SECTION_END,
+    markdown,
+    plot,
+    ratios,
+    text_table,
+    update_docs,
+)
 from quept_core.bench.runner import (
     BenchConfig,
     BenchResult,

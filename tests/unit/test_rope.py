@@ -2,9 +2,8 @@
 
 import pytest
 import torch
-from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
-
 from tiny_llama import tiny_config
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from quept_core.runtime.model import _rope_frequencies
 

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from quept_core.runtime.protocol import SamplingParams
-from service.engine.controller import Budget, Controller, PlanRequest
+from service.engine.controller import Controller, PlanRequest
 from service.engine.costs import CostModel, PlanCost
 from service.engine.scheduler import (
     AdmissionError,

@@ -24,7 +24,13 @@ import torch.nn.functional as F
 
 from quept_core.quant.grid import QuantizedWeight
 from quept_core.runtime.kernels.choices import Choice, ChoiceBook
-from quept_core.runtime.kernels.native import int4pack_dequant, lut_dequant, lut_gemv, planes_dequant, planes_gemv
+from quept_core.runtime.kernels.native import (
+    int4pack_dequant,
+    lut_dequant,
+    lut_gemv,
+    planes_dequant,
+    planes_gemv,
+)
 
 log = logging.getLogger(__name__)
 
