@@ -4,13 +4,15 @@ Drives `POST /generate` with a mix of precisions and budgeted `auto` requests at
 concurrency levels (multiples of what the server serves at once) and reports, per level: goodput,
 time to first token p50/p99 per precision served, downgrade and rejection rates, timeouts and the
 server's peak resident memory (the kernel's high-water mark with --server-pid, else sampled from
-its `process_resident_memory_bytes`).
+its `process_resident_memory_bytes`), and how far the controller's latency predictions were from
+what each request measured (|predicted / measured - 1|, p50 and p90). With `--hog-s`, busy-loop
+processes compete for the CPU for that many seconds, started `--hog-delay-s` into each level.
 
     python benchmarks/loadtest.py --url http://127.0.0.1:8000 --levels 1,2,4 --requests 48 \\
-        [--server-pid PID] [--json]
+        [--server-pid PID] [--hog-s 60 --hog-procs 2] [--json]
 
-Every loop is bounded by a request count and a wall-clock limit, and only loopback targets are
-accepted.
+Every loop is bounded by a request count and a wall-clock limit (the hog by its own duration), and
+only loopback targets are accepted.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import asyncio
 import json
 import random
 import statistics
+import subprocess
+import sys
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -70,11 +74,14 @@ class LevelResult:
     tokens: int = 0
     wall_s: float = 0.0
     ttft_ms: dict = field(default_factory=lambda: defaultdict(list))
+    prediction_error: list = field(default_factory=list)  # |predicted / measured - 1| per request
     peak_rss_bytes: float = 0.0
 
     def summary(self) -> dict:
-        def pct(values: list[float], q: float) -> float:
-            return round(statistics.quantiles(values, n=100)[q - 1], 1) if len(values) > 1 else round(values[0], 1)
+        def pct(values: list[float], q: float, digits: int = 1) -> float | None:
+            if not values:
+                return None
+            return round(statistics.quantiles(values, n=100)[q - 1] if len(values) > 1 else values[0], digits)
 
         return {
             "concurrency": self.concurrency,
@@ -88,6 +95,8 @@ class LevelResult:
             "downgrade_rate": round(self.downgraded / max(self.ok, 1), 3),
             "errors": dict(self.errors),
             "ttft_ms": {p: {"p50": pct(v, 50), "p99": pct(v, 99), "n": len(v)} for p, v in sorted(self.ttft_ms.items())},
+            "prediction_error_p50": pct(self.prediction_error, 50, 3),
+            "prediction_error_p90": pct(self.prediction_error, 90, 3),
             "peak_rss_mb": round(self.peak_rss_bytes / 2**20, 1),
         }
 
@@ -108,8 +117,31 @@ async def _resident_bytes(client: httpx.AsyncClient) -> float:
     return 0.0
 
 
+HOG = "import sys, time\nend = time.monotonic() + float(sys.argv[1])\nwhile time.monotonic() < end:\n    pass\n"
+
+
+@dataclass(frozen=True)
+class Hog:
+    """Busy-loop processes that compete with the server for the CPU: `procs` of them for `seconds`,
+    started `delay_s` into a level."""
+
+    seconds: float = 0.0
+    procs: int = 2
+    delay_s: float = 5.0
+
+    async def run(self) -> None:
+        await asyncio.sleep(self.delay_s)
+        hogs = [subprocess.Popen([sys.executable, "-c", HOG, str(self.seconds)]) for _ in range(self.procs)]
+        try:
+            while any(h.poll() is None for h in hogs):
+                await asyncio.sleep(0.2)
+        finally:
+            for h in hogs:
+                h.kill()
+
+
 async def run_level(url: str, concurrency: int, total: int, max_new_tokens: int, deadline_s: float,
-                    mix: list[dict], seed: int, server_pid: int | None = None) -> LevelResult:
+                    mix: list[dict], seed: int, server_pid: int | None = None, hog: Hog | None = None) -> LevelResult:
     """Send `total` requests from `concurrency` clients; peak memory from /proc when the server's pid is
     known (a loopback server), else sampled from its `process_resident_memory_bytes`."""
     result = LevelResult(concurrency)
@@ -145,7 +177,10 @@ async def run_level(url: str, concurrency: int, total: int, max_new_tokens: int,
                     result.tokens += data["usage"]["completion_tokens"]
                     result.downgraded += bool(data["precision"]["degraded"])
                     served = response.headers["x-precision-served"]
-                    result.ttft_ms[served.split(":")[0]].append(data["timing"]["ttft_ms"])
+                    timing = data["timing"]
+                    result.ttft_ms[served.split(":")[0]].append(timing["ttft_ms"])
+                    if timing.get("predicted_total_ms"):
+                        result.prediction_error.append(abs(timing["predicted_total_ms"] / timing["total_ms"] - 1))
                 else:
                     result.errors[str(response.status_code)] += 1
 
@@ -155,10 +190,13 @@ async def run_level(url: str, concurrency: int, total: int, max_new_tokens: int,
                 await asyncio.sleep(0.5)
 
         sampler = asyncio.create_task(sample_memory())
+        competitor = asyncio.create_task(hog.run()) if hog and hog.seconds > 0 else None
         started = time.monotonic()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         result.wall_s = time.monotonic() - started
         sampler.cancel()
+        if competitor is not None:
+            competitor.cancel()
         result.peak_rss_bytes = max(result.peak_rss_bytes, await _resident_bytes(client))
     if server_pid is not None:
         result.peak_rss_bytes = peak_rss_bytes(server_pid)
@@ -179,19 +217,22 @@ async def main_async(args: argparse.Namespace) -> list[dict]:
     results = []
     for level in args.levels:
         result = await run_level(args.url, level * served_at_once, args.requests, args.max_new_tokens,
-                                 args.deadline_s, mix, args.seed, args.server_pid)
+                                 args.deadline_s, mix, args.seed, args.server_pid,
+                                 Hog(args.hog_s, args.hog_procs, args.hog_delay_s))
         results.append({"level": f"{level}x", **result.summary()})
     return results
 
 
 def print_table(rows: list[dict]) -> None:
-    header = f"{'level':>5} {'conc':>4} {'sent':>4} {'ok':>4} {'req/s':>6} {'tok/s':>6} {'reject':>6} {'degrade':>7} {'errors':>8} {'RSS MB':>7}  ttft p50/p99 ms"
+    header = (f"{'level':>5} {'conc':>4} {'sent':>4} {'ok':>4} {'req/s':>6} {'tok/s':>6} {'reject':>6} "
+              f"{'degrade':>7} {'errors':>8} {'RSS MB':>7} {'pred err p50/p90':>16}  ttft p50/p99 ms")
     print(header)
     for r in rows:
         ttft = ", ".join(f"{p} {v['p50']:.0f}/{v['p99']:.0f}" for p, v in r["ttft_ms"].items())
+        error = f"{r['prediction_error_p50']}/{r['prediction_error_p90']}"
         print(f"{r['level']:>5} {r['concurrency']:>4} {r['sent']:>4} {r['ok']:>4} {r['goodput_req_s']:>6} "
               f"{r['goodput_tok_s']:>6} {r['rejection_rate']:>6} {r['downgrade_rate']:>7} "
-              f"{sum(r['errors'].values()):>8} {r['peak_rss_mb']:>7}  {ttft}")
+              f"{sum(r['errors'].values()):>8} {r['peak_rss_mb']:>7} {error:>16}  {ttft}")
 
 
 def main() -> None:
@@ -207,6 +248,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--server-pid", type=int, default=None,
                         help="the server's process id, for its peak resident memory from /proc")
+    parser.add_argument("--hog-s", type=float, default=0.0,
+                        help="seconds of competing busy-loop processes in each level (0: none)")
+    parser.add_argument("--hog-procs", type=int, default=2, help="busy-loop processes of the hog")
+    parser.add_argument("--hog-delay-s", type=float, default=5.0, help="seconds into each level the hog starts")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     check_loopback(args.url)

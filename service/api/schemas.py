@@ -113,6 +113,7 @@ class TimingView(BaseModel):
     ttft_ms: float
     total_ms: float
     decode_tokens_per_s: float | None
+    predicted_total_ms: float | None = None  # what the controller predicted for the tokens generated
 
 
 class GenerateResponse(BaseModel):

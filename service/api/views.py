@@ -41,4 +41,5 @@ def timing_view(finished: Finished) -> TimingView:
     t = finished.timing
     return TimingView(queue_ms=round(t.queue_s * 1000, 3), ttft_ms=round(t.ttft_s * 1000, 3),
                       total_ms=round(t.total_s * 1000, 3),
-                      decode_tokens_per_s=None if t.decode_tokens_per_s is None else round(t.decode_tokens_per_s, 2))
+                      decode_tokens_per_s=None if t.decode_tokens_per_s is None else round(t.decode_tokens_per_s, 2),
+                      predicted_total_ms=None if t.predicted_total_s is None else round(t.predicted_total_s * 1000, 3))

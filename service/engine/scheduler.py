@@ -62,6 +62,7 @@ class Timing:
     ttft_s: float
     total_s: float
     decode_tokens_per_s: float | None
+    predicted_total_s: float | None = None  # the controller's prediction for the tokens generated
 
 
 @dataclass(frozen=True)
@@ -460,11 +461,12 @@ class Scheduler:
             ttft_s=job.first_token_at - job.arrival,
             total_s=now - job.arrival,
             decode_tokens_per_s=(generated - job.n) / decode_s if decode_s > 0 else None,
+            predicted_total_s=None if job.prediction is None else job.predicted_latency_s(),
         )
         label = job.plan.label
         self.metrics.request_duration.labels(label).observe(timing.total_s)
-        if job.prediction is not None and job.predicted_latency_s() > 0:
-            self.metrics.latency_prediction.labels(label).observe(timing.total_s / job.predicted_latency_s())
+        if timing.predicted_total_s:
+            self.metrics.latency_prediction.labels(label).observe(timing.total_s / timing.predicted_total_s)
         self.metrics.prompt_tokens.labels(label).inc(len(job.prompt_ids))
         self.metrics.generation_tokens.labels(label).inc(generated)
         job.deliver(Finished(outputs, timing))

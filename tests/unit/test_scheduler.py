@@ -360,6 +360,7 @@ def test_a_finished_request_observes_its_latency_over_the_prediction(harness):
     h.scheduler.submit(job)
     finished = collector.last()
     ratio = finished.timing.total_s / job.prediction.latency_s
+    assert finished.timing.predicted_total_s == pytest.approx(job.prediction.latency_s)  # all 6 tokens generated
     assert h.counter("quept_latency_prediction_ratio_count", precision_served="w8") == 1
     assert h.counter("quept_latency_prediction_ratio_sum", precision_served="w8") == pytest.approx(ratio)
     assert 0.5 < ratio < 2
