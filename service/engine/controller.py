@@ -65,7 +65,8 @@ class Load:
 
     queue_wait_s: float = 0.0
     waiting: int = 0
-    running: Mapping[Plan, int] = field(default_factory=dict)  # rows per plan in the engine's running set
+    # Rows per plan the coming steps carry: the running set and the waiting requests that fit beside it.
+    running: Mapping[Plan, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -141,13 +142,17 @@ class Controller:
         return sorted((source, target, reason) for source, target in pairs for reason in DOWNGRADE_REASONS)
 
     def predict(self, candidate: Candidate, request: PlanRequest, load: Load) -> Prediction:
-        """Every decode step of the request is a step of the whole running set, with its rows in it."""
+        """Every decode step of the request is a step of the whole running set, with its rows in it, plus
+        what steps under load add (the prompts of others, switches, the server's own work). Its prefill
+        waits for the step in flight (half of one on average), runs in a step that decodes the others, and
+        gives the first token."""
         plan, rows = candidate.plan, dict(load.running)
+        others_step = self.costs.step_period_s(rows) if rows else 0.0
         rows[plan] = rows.get(plan, 0) + request.sequences
         return Prediction(
-            queue_s=load.queue_wait_s,
-            prefill_s=self.costs.prefill_s(plan, request.prompt_tokens),
-            decode_s=request.max_new_tokens * self.costs.decode_step_s(rows),
+            queue_s=load.queue_wait_s + 0.5 * others_step,
+            prefill_s=self.costs.prefill_s(plan, request.prompt_tokens) + others_step,
+            decode_s=(request.max_new_tokens - 1) * self.costs.step_period_s(rows),  # the prefill gives the first
             weight_bytes=candidate.weight_bytes,
             kv_bytes=request.sequences * (request.prompt_tokens + request.max_new_tokens) * self.kv_bytes_per_token,
         )

@@ -3,7 +3,7 @@
 A prediction is a relative cost times one host-speed factor, learned at two speeds:
 
 - Relative costs per bit-width, measured once at warm-up (warmup.py) with each uniform plan alone:
-  prefill seconds per prompt token, and the decode step as `fixed + per_row x rows` (measured at 1 and
+  prefill seconds per prompt (each prompt is its own call) and per prompt token, and the decode step as `fixed + per_row x rows` (measured at 1 and
   at a few rows), plus the overhead every step pays whatever its widths (measured once with two plans
   in one running set). The engine runs one kernel call per bit-width present at each linear, so a
   running set's decode step is predicted from the widths its plans use: the shared overhead, each
@@ -14,6 +14,10 @@ A prediction is a relative cost times one host-speed factor, learned at two spee
   its decode count as one observation each), the median of the latest few: a busy host slows the
   prediction of every plan at once, also of plans not served meanwhile, and one outlier (a page fault,
   a collector pause) moves nothing.
+
+- What a step takes beyond its modelled decode (the prompts that join it, layout switches, the
+  server's own work between steps), in seconds: the mean over the latest steps of their wall time
+  beyond their decode prediction. Under load a request's decode steps take the decode plus this.
 
 The relative costs are refined slowly (`alpha`) from steps of one uniform plan, normalized by the
 host factor at the time. A width not seen in any step for `stale_after_s` seconds of engine work is
@@ -26,7 +30,7 @@ import math
 import statistics
 import threading
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from quept_core.planning.bits import Shapes
@@ -35,6 +39,7 @@ from quept_core.precision import FP, uniform_name
 from quept_core.runtime.protocol import StepStats
 
 HOST_WINDOW = 9  # observations in the host factor's median: it follows a change within about 5 steps
+EXTRA_WINDOW = 16  # steps in the mean of what steps take beyond their decode (a request's worth of them)
 STALE_AFTER_S = 30.0  # seconds of engine work without a step of a width before it is re-measured
 REMEASURE_STEPS = 3  # steps of a stale width that re-measure it (a probe's prefill and two decode steps)
 REMEASURE_WEIGHT = 0.5  # weight of each of them (three steps: 7/8 of the way to the new figure)
@@ -49,12 +54,17 @@ class PlanCost:
     prefill_s_per_token: float
     decode_s_fixed: float  # a decode step at any number of rows
     decode_s_per_row: float
+    prefill_s_per_prompt: float = 0.0  # a prompt's prefill at any length
+
+    def prefill_s(self, tokens: int) -> float:
+        return self.prefill_s_per_prompt + self.prefill_s_per_token * tokens
 
     def decode_s(self, rows: int) -> float:
         return self.decode_s_fixed + self.decode_s_per_row * rows
 
     def scaled(self, factor: float) -> PlanCost:
-        return PlanCost(self.prefill_s_per_token * factor, self.decode_s_fixed * factor, self.decode_s_per_row * factor)
+        return PlanCost(self.prefill_s_per_token * factor, self.decode_s_fixed * factor, self.decode_s_per_row * factor,
+                        self.prefill_s_per_prompt * factor)
 
 
 def bit_shares(plan: Plan, shapes: Shapes) -> dict[str, float]:
@@ -77,6 +87,7 @@ class CostModel:
         self._plans: dict[str, Plan] = {}  # the uniform plan of each width, for probes
         self._shared_s = 0.0  # decode overhead of every step, part of each width's fixed figure
         self._ratios: deque[float] = deque(maxlen=HOST_WINDOW)
+        self._extras: deque[float] = deque(maxlen=EXTRA_WINDOW)  # step seconds beyond the decode model
         self._busy_s = 0.0  # seconds of engine work observed so far: the clock of staleness
         self._last_seen: dict[str, float] = {}
         self._remeasuring: dict[str, int] = {}  # width -> steps of its re-measurement left
@@ -113,25 +124,49 @@ class CostModel:
             parts = [(self._widths[label], share) for label, share in shares.items()]
             return PlanCost(sum(c.prefill_s_per_token * s for c, s in parts),
                             sum(c.decode_s_fixed * s for c, s in parts),
-                            sum(c.decode_s_per_row * s for c, s in parts)).scaled(self._host())
+                            sum(c.decode_s_per_row * s for c, s in parts),
+                            sum(c.prefill_s_per_prompt * s for c, s in parts)).scaled(self._host())
 
     def prefill_s(self, plan: Plan, tokens: int) -> float:
+        """Seconds of one prompt's prefill."""
         with self._lock:
-            return self._prefill_parts({plan: tokens})[1] * self._host()
+            return self._prefill_parts({plan: [tokens]})[1] * self._host()
 
     def decode_step_s(self, rows: Mapping[Plan, int]) -> float:
         """Seconds of one decode step of a running set with these rows per plan."""
         with self._lock:
             return self._decode_parts(rows)[1] * self._host()
 
+    def step_period_s(self, rows: Mapping[Plan, int]) -> float:
+        """Wall seconds of one step of the server's loop with these decode rows, under the recent load."""
+        with self._lock:
+            # The mean, not the median: the steps that carry a burst of prompts are few and long, and a
+            # request's decode pays for all of them.
+            extra = statistics.fmean(self._extras) if self._extras else 0.0
+            return self._decode_parts(rows)[1] * self._host() + extra
+
     # ---- observations (the engine's thread) -----------------------------------------------------
 
-    def observe(self, stats: StepStats, prefill_tokens: Mapping[Plan, int], decode_rows: Mapping[Plan, int]) -> None:
-        """One engine step: its prompt tokens and decode rows per plan, and what it measured."""
+    def observe_period(self, seconds: float, decode_rows: Mapping[Plan, int]) -> None:
+        """The wall time of one pass of the server's loop that decoded these rows (prefills, switches
+        and the routing of its tokens included)."""
+        rows = {p: r for p, r in decode_rows.items() if r > 0}
+        if not rows:
+            return
+        with self._lock:
+            try:
+                expected = self._decode_parts(rows)[1] * self._host()
+            except KeyError:
+                return
+            self._extras.append(max(0.0, seconds - expected))
+
+    def observe(self, stats: StepStats, prompts: Mapping[Plan, Sequence[int]], decode_rows: Mapping[Plan, int]) -> None:
+        """One engine step: the lengths of the prompts it prefilled and its decode rows per plan, and what
+        it measured."""
         with self._lock:
             seen_at = self._busy_s
             self._busy_s += stats.prefill_s + stats.decode_s + stats.layout_s
-            prefill = {p: t for p, t in prefill_tokens.items() if t > 0}
+            prefill = {p: lengths for p, lengths in prompts.items() if lengths}
             rows = {p: r for p, r in decode_rows.items() if r > 0}
             if stats.decode_rows != sum(rows.values()):
                 rows = {}  # the step did not run the set the caller saw: its time says nothing
@@ -200,12 +235,14 @@ class CostModel:
             self._presence[plans] = presence
         return presence
 
-    def _prefill_parts(self, tokens: Mapping[Plan, int]) -> tuple[dict[str, float], float]:
-        """Relative prefill seconds by width, and their sum."""
+    def _prefill_parts(self, prompts: Mapping[Plan, Sequence[int]]) -> tuple[dict[str, float], float]:
+        """Relative prefill seconds by width of prompts of these lengths, and their sum."""
         parts: dict[str, float] = {}
-        for plan, count in tokens.items():
+        for plan, lengths in prompts.items():
             for label, share in self._shares_of(plan).items():
-                parts[label] = parts.get(label, 0.0) + count * share * self._widths[label].prefill_s_per_token
+                cost = self._widths[label]
+                seconds = sum(cost.prefill_s(tokens) for tokens in lengths)
+                parts[label] = parts.get(label, 0.0) + share * seconds
         return parts, sum(parts.values())
 
     def _decode_parts(self, rows: Mapping[Plan, int]) -> tuple[dict[str, float], float]:
@@ -251,7 +288,8 @@ class CostModel:
         step = math.exp(weight * math.log(min(limit, max(1 / limit, factor))))
         cost, shared = self._widths[label], self._shared_s
         if kind == "prefill":
-            self._widths[label] = PlanCost(cost.prefill_s_per_token * step, cost.decode_s_fixed, cost.decode_s_per_row)
+            self._widths[label] = PlanCost(cost.prefill_s_per_token * step, cost.decode_s_fixed, cost.decode_s_per_row,
+                                           cost.prefill_s_per_prompt * step)
         else:
             self._widths[label] = PlanCost(cost.prefill_s_per_token, shared + (cost.decode_s_fixed - shared) * step,
-                                           cost.decode_s_per_row * step)
+                                           cost.decode_s_per_row * step, cost.prefill_s_per_prompt)

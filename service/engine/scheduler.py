@@ -13,6 +13,7 @@ width's plan to the running set (the controller module says when and why); its t
 
 from __future__ import annotations
 
+import heapq
 import logging
 import threading
 import time
@@ -155,17 +156,16 @@ class Job:
     def finished(self) -> bool:
         return self.state == _DONE
 
-    def remaining_work_s(self) -> float:
-        if self.state == _WAITING:
-            return self.work_s * self.n
+    def remaining_s(self) -> list[float]:
+        """Predicted seconds until each of its unfinished sequences ends."""
         per_token = self.work_s / max(1, self.sampling.max_new_tokens)
-        return sum(self.work_s - per_token * len(c.tokens) for c in self.choices if not c.done)
+        return [max(0.0, self.work_s - per_token * len(c.tokens)) for c in self.choices if not c.done]
 
     def predicted_latency_s(self) -> float:
         """The prediction for the tokens the request generated (a stop or eos ends it early)."""
         generated = max(c.output.completion_tokens for c in self.choices)
         p = self.prediction
-        return p.queue_s + p.prefill_s + p.decode_s * generated / max(1, self.sampling.max_new_tokens)
+        return p.queue_s + p.prefill_s + p.decode_s * (generated - 1) / max(1, self.sampling.max_new_tokens - 1)
 
 
 @dataclass
@@ -262,6 +262,12 @@ class Scheduler:
             for job, choice in self._running.values():
                 if not choice.done:
                     rows[job.plan] = rows.get(job.plan, 0) + 1
+            free = self.limits.max_running - len(self._running)
+            for job in self._waiting:  # they join at the next step
+                if job.n > free:
+                    break
+                rows[job.plan] = rows.get(job.plan, 0) + job.n
+                free -= job.n
             return Load(self._wait_estimate(), len(self._waiting), rows)
 
     def _running_jobs(self) -> list[Job]:
@@ -269,12 +275,18 @@ class Scheduler:
         return list({id(job): job for job, _ in self._running.values() if job.state == _RUNNING}.values())
 
     def _wait_estimate(self) -> float:
-        """Seconds until a new request starts: zero while slots are free and nobody waits, else the
-        work ahead spread over the slots. Call with the lock held."""
-        if len(self._running) < self.limits.max_running and not self._waiting:
-            return 0.0
-        ahead = sum(job.remaining_work_s() for job in [*self._running_jobs(), *self._waiting])
-        return ahead / self.limits.max_running
+        """Seconds until a new request starts: when the first slot is free after the waiting requests
+        (oldest first) took theirs, each slot freeing when its sequence's predicted work ends. Zero while
+        slots are free for all. Call with the lock held."""
+        busy = [s for job in self._running_jobs() for s in job.remaining_s()]
+        free_at = [0.0] * max(0, self.limits.max_running - len(busy)) + busy
+        heapq.heapify(free_at)
+        for job in self._waiting:
+            slots = [heapq.heappop(free_at) for _ in range(min(job.n, len(free_at)))]
+            start = max(slots, default=0.0)
+            for _ in slots:
+                heapq.heappush(free_at, start + job.work_s)
+        return free_at[0] if free_at else 0.0
 
     # ---- the worker thread ----------------------------------------------------------------------
 
@@ -285,6 +297,7 @@ class Scheduler:
                     self._cond.wait()
                 cancels, self._cancels = self._cancels, []
                 stopping = self._stopping
+            started = self.clock()
             for job, failure, reason in cancels:
                 self._cancel_running(job, failure, reason)
             if stopping:
@@ -302,7 +315,7 @@ class Scheduler:
             if probe:
                 self._add_probe(probe)
             if self._running or self._probe:
-                self._step()
+                self._step(started)
 
     def _probe_due(self, overdue: bool) -> Plan | None:
         """The plan of a stale width, when a probe may join now."""
@@ -364,9 +377,10 @@ class Scheduler:
             self._prefilling.append(job)
             self._update_queue_gauges()
 
-    def _step(self) -> None:
+    def _step(self, started: float) -> None:
+        """One engine step and the routing of its tokens; `started`: when this pass of the loop began."""
         prefilled, self._prefilling = self._prefilling, []
-        prompt_tokens, decode_rows = self._composition(prefilled)
+        prompts, decode_rows = self._composition(prefilled)
         try:
             events = self.engine.step()
         except Exception:
@@ -380,7 +394,7 @@ class Scheduler:
             self._update_engine_gauges()
             return
         stats = self.engine.last_step
-        self.costs.observe(stats, prompt_tokens, decode_rows)
+        self.costs.observe(stats, prompts, decode_rows)
         self.metrics.host_speed.set(1 / self.costs.host_factor)
         if stats.layout_s > 0:
             self.metrics.precision_switch.observe(stats.layout_s)
@@ -393,23 +407,26 @@ class Scheduler:
                 continue
             self._route(event, now)
         self._update_engine_gauges()
+        self.costs.observe_period(self.clock() - started, decode_rows)
 
-    def _composition(self, prefilled: list[Job]) -> tuple[dict[Plan, int], dict[Plan, int]]:
-        """What the coming step runs: prompt tokens per plan (each prompt once, however many choices
+    def _composition(self, prefilled: list[Job]) -> tuple[dict[Plan, list[int]], dict[Plan, int]]:
+        """What the coming step runs: the prompt lengths per plan (each prompt once, however many choices
         share it) and decode rows per plan (every running sequence not prefilled in it)."""
-        prompt_tokens: dict[Plan, int] = {}
+        prompts: dict[Plan, list[int]] = {}
         for job in prefilled:
-            prompt_tokens[job.plan] = prompt_tokens.get(job.plan, 0) + len(job.prompt_ids)
+            prompts.setdefault(job.plan, []).append(len(job.prompt_ids))
         decode_rows: dict[Plan, int] = {}
         for job, _ in self._running.values():
             if job not in prefilled:
                 decode_rows[job.plan] = decode_rows.get(job.plan, 0) + 1
         probe = self._probe
         if probe is not None:
-            counts = prompt_tokens if probe.prefilling else decode_rows
-            counts[probe.plan] = counts.get(probe.plan, 0) + (len(self._probe_prompt) if probe.prefilling else 1)
+            if probe.prefilling:
+                prompts.setdefault(probe.plan, []).append(len(self._probe_prompt))
+            else:
+                decode_rows[probe.plan] = decode_rows.get(probe.plan, 0) + 1
             probe.prefilling = False
-        return prompt_tokens, decode_rows
+        return prompts, decode_rows
 
     def _abort_probe(self) -> None:
         if self._probe is not None:

@@ -1,7 +1,8 @@
 """Warm-up: build the packed weights of every uniform plan and measure its relative cost on this host.
 
-Each uniform plan runs alone: prefill seconds per token, and its decode step at 1 and at `ROWS` rows
-(`fixed + per_row x rows`), fewer when the KV pool holds fewer sequences. Then the two plans with the fewest weight bytes run together once, for the
+Each uniform plan runs alone: its prefill at two prompt lengths (`per_prompt + per_token x tokens`),
+and its decode step at 1 and at `ROWS` rows (`fixed + per_row x rows`), fewer when the KV pool holds
+fewer sequences. Then the two plans with the fewest weight bytes run together once, for the
 overhead every step pays whatever its widths. Mixed plans need no run of their own: the cost model
 derives them from their bit mix.
 """
@@ -22,15 +23,16 @@ log = logging.getLogger(__name__)
 _TEXT = ("The quick brown fox jumps over the lazy dog while the river keeps flowing past the old mill "
          "and the farmers bring their harvest to the market in town. ")
 PROMPT_TOKENS = 16
+LONG_PROMPT_TOKENS = 64  # the second prefill length
 DECODE_STEPS = 3
 ROWS = 4  # the second running-set size of each decode measurement
 
 
-def warmup_prompt(tokenizer) -> list[int]:
+def warmup_prompt(tokenizer, tokens: int = PROMPT_TOKENS) -> list[int]:
     ids: list[int] = []
-    while len(ids) < PROMPT_TOKENS:
+    while len(ids) < tokens:
         ids += tokenizer(_TEXT, add_special_tokens=False).input_ids
-    return ids[:PROMPT_TOKENS]
+    return ids[:tokens]
 
 
 def _run(engine: Engine, requests: list[tuple[SequenceRequest, int]]) -> list[StepStats]:
@@ -52,24 +54,33 @@ def _decode_s(stats: list[StepStats]) -> float:
 
 
 def measure_plan(engine: Engine, plan: Plan, prompt_ids: list[int]) -> PlanCost:
-    """Prefill seconds per token and the median decode step at 1 and at up to `ROWS` rows of short greedy runs.
+    """Prefill seconds of `prompt_ids` and of a prompt `LONG_PROMPT_TOKENS` long (it repeats them), and
+    the median decode step at 1 and at up to `ROWS` rows of short greedy runs.
 
     The plan's packs are built and its kernels run once before the timed runs: first calls pay
     one-off costs that real requests do not see.
     """
-    def request(new_tokens: int) -> SequenceRequest:
-        return SequenceRequest(prompt_ids, plan, SamplingParams(max_new_tokens=new_tokens))
+    def request(new_tokens: int, prompt: list[int] = prompt_ids) -> SequenceRequest:
+        return SequenceRequest(prompt, plan, SamplingParams(max_new_tokens=new_tokens))
+
+    def prefill_s(stats: list[StepStats]) -> tuple[int, float]:
+        step = next(s for s in stats if s.prefill_tokens > 0)
+        return step.prefill_tokens, step.prefill_s
 
     rows = min(ROWS, engine.free_slots)
+    long_prompt = (prompt_ids * -(-LONG_PROMPT_TOKENS // len(prompt_ids)))[:LONG_PROMPT_TOKENS]
     _run(engine, [(request(2), 1)])
+    _run(engine, [(request(1, long_prompt), 1)])
     one = _run(engine, [(request(DECODE_STEPS + 1), 1)])
-    prefill = next(s for s in one if s.prefill_tokens > 0)
+    (short, short_s), (long, long_s) = prefill_s(one), prefill_s(_run(engine, [(request(1, long_prompt), 1)]))
+    per_token = max(0.0, (long_s - short_s) / (long - short)) or short_s / short
+    per_prompt = max(0.0, short_s - per_token * short)
     alone = _decode_s(one)
     per_row = 0.0  # a one-slot pool never steps more than one row
     if rows > 1:
         full = _decode_s(_run(engine, [(request(DECODE_STEPS + 1), rows)]))
         per_row = max(0.0, (full - alone) / (rows - 1))
-    return PlanCost(prefill.prefill_s / prefill.prefill_tokens, max(alone - per_row, 0.0), per_row)
+    return PlanCost(per_token, max(alone - per_row, 0.0), per_row, per_prompt)
 
 
 def measure_shared_overhead(engine: Engine, plans: list[Plan], costs: list[PlanCost], prompt_ids: list[int]) -> float:
@@ -95,6 +106,7 @@ def measure_costs(engine: Engine, plans: list[Plan], tokenizer, costs: CostModel
         costs.record(plan, cost)
         log.info("measured plan cost", extra={"plan": plan.name,
                                               "prefill_tokens_per_s": round(1 / cost.prefill_s_per_token, 1),
+                                              "prefill_ms_per_prompt": round(cost.prefill_s_per_prompt * 1000, 3),
                                               "decode_tokens_per_s": round(1 / cost.decode_s(1), 1),
                                               "decode_ms_per_row": round(cost.decode_s_per_row * 1000, 3)})
     if len(plans) > 1:

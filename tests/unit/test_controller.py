@@ -20,7 +20,9 @@ from tests.unit.fakes import FakeBackend
 # Decode seconds per step of one row on the imaginary host; prefill is 1 ms per prompt token everywhere.
 # mixed:4.50 (half its parameters at w4, half at w5) follows from its bit mix: about 0.0325 s.
 DECODE = {"fp": 0.060, "w8": 0.050, "w7": 0.045, "w6": 0.040, "w5": 0.035, "w4": 0.030, "w3": 0.028}
-PROMPT, NEW = 10, 100  # so latency = 0.01 s + 100 x decode: w6 4.01 s, w5 3.51 s, mixed 3.26 s, w4 3.01 s
+# The prefill gives the first token, so latency = 0.01 s + 100 x decode: w6 4.01 s, w5 3.51 s, mixed 3.26 s,
+# w4 3.01 s.
+PROMPT, NEW = 10, 101
 
 
 @pytest.fixture

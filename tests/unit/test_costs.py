@@ -54,7 +54,7 @@ def decode_step(backend: FakeBackend, costs: CostModel, rows: dict[str, int], sl
 
 def prefill_step(backend: FakeBackend, costs: CostModel, name: str, tokens: int, slowdown: float) -> None:
     seconds = tokens * FIGURES[name][0] * slowdown
-    costs.observe(StepStats(prefill_tokens=tokens, prefill_s=seconds), {backend.resolve(name): tokens}, {})
+    costs.observe(StepStats(prefill_tokens=tokens, prefill_s=seconds), {backend.resolve(name): [tokens]}, {})
 
 
 def predicted_alone(backend: FakeBackend, costs: CostModel, name: str, rows: int = 1) -> float:
@@ -175,3 +175,24 @@ def test_full_precision_is_never_probed(backend):
     for _ in range(40):  # every width but fp, for far longer than the limit
         decode_step(backend, costs, quantized, 1.0)
     assert costs.stalest() is None and costs.stalest(overdue=True) is None
+
+
+def test_each_prompt_pays_its_own_prefill_call(backend):
+    costs = CostModel(backend.shapes)
+    w4 = backend.resolve("w4")
+    costs.record(w4, PlanCost(0.001, 0.030, 0.002, prefill_s_per_prompt=0.020))
+    assert costs.prefill_s(w4, 10) == pytest.approx(0.020 + 10 * 0.001)
+    costs.observe(StepStats(prefill_tokens=20, prefill_s=0.120), {w4: [10, 10]}, {})  # 2x what 2 prompts cost
+    assert costs.host_factor == pytest.approx(2.0)
+
+
+def test_steps_under_load_add_what_they_took_beyond_their_decode(backend):
+    costs = measured(backend)
+    w4 = backend.resolve("w4")
+    alone = costs.decode_step_s({w4: 2})
+    assert costs.step_period_s({w4: 2}) == pytest.approx(alone)  # nothing observed yet
+    for extra in (0.0, 0.040):  # a plain step, then one that also prefilled others' prompts
+        costs.observe_period(alone + extra, {w4: 2})
+    assert costs.step_period_s({w4: 2}) == pytest.approx(alone + 0.020)  # the mean: a request pays both
+    costs.observe_period(alone / 2, {w4: 2})  # faster than the model says: nothing is taken off
+    assert costs.step_period_s({w4: 2}) == pytest.approx(alone + 0.040 / 3)

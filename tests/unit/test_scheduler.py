@@ -364,3 +364,30 @@ def test_a_finished_request_observes_its_latency_over_the_prediction(harness):
     assert h.counter("quept_latency_prediction_ratio_count", precision_served="w8") == 1
     assert h.counter("quept_latency_prediction_ratio_sum", precision_served="w8") == pytest.approx(ratio)
     assert 0.5 < ratio < 2
+
+
+def test_the_wait_estimate_is_when_a_slot_frees_after_those_waiting_ahead(harness):
+    h = harness(max_running=2)  # every job's predicted work is 0.1 s
+    with h.scheduler._cond:  # both are admitted in one pass; the gated engine holds their first step
+        h.submit("w4", max_new=4)
+        h.submit("w8", max_new=4)
+    wait_until(lambda: len(h.engine.added) == 2)
+    assert h.scheduler.load().queue_wait_s == pytest.approx(0.1)  # the first of the two slots to free
+    h.submit("w6", max_new=4)  # takes that slot when it frees, until 0.2 s
+    load = h.scheduler.load()
+    assert load.waiting == 1 and load.queue_wait_s == pytest.approx(0.1)  # the second slot frees at 0.1 s
+    assert {plan.name: rows for plan, rows in load.running.items()} == {"w4": 1, "w8": 1}  # w6 cannot join yet
+    h.submit("w6", max_new=4)
+    assert h.scheduler.load().queue_wait_s == pytest.approx(0.2)
+
+
+def test_waiting_requests_that_fit_count_among_the_rows_of_the_coming_steps(harness):
+    h = harness(max_running=2)
+    h.submit("w4", max_new=4)
+    wait_until(lambda: len(h.engine.added) == 1)
+    with h.scheduler._cond:  # the loop cannot admit while the test holds its lock (re-entrant)
+        h.scheduler.submit(h.job("w8", max_new=4)[0])
+        h.scheduler.submit(h.job("w6", max_new=4)[0])
+        load = h.scheduler.load()
+    assert load.waiting == 2
+    assert {plan.name: rows for plan, rows in load.running.items()} == {"w4": 1, "w8": 1}  # w6 finds no slot
