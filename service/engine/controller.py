@@ -65,8 +65,9 @@ class Load:
 
     queue_wait_s: float = 0.0
     waiting: int = 0
-    # Rows per plan the coming steps carry: the running set and the waiting requests that fit beside it.
-    running: Mapping[Plan, int] = field(default_factory=dict)
+    running: Mapping[Plan, int] = field(default_factory=dict)  # rows per plan in the engine's running set
+    # The waiting requests that fit beside them: they join at the next step, as (plan, prompt tokens, sequences).
+    joining: tuple[tuple[Plan, int, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -143,15 +144,19 @@ class Controller:
 
     def predict(self, candidate: Candidate, request: PlanRequest, load: Load) -> Prediction:
         """Every decode step of the request is a step of the whole running set, with its rows in it, plus
-        what steps under load add (the prompts of others, switches, the server's own work). Its prefill
-        waits for the step in flight (half of one on average), runs in a step that decodes the others, and
-        gives the first token."""
-        plan, rows = candidate.plan, dict(load.running)
-        others_step = self.costs.step_period_s(rows) if rows else 0.0
-        rows[plan] = rows.get(plan, 0) + request.sequences
+        what steps under load add (the prompts of others, switches, the server's own work). It waits for
+        the step in flight (half of one on average); the next step prefills it and those joining with it
+        and decodes the running set, and gives its first token."""
+        plan, running = candidate.plan, load.running
+        in_flight = 0.5 * self.costs.step_period_s(running) if running else 0.0
+        joining = self.costs.prefill_s_of([(p, tokens) for p, tokens, _ in load.joining])
+        rows = dict(running)
+        for p, _, sequences in (*load.joining, (plan, request.prompt_tokens, request.sequences)):
+            rows[p] = rows.get(p, 0) + sequences
         return Prediction(
-            queue_s=load.queue_wait_s + 0.5 * others_step,
-            prefill_s=self.costs.prefill_s(plan, request.prompt_tokens) + others_step,
+            queue_s=load.queue_wait_s + in_flight,
+            prefill_s=joining + self.costs.prefill_s(plan, request.prompt_tokens)
+            + (self.costs.decode_step_s(running) if running else 0.0),
             decode_s=(request.max_new_tokens - 1) * self.costs.step_period_s(rows),  # the prefill gives the first
             weight_bytes=candidate.weight_bytes,
             kv_bytes=request.sequences * (request.prompt_tokens + request.max_new_tokens) * self.kv_bytes_per_token,

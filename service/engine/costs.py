@@ -129,8 +129,15 @@ class CostModel:
 
     def prefill_s(self, plan: Plan, tokens: int) -> float:
         """Seconds of one prompt's prefill."""
+        return self.prefill_s_of([(plan, tokens)])
+
+    def prefill_s_of(self, prompts: Sequence[tuple[Plan, int]]) -> float:
+        """Seconds of the prefill of these prompts (plan, tokens), in one step."""
+        by_plan: dict[Plan, list[int]] = {}
+        for plan, tokens in prompts:
+            by_plan.setdefault(plan, []).append(tokens)
         with self._lock:
-            return self._prefill_parts({plan: [tokens]})[1] * self._host()
+            return self._prefill_parts(by_plan)[1] * self._host()
 
     def decode_step_s(self, rows: Mapping[Plan, int]) -> float:
         """Seconds of one decode step of a running set with these rows per plan."""

@@ -262,13 +262,13 @@ class Scheduler:
             for job, choice in self._running.values():
                 if not choice.done:
                     rows[job.plan] = rows.get(job.plan, 0) + 1
-            free = self.limits.max_running - len(self._running)
+            free, joining = self.limits.max_running - len(self._running), []
             for job in self._waiting:  # they join at the next step
                 if job.n > free:
                     break
-                rows[job.plan] = rows.get(job.plan, 0) + job.n
+                joining.append((job.plan, len(job.prompt_ids), job.n))
                 free -= job.n
-            return Load(self._wait_estimate(), len(self._waiting), rows)
+            return Load(self._wait_estimate(), len(self._waiting), rows, tuple(joining))
 
     def _running_jobs(self) -> list[Job]:
         """Call with the lock held."""

@@ -248,3 +248,17 @@ def test_a_downgrade_never_raises_bits_even_when_the_higher_plan_looks_better_an
                 assert decision.candidate.nominal_bits <= source.nominal_bits, (latency_s, waiting)
                 assert decision.plan.name != "w8"
     assert made
+
+
+def test_a_prediction_under_load_waits_for_the_step_in_flight_and_joins_the_next_with_the_others(backend):
+    controller = make_controller(backend)
+    costs, w8, w4 = controller.costs, backend.resolve("w8"), backend.resolve("w4")
+    load = Load(running={w8: 2}, joining=((w4, 20, 1),))
+    prediction = controller.predict(backend.describe(backend.resolve("w6")), auto(), load)
+    running_step = costs.decode_step_s({w8: 2})
+    assert prediction.queue_s == pytest.approx(0.5 * running_step)
+    assert prediction.prefill_s == pytest.approx(0.020 + 0.010 + running_step)  # w4's prompt, its own, the others
+    assert prediction.decode_s == pytest.approx((NEW - 1) * costs.decode_step_s({w8: 2, w4: 1,
+                                                                                 backend.resolve("w6"): 1}))
+    idle = controller.predict(backend.describe(backend.resolve("w6")), auto(), Load())
+    assert idle.queue_s == 0 and idle.prefill_s == pytest.approx(0.010)

@@ -376,7 +376,7 @@ def test_the_wait_estimate_is_when_a_slot_frees_after_those_waiting_ahead(harnes
     h.submit("w6", max_new=4)  # takes that slot when it frees, until 0.2 s
     load = h.scheduler.load()
     assert load.waiting == 1 and load.queue_wait_s == pytest.approx(0.1)  # the second slot frees at 0.1 s
-    assert {plan.name: rows for plan, rows in load.running.items()} == {"w4": 1, "w8": 1}  # w6 cannot join yet
+    assert {plan.name: rows for plan, rows in load.running.items()} == {"w4": 1, "w8": 1} and not load.joining
     h.submit("w6", max_new=4)
     assert h.scheduler.load().queue_wait_s == pytest.approx(0.2)
 
@@ -389,5 +389,5 @@ def test_waiting_requests_that_fit_count_among_the_rows_of_the_coming_steps(harn
         h.scheduler.submit(h.job("w8", max_new=4)[0])
         h.scheduler.submit(h.job("w6", max_new=4)[0])
         load = h.scheduler.load()
-    assert load.waiting == 2
-    assert {plan.name: rows for plan, rows in load.running.items()} == {"w4": 1, "w8": 1}  # w6 finds no slot
+    assert load.waiting == 2 and {plan.name: rows for plan, rows in load.running.items()} == {"w4": 1}
+    assert [(plan.name, sequences) for plan, _, sequences in load.joining] == [("w8", 1)]  # w6 finds no slot
