@@ -399,8 +399,7 @@ class QueptEngine:
                 self.pool.copy_prefix(sequence.slot, member.slot, length)
             member.position = length
             self.pool.lengths[member.slot] = length
-            self.sampler.set_order([member.slot])
-            events.append(self._advance(member, self.sampler(logits)[0]))
+            events.append(self._advance(member, self.sampler.sample_slot(logits, member.slot)))
             if member.seq_id in self._sequences:
                 joined.append(member)
         return events

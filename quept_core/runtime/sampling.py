@@ -85,6 +85,18 @@ class Sampler:
             self._penalty = torch.tensor(penalties, device=self.device).unsqueeze(1)
         self._slot_index = torch.tensor(slots, dtype=torch.long, device=self.device)
 
+    def sample_slot(self, logits: torch.Tensor, slot: int) -> Choice:
+        """One token for one slot from logits [1, vocab] (a prefill's), leaving the rows' order as it is."""
+        params, raw = self.params[slot], logits[0]
+        row = raw
+        if params.repetition_penalty != 1.0:
+            penalty = params.repetition_penalty
+            row = torch.where(self.seen[slot], torch.where(raw > 0, raw / penalty, raw * penalty), raw)
+        choice = self._choose(row, raw, slot)
+        if params.repetition_penalty != 1.0:
+            self.seen[slot, choice.token_id] = True
+        return choice
+
     def __call__(self, logits: torch.Tensor) -> list[Choice]:
         if self._plain:
             return [Choice(t) for t in logits.argmax(dim=-1).tolist()]

@@ -82,6 +82,17 @@ def test_a_sequence_gets_its_own_plans_tokens_in_any_running_set(engine, plans):
             torch.testing.assert_close(got, want, rtol=0, atol=2e-2)
 
 
+@pytest.mark.parametrize("sampling", [{}, {"temperature": 0.8, "seed": 3, "repetition_penalty": 1.3}])
+def test_a_sequence_that_ends_at_its_prefill_leaves_the_running_set_untouched(engine, sampling):
+    """A request whose first token is its last (max_new_tokens 1) never joins the running set: the
+    others' next steps sample their own rows with their own parameters."""
+    plan = engine.plan("w4")
+    running = [request(PROMPTS[0], plan, 6, **sampling), request(PROMPTS[2], plan, 6)]
+    expected = drain(engine, {0: running})[0]
+    tokens = drain(engine, {0: running, 2: [request(PROMPTS[1], engine.plan("w8"), 1)]})[0]
+    assert tokens[0] == expected[0] and tokens[1] == expected[1] and len(tokens[2]) == 1
+
+
 def test_plans_give_different_logits(engine):
     w4, w8 = alone(engine, request(PROMPTS[0], engine.plan("w4"))), alone(engine, request(PROMPTS[0], engine.plan("w8")))
     assert not torch.equal(w4[1][0], w8[1][0])
