@@ -80,7 +80,8 @@ class ServiceState:
         measure_costs(backend.engine, uniform, backend.tokenizer, self.costs,
                       {plan.name: backend.describe(plan).weight_bytes for plan in uniform})
         backend.release_after_warmup()
-        controller = Controller(candidates, self.costs, backend.kv_bytes_per_token, settings.brownout_queue_depth)
+        controller = Controller(candidates, self.costs, backend.kv_bytes_per_token, settings.brownout_queue_depth,
+                                backend.engine.missing_shares)
         self.metrics.start_downgrades_at_zero(controller.downgrades())
         limits = SchedulerLimits(settings.max_queue, settings.max_queue_tokens, settings.max_running)
         self.scheduler = Scheduler(backend.engine, limits, self.metrics, self.costs, self.clock,

@@ -23,7 +23,7 @@ import torch
 
 from quept_core.config import BitConfig
 from quept_core.io.models import LoadedModel
-from quept_core.layers import fused_members
+from quept_core.layers import HEAD, fused_members
 from quept_core.planning.plan import Plan, uniform_plan
 from quept_core.precision import Precision, PrecisionError
 from quept_core.quant.elastic import ElasticLinear
@@ -115,6 +115,10 @@ class QueptEngine:
         d = self.model.dims
         self.linear_names = [m for sites in self.model.sites for site in sites.values() for m in site.members]
         self.linear_shapes = {name: linear_shape(d, name) for name in self.linear_names}
+        numels = {name: out * inp for name, (out, inp) in self.linear_shapes.items()} | {HEAD: d.vocab * d.hidden}
+        # Parameters behind each pack name (a fused site's or one linear's).
+        self._pack_numels = {name: sum(numels[m] for m in site.members) if name == site.name else numels[name]
+                             for site in self._sites() for name in (site.name, *site.members)}
         self.cache = PackCache(self._build_pack, memory_limit_bytes)
         self.eos_ids = eos_token_ids(tokenizer, weights.config)
         self.max_running = max_running
@@ -200,6 +204,18 @@ class QueptEngine:
         """The (weight name, bits) packs a plan runs on."""
         self.check_plan(plan)
         return [key for site in self._sites() for key in self._site_keys(site, self._site_bits(site, plan))]
+
+    def missing_shares(self, plan: Plan) -> dict[int | None, float]:
+        """The share of a plan's parameters whose packs are not resident, by bit-width: what running it
+        next builds (empty when all are resident)."""
+        missing: dict[int | None, int] = {}
+        total = 0
+        for key in self.pack_keys(plan):
+            numel = self._pack_numels[key[0]]
+            total += numel
+            if key not in self.cache:
+                missing[key[1]] = missing.get(key[1], 0) + numel
+        return {bits: numel / total for bits, numel in missing.items()}
 
     def weight_bytes(self, plan: Plan) -> int:
         """Resident bytes of the weights a plan runs on: its packs plus the norms."""

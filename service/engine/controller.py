@@ -29,7 +29,7 @@ measured wrong at warm-up needs its re-measurement however steady the host has b
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from quept_core.planning.plan import Plan
@@ -124,11 +124,15 @@ class Decision:
 
 class Controller:
     def __init__(self, candidates: list[Candidate], costs: CostModel, kv_bytes_per_token: int,
-                 brownout_queue_depth: int):
+                 brownout_queue_depth: int,
+                 missing_shares: Callable[[Plan], Mapping[int | None, float]] = lambda plan: {}):
+        """`missing_shares(plan)`: the share of the plan's parameters whose packs are not resident, per
+        bit-width (`Engine.missing_shares`): a request of that plan first waits for them to be built."""
         if not candidates:
             raise ValueError("the controller needs at least one candidate plan")
         self.candidates = list(candidates)
         self.costs = costs
+        self.missing_shares = missing_shares
         self.kv_bytes_per_token = kv_bytes_per_token
         self.brownout_queue_depth = brownout_queue_depth
 
@@ -145,8 +149,9 @@ class Controller:
     def predict(self, candidate: Candidate, request: PlanRequest, load: Load) -> Prediction:
         """Every decode step of the request is a step of the whole running set, with its rows in it, plus
         what steps under load add (the prompts of others, switches, the server's own work). It waits for
-        the step in flight (half of one on average); the next step prefills it and those joining with it
-        and decodes the running set, and gives its first token."""
+        the step in flight (half of one on average); the next step builds its packs if they are not
+        resident, prefills it and those joining with it and decodes the running set, and gives its first
+        token."""
         plan, running = candidate.plan, load.running
         in_flight = 0.5 * self.costs.step_period_s(running) if running else 0.0
         joining = self.costs.prefill_s_of([(p, tokens) for p, tokens, _ in load.joining])
@@ -155,7 +160,8 @@ class Controller:
             rows[p] = rows.get(p, 0) + sequences
         return Prediction(
             queue_s=load.queue_wait_s + in_flight,
-            prefill_s=joining + self.costs.prefill_s(plan, request.prompt_tokens)
+            prefill_s=self.costs.build_s(self.missing_shares(plan)) + joining
+            + self.costs.prefill_s(plan, request.prompt_tokens)
             + (self.costs.decode_step_s(running) if running else 0.0),
             decode_s=(request.max_new_tokens - 1) * self.costs.step_period_s(rows),  # the prefill gives the first
             weight_bytes=candidate.weight_bytes,

@@ -3,7 +3,8 @@
 A prediction is a relative cost times one host-speed factor, learned at two speeds:
 
 - Relative costs per bit-width, measured once at warm-up (warmup.py) with each uniform plan alone:
-  prefill seconds per prompt (each prompt is its own call) and per prompt token, and the decode step as `fixed + per_row x rows` (measured at 1 and
+  the seconds to build its packs, prefill seconds per prompt (each prompt is its own call) and per
+  prompt token, and the decode step as `fixed + per_row x rows` (measured at 1 and
   at a few rows), plus the overhead every step pays whatever its widths (measured once with two plans
   in one running set). The engine runs one kernel call per bit-width present at each linear, so a
   running set's decode step is predicted from the widths its plans use: the shared overhead, each
@@ -31,7 +32,7 @@ import statistics
 import threading
 from collections import deque
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from quept_core.planning.bits import Shapes
 from quept_core.planning.plan import Plan
@@ -55,6 +56,7 @@ class PlanCost:
     decode_s_fixed: float  # a decode step at any number of rows
     decode_s_per_row: float
     prefill_s_per_prompt: float = 0.0  # a prompt's prefill at any length
+    build_s: float = 0.0  # building all of the plan's packs (what its first step costs when none is resident)
 
     def prefill_s(self, tokens: int) -> float:
         return self.prefill_s_per_prompt + self.prefill_s_per_token * tokens
@@ -64,7 +66,7 @@ class PlanCost:
 
     def scaled(self, factor: float) -> PlanCost:
         return PlanCost(self.prefill_s_per_token * factor, self.decode_s_fixed * factor, self.decode_s_per_row * factor,
-                        self.prefill_s_per_prompt * factor)
+                        self.prefill_s_per_prompt * factor, self.build_s * factor)
 
 
 def bit_shares(plan: Plan, shapes: Shapes) -> dict[str, float]:
@@ -125,7 +127,8 @@ class CostModel:
             return PlanCost(sum(c.prefill_s_per_token * s for c, s in parts),
                             sum(c.decode_s_fixed * s for c, s in parts),
                             sum(c.decode_s_per_row * s for c, s in parts),
-                            sum(c.prefill_s_per_prompt * s for c, s in parts)).scaled(self._host())
+                            sum(c.prefill_s_per_prompt * s for c, s in parts),
+                            sum(c.build_s * s for c, s in parts)).scaled(self._host())
 
     def prefill_s(self, plan: Plan, tokens: int) -> float:
         """Seconds of one prompt's prefill."""
@@ -138,6 +141,13 @@ class CostModel:
             by_plan.setdefault(plan, []).append(tokens)
         with self._lock:
             return self._prefill_parts(by_plan)[1] * self._host()
+
+    def build_s(self, missing: Mapping[int | None, float]) -> float:
+        """Seconds to build the packs a plan lacks, from the share of its parameters missing per bit-width
+        (`Engine.missing_shares`)."""
+        with self._lock:
+            return sum(share * self._widths[uniform_name(bits)].build_s for bits, share in missing.items()) \
+                * self._host()
 
     def decode_step_s(self, rows: Mapping[Plan, int]) -> float:
         """Seconds of one decode step of a running set with these rows per plan."""
@@ -295,8 +305,8 @@ class CostModel:
         step = math.exp(weight * math.log(min(limit, max(1 / limit, factor))))
         cost, shared = self._widths[label], self._shared_s
         if kind == "prefill":
-            self._widths[label] = PlanCost(cost.prefill_s_per_token * step, cost.decode_s_fixed, cost.decode_s_per_row,
-                                           cost.prefill_s_per_prompt * step)
+            self._widths[label] = replace(cost, prefill_s_per_token=cost.prefill_s_per_token * step,
+                                          prefill_s_per_prompt=cost.prefill_s_per_prompt * step)
         else:
-            self._widths[label] = PlanCost(cost.prefill_s_per_token, shared + (cost.decode_s_fixed - shared) * step,
-                                           cost.decode_s_per_row * step, cost.prefill_s_per_prompt)
+            self._widths[label] = replace(cost, decode_s_fixed=shared + (cost.decode_s_fixed - shared) * step,
+                                          decode_s_per_row=cost.decode_s_per_row * step)

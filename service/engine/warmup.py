@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import statistics
+import time
 from collections.abc import Mapping
 
 from quept_core.planning.plan import Plan
@@ -68,6 +69,9 @@ def measure_plan(engine: Engine, plan: Plan, prompt_ids: list[int]) -> PlanCost:
         return step.prefill_tokens, step.prefill_s
 
     rows = min(ROWS, engine.free_slots)
+    started = time.perf_counter()
+    engine.prepare(plan)  # builds its packs: at most the bytes of the plan's weights (resident ones skipped)
+    build_s = time.perf_counter() - started
     long_prompt = (prompt_ids * -(-LONG_PROMPT_TOKENS // len(prompt_ids)))[:LONG_PROMPT_TOKENS]
     _run(engine, [(request(2), 1)])
     _run(engine, [(request(1, long_prompt), 1)])
@@ -80,7 +84,7 @@ def measure_plan(engine: Engine, plan: Plan, prompt_ids: list[int]) -> PlanCost:
     if rows > 1:
         full = _decode_s(_run(engine, [(request(DECODE_STEPS + 1), rows)]))
         per_row = max(0.0, (full - alone) / (rows - 1))
-    return PlanCost(per_token, max(alone - per_row, 0.0), per_row, per_prompt)
+    return PlanCost(per_token, max(alone - per_row, 0.0), per_row, per_prompt, build_s)
 
 
 def measure_shared_overhead(engine: Engine, plans: list[Plan], costs: list[PlanCost], prompt_ids: list[int]) -> float:
@@ -108,7 +112,8 @@ def measure_costs(engine: Engine, plans: list[Plan], tokenizer, costs: CostModel
                                               "prefill_tokens_per_s": round(1 / cost.prefill_s_per_token, 1),
                                               "prefill_ms_per_prompt": round(cost.prefill_s_per_prompt * 1000, 3),
                                               "decode_tokens_per_s": round(1 / cost.decode_s(1), 1),
-                                              "decode_ms_per_row": round(cost.decode_s_per_row * 1000, 3)})
+                                              "decode_ms_per_row": round(cost.decode_s_per_row * 1000, 3),
+                                              "build_s": round(cost.build_s, 3)})
     if len(plans) > 1:
         smallest = sorted(plans, key=lambda p: weight_bytes[p.name])[:2]
         shared = measure_shared_overhead(engine, smallest, [measured[p] for p in smallest], prompt_ids)

@@ -103,6 +103,7 @@ class FakeEngine:
         self._next_id = 0
         self._layout: frozenset[str] = frozenset()
         self._last = StepStats()
+        self.prepared: set[str] = set()
 
     def add(self, request: SequenceRequest, n: int = 1) -> list[int]:
         if n > self.free_slots:
@@ -159,6 +160,16 @@ class FakeEngine:
         chosen = TokenLogprob(token, CHOSEN_LOGPROB)
         others = [TokenLogprob((token + 1 + i) % 256, logprob) for i, logprob in enumerate(ALTERNATIVE_LOGPROBS)]
         return TokenEvent(seq_id, token, reason, chosen, tuple([chosen, *others][:k]))
+
+    def prepare(self, plan: Plan) -> None:
+        self.prepared.add(plan.name)
+
+    def missing_shares(self, plan: Plan) -> dict[int | None, float]:
+        """Packs of plans never prepared or run are missing, all of them (a plan's bits by parameter share
+        are not modelled: the plan's own bit-width, or None)."""
+        if plan.name in self.prepared or plan.name in self._layout:
+            return {}
+        return {plan.layer_bits[next(iter(plan.layer_bits))]: 1.0}
 
     @property
     def last_step(self) -> StepStats:

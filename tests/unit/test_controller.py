@@ -262,3 +262,18 @@ def test_a_prediction_under_load_waits_for_the_step_in_flight_and_joins_the_next
                                                                                  backend.resolve("w6"): 1}))
     idle = controller.predict(backend.describe(backend.resolve("w6")), auto(), Load())
     assert idle.queue_s == 0 and idle.prefill_s == pytest.approx(0.010)
+
+
+def test_a_plan_whose_packs_are_not_resident_waits_for_their_build(backend):
+    costs = measured_costs(backend)
+    w6 = backend.resolve("w6")
+    costs.record(w6, PlanCost(0.001, DECODE["w6"], 0.0, build_s=2.0))
+    resident = Controller(backend.candidates(), costs, backend.kv_bytes_per_token, 8)
+    evicted = Controller(backend.candidates(), costs, backend.kv_bytes_per_token, 8,
+                         lambda plan: {6: 0.5} if plan == w6 else {})
+    candidate = backend.describe(w6)
+    assert evicted.predict(candidate, auto(), Load()).prefill_s == pytest.approx(
+        resident.predict(candidate, auto(), Load()).prefill_s + 1.0)
+    # A 4.5 s budget: w6 (4.01 s) when resident; with half its packs to build (5.01 s) the next best.
+    assert resident.decide(auto(budget=Budget(latency_s=4.5)), Load()).plan.name == "w6"
+    assert evicted.decide(auto(budget=Budget(latency_s=4.5)), Load()).plan.name != "w6"

@@ -196,3 +196,11 @@ def test_steps_under_load_add_what_they_took_beyond_their_decode(backend):
     assert costs.step_period_s({w4: 2}) == pytest.approx(alone + 0.020)  # the mean: a request pays both
     costs.observe_period(alone / 2, {w4: 2})  # faster than the model says: nothing is taken off
     assert costs.step_period_s({w4: 2}) == pytest.approx(alone + 0.040 / 3)
+
+
+def test_building_missing_packs_costs_their_share_of_each_widths_build(backend):
+    costs = CostModel(backend.shapes)
+    costs.record(backend.resolve("w4"), PlanCost(0.001, 0.030, 0.002, build_s=0.5))
+    costs.record(backend.resolve("w8"), PlanCost(0.001, 0.050, 0.002, build_s=0.8))
+    assert costs.build_s({}) == 0
+    assert costs.build_s({4: 0.5, 8: 0.25}) == pytest.approx(0.5 * 0.5 + 0.25 * 0.8)

@@ -93,6 +93,19 @@ def test_a_sequence_that_ends_at_its_prefill_leaves_the_running_set_untouched(en
     assert tokens[0] == expected[0] and tokens[1] == expected[1] and len(tokens[2]) == 1
 
 
+def test_missing_shares_say_what_running_a_plan_would_build():
+    engine = make_engine()
+    w4, mixed = engine.plan("w4"), mixed_plan(engine)
+    fresh = engine.missing_shares(w4)
+    assert set(fresh) == {4, engine.head_bits} and sum(fresh.values()) == pytest.approx(1.0)
+    engine.prepare(w4)
+    assert engine.missing_shares(w4) == {}
+    # The mixed plan splits fused sites by width: it shares w4's packs only where it runs 4 bits unfused.
+    assert 0 < sum(engine.missing_shares(mixed).values()) < 1
+    engine.release(w4)
+    assert engine.missing_shares(w4) == fresh
+
+
 def test_plans_give_different_logits(engine):
     w4, w8 = alone(engine, request(PROMPTS[0], engine.plan("w4"))), alone(engine, request(PROMPTS[0], engine.plan("w8")))
     assert not torch.equal(w4[1][0], w8[1][0])
