@@ -78,9 +78,6 @@ class Engine(Protocol):
     def step(self) -> list[TokenEvent]:
         """Prefill what was added since the last step, then one token for every running sequence."""
 
-    def prepare(self, plan: Plan) -> None:
-        """Make a plan's packs resident (what its first step would otherwise build)."""
-
     def missing_shares(self, plan: Plan) -> dict[int | None, float]:
         """The share of a plan's parameters whose packs are not resident, by bit-width (None: fp)."""
 

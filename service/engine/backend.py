@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Protocol
 
 from transformers import PreTrainedTokenizerBase
@@ -23,6 +24,7 @@ class Backend(Protocol):
     context_length: int
     kv_bytes_per_token: int  # KV cache bytes one token of one sequence occupies
     shapes: Shapes  # (out_features, in_features) per quantized linear
+    build_s: Mapping[str, float]  # seconds that building each uniform plan's packs took at start-up
 
     def resolve(self, precision: Precision) -> Plan:
         """A concrete precision (fp, uniform, mixed) to a plan; raises PrecisionError listing what is allowed."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import time
 from collections.abc import Mapping
 
 import torch
@@ -55,8 +56,13 @@ class ModelBackend:
         self._quality = dict(quality or {})
         self._intervals = dict(quality_intervals or {})  # half-widths of the quality figures' intervals
         # Runs before serving (in the loader thread): building every uniform plan's packs once gives
-        # their exact resident bytes; a mixed plan's bytes follow from its bit mix.
-        self._bytes = {plan.name: engine.weight_bytes(plan) for plan in self._uniform_plans()}
+        # their exact resident bytes and how long they take to build; a mixed plan's follow from its
+        # bit mix.
+        self._bytes, self.build_s = {}, {}
+        for plan in self._uniform_plans():
+            started = time.perf_counter()
+            self._bytes[plan.name] = engine.weight_bytes(plan)
+            self.build_s[plan.name] = time.perf_counter() - started
 
     def _uniform_plans(self) -> list[Plan]:
         return [self.engine.plan(p) for p in uniform_precisions(self.bit_set)]

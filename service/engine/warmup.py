@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import logging
 import statistics
-import time
 from collections.abc import Mapping
+from dataclasses import replace
 
 from quept_core.planning.plan import Plan
 from quept_core.runtime.packcache import MemoryLimitError
@@ -69,9 +69,6 @@ def measure_plan(engine: Engine, plan: Plan, prompt_ids: list[int]) -> PlanCost:
         return step.prefill_tokens, step.prefill_s
 
     rows = min(ROWS, engine.free_slots)
-    started = time.perf_counter()
-    engine.prepare(plan)  # builds its packs: at most the bytes of the plan's weights (resident ones skipped)
-    build_s = time.perf_counter() - started
     long_prompt = (prompt_ids * -(-LONG_PROMPT_TOKENS // len(prompt_ids)))[:LONG_PROMPT_TOKENS]
     _run(engine, [(request(2), 1)])
     _run(engine, [(request(1, long_prompt), 1)])
@@ -84,7 +81,7 @@ def measure_plan(engine: Engine, plan: Plan, prompt_ids: list[int]) -> PlanCost:
     if rows > 1:
         full = _decode_s(_run(engine, [(request(DECODE_STEPS + 1), rows)]))
         per_row = max(0.0, (full - alone) / (rows - 1))
-    return PlanCost(per_token, max(alone - per_row, 0.0), per_row, per_prompt, build_s)
+    return PlanCost(per_token, max(alone - per_row, 0.0), per_row, per_prompt)
 
 
 def measure_shared_overhead(engine: Engine, plans: list[Plan], costs: list[PlanCost], prompt_ids: list[int]) -> float:
@@ -101,12 +98,13 @@ def measure_shared_overhead(engine: Engine, plans: list[Plan], costs: list[PlanC
 
 
 def measure_costs(engine: Engine, plans: list[Plan], tokenizer, costs: CostModel,
-                  weight_bytes: Mapping[str, int]) -> None:
-    """Record every uniform plan's figures, then the shared overhead from the two smallest plans."""
+                  weight_bytes: Mapping[str, int], build_s: Mapping[str, float]) -> None:
+    """Record every uniform plan's figures (with the seconds its packs took to build, `build_s`), then
+    the shared overhead from the two smallest plans."""
     prompt_ids = warmup_prompt(tokenizer)
     measured = {}
     for plan in plans:
-        cost = measured[plan] = measure_plan(engine, plan, prompt_ids)
+        cost = measured[plan] = replace(measure_plan(engine, plan, prompt_ids), build_s=build_s.get(plan.name, 0.0))
         costs.record(plan, cost)
         log.info("measured plan cost", extra={"plan": plan.name,
                                               "prefill_tokens_per_s": round(1 / cost.prefill_s_per_token, 1),

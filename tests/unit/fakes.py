@@ -103,7 +103,7 @@ class FakeEngine:
         self._next_id = 0
         self._layout: frozenset[str] = frozenset()
         self._last = StepStats()
-        self.prepared: set[str] = set()
+        self.ran: set[str] = set()  # plans of every step so far
 
     def add(self, request: SequenceRequest, n: int = 1) -> list[int]:
         if n > self.free_slots:
@@ -138,6 +138,7 @@ class FakeEngine:
             decode_s=max((self.step_s.get(name, 0.01) for name in layout), default=0.0),
             layout_s=0.0005 if layout != self._layout else 0.0)
         self._layout = layout
+        self.ran |= layout
         if self.clock is not None:
             self.clock.advance(self._last.prefill_s + self._last.decode_s + self._last.layout_s)
         self.steps.append(FakeStep(plans, tuple(fresh)))
@@ -161,13 +162,10 @@ class FakeEngine:
         others = [TokenLogprob((token + 1 + i) % 256, logprob) for i, logprob in enumerate(ALTERNATIVE_LOGPROBS)]
         return TokenEvent(seq_id, token, reason, chosen, tuple([chosen, *others][:k]))
 
-    def prepare(self, plan: Plan) -> None:
-        self.prepared.add(plan.name)
-
     def missing_shares(self, plan: Plan) -> dict[int | None, float]:
-        """Packs of plans never prepared or run are missing, all of them (a plan's bits by parameter share
-        are not modelled: the plan's own bit-width, or None)."""
-        if plan.name in self.prepared or plan.name in self._layout:
+        """The packs of a plan that never ran are all missing (its share per width is not modelled: the
+        bit-width of its first linear)."""
+        if plan.name in self.ran:
             return {}
         return {plan.layer_bits[next(iter(plan.layer_bits))]: 1.0}
 
@@ -221,6 +219,7 @@ class FakeBackend:
         names = linear_names(2)
         self.shapes = {name: SHAPES[linear_type(name)] for name in names}
         self.numels = {name: out * inp for name, (out, inp) in self.shapes.items()}
+        self.build_s: dict[str, float] = {}
 
     def resolve(self, precision: Precision | str) -> Plan:
         if isinstance(precision, str):
