@@ -5,7 +5,8 @@ concurrency levels (multiples of what the server serves at once) and reports, pe
 time to first token p50/p99 per precision served, downgrade and rejection rates, timeouts and the
 server's peak resident memory (the kernel's high-water mark with --server-pid, else sampled from
 its `process_resident_memory_bytes`), and how far the controller's latency predictions were from
-what each request measured (|predicted / measured - 1|, p50 and p90). With `--hog-s`, busy-loop
+what each request measured (|predicted / measured - 1|, p50 and p90), and the share of answered
+requests with a latency budget that finished within it. With `--hog-s`, busy-loop
 processes compete for the CPU for that many seconds, started `--hog-delay-s` into each level.
 
     python benchmarks/loadtest.py --url http://127.0.0.1:8000 --levels 1,2,4 --requests 48 \\
@@ -75,6 +76,7 @@ class LevelResult:
     wall_s: float = 0.0
     ttft_ms: dict = field(default_factory=lambda: defaultdict(list))
     prediction_error: list = field(default_factory=list)  # |predicted / measured - 1| per request
+    budget_met: list = field(default_factory=list)  # per answered request with a latency budget: within it?
     peak_rss_bytes: float = 0.0
 
     def summary(self) -> dict:
@@ -97,6 +99,7 @@ class LevelResult:
             "ttft_ms": {p: {"p50": pct(v, 50), "p99": pct(v, 99), "n": len(v)} for p, v in sorted(self.ttft_ms.items())},
             "prediction_error_p50": pct(self.prediction_error, 50, 3),
             "prediction_error_p90": pct(self.prediction_error, 90, 3),
+            "budget_met_rate": round(sum(self.budget_met) / len(self.budget_met), 3) if self.budget_met else None,
             "peak_rss_mb": round(self.peak_rss_bytes / 2**20, 1),
         }
 
@@ -179,6 +182,8 @@ async def run_level(url: str, concurrency: int, total: int, max_new_tokens: int,
                     served = response.headers["x-precision-served"]
                     timing = data["timing"]
                     result.ttft_ms[served.split(":")[0]].append(timing["ttft_ms"])
+                    if "latency_budget_ms" in body:
+                        result.budget_met.append(timing["total_ms"] <= body["latency_budget_ms"])
                     if timing.get("predicted_total_ms"):
                         result.prediction_error.append(abs(timing["predicted_total_ms"] / timing["total_ms"] - 1))
                 else:
@@ -225,14 +230,14 @@ async def main_async(args: argparse.Namespace) -> list[dict]:
 
 def print_table(rows: list[dict]) -> None:
     header = (f"{'level':>5} {'conc':>4} {'sent':>4} {'ok':>4} {'req/s':>6} {'tok/s':>6} {'reject':>6} "
-              f"{'degrade':>7} {'errors':>8} {'RSS MB':>7} {'pred err p50/p90':>16}  ttft p50/p99 ms")
+              f"{'degrade':>7} {'errors':>8} {'RSS MB':>7} {'pred err p50/p90':>16} {'budget met':>10}  ttft p50/p99 ms")
     print(header)
     for r in rows:
         ttft = ", ".join(f"{p} {v['p50']:.0f}/{v['p99']:.0f}" for p, v in r["ttft_ms"].items())
         error = f"{r['prediction_error_p50']}/{r['prediction_error_p90']}"
         print(f"{r['level']:>5} {r['concurrency']:>4} {r['sent']:>4} {r['ok']:>4} {r['goodput_req_s']:>6} "
               f"{r['goodput_tok_s']:>6} {r['rejection_rate']:>6} {r['downgrade_rate']:>7} "
-              f"{sum(r['errors'].values()):>8} {r['peak_rss_mb']:>7} {error:>16}  {ttft}")
+              f"{sum(r['errors'].values()):>8} {r['peak_rss_mb']:>7} {error:>16} {r['budget_met_rate']!s:>10}  {ttft}")
 
 
 def main() -> None:
