@@ -146,8 +146,8 @@ class CostModel:
         """Seconds to build the packs a plan lacks, from the share of its parameters missing per bit-width
         (`Engine.missing_shares`)."""
         with self._lock:
-            return sum(share * self._widths[uniform_name(bits)].build_s for bits, share in missing.items()) \
-                * self._host()
+            costs = [(self._widths.get(uniform_name(bits)), share) for bits, share in missing.items()]
+            return sum(cost.build_s * share for cost, share in costs if cost is not None) * self._host()
 
     def decode_step_s(self, rows: Mapping[Plan, int]) -> float:
         """Seconds of one decode step of a running set with these rows per plan."""

@@ -165,7 +165,8 @@ class Job:
         """The prediction for the tokens the request generated (a stop or eos ends it early)."""
         generated = max(c.output.completion_tokens for c in self.choices)
         p = self.prediction
-        return p.queue_s + p.prefill_s + p.decode_s * (generated - 1) / max(1, self.sampling.max_new_tokens - 1)
+        decoded = max(0, generated - 1)  # the prefill gives the first token
+        return p.queue_s + p.prefill_s + p.decode_s * decoded / max(1, self.sampling.max_new_tokens - 1)
 
 
 @dataclass
