@@ -31,14 +31,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.loadtest import check_loopback  # noqa: E402
 
 
-def guidellm_command(path: str | None) -> str:
-    """The guidellm CLI: `path`, else the one beside this Python, else the one on PATH."""
+def find_guidellm(path: str | None = None) -> str | None:
+    """The guidellm CLI: `path`, else the one beside this Python, else the one on PATH; None if absent."""
     candidates = [path] if path else [str(Path(sys.executable).with_name("guidellm")), shutil.which("guidellm")]
     for candidate in candidates:
         if candidate and Path(candidate).is_file() and os.access(candidate, os.X_OK):
             return candidate
-    raise SystemExit("error: guidellm not found: install the `loadgen` extra (pip install -e '.[loadgen]') "
-                     "or pass --guidellm PATH")
+    return None
 
 
 def tokenizer_folder(model: str | None) -> Path:
@@ -105,7 +104,10 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None, help="write the rows and guidellm's report here")
     args = parser.parse_args()
     check_loopback(args.url)
-    cli = guidellm_command(args.guidellm)
+    cli = find_guidellm(args.guidellm)
+    if cli is None:
+        raise SystemExit("error: guidellm not found: install the `loadgen` extra (pip install -e '.[loadgen]') "
+                         "or pass --guidellm PATH")
     model_id = httpx.get(f"{args.url}/v1/models", timeout=30).json()["data"][0]["id"]
     with tempfile.TemporaryDirectory() as scratch:
         report = run_guidellm(cli, args.url, model_id, tokenizer_folder(args.model), args.concurrency, args.requests,

@@ -4,25 +4,21 @@ and the output tokens it counts are the ones the server's own metrics count."""
 from __future__ import annotations
 
 import os
-import shutil
-import sys
-from pathlib import Path
 
 import httpx
 import pytest
 
-from benchmarks.guidellm_sweep import run_guidellm, summarize, tokenizer_folder
+from benchmarks.guidellm_sweep import find_guidellm, run_guidellm, summarize, tokenizer_folder
 from tests.support import STARTUP_TIMEOUT_S, ServerProcess
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 def guidellm_cli() -> str:
-    for candidate in (os.environ.get("QUEPT_GUIDELLM"), str(Path(sys.executable).with_name("guidellm")),
-                      shutil.which("guidellm")):
-        if candidate and Path(candidate).is_file():
-            return candidate
-    pytest.skip("guidellm is not installed (the `loadgen` extra; or set QUEPT_GUIDELLM)")
+    cli = find_guidellm(os.environ.get("QUEPT_GUIDELLM"))
+    if cli is None:
+        pytest.skip("guidellm is not installed (the `loadgen` extra; or set QUEPT_GUIDELLM)")
+    return cli
 
 
 def summed(url: str, name: str, *label_parts: str) -> float:
