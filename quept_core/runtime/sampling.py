@@ -90,8 +90,7 @@ class Sampler:
         params, raw = self.params[slot], logits[0]
         row = raw
         if params.repetition_penalty != 1.0:
-            penalty = params.repetition_penalty
-            row = torch.where(self.seen[slot], torch.where(raw > 0, raw / penalty, raw * penalty), raw)
+            row = torch.where(self.seen[slot], _penalised(raw, params.repetition_penalty), raw)
         choice = self._choose(row, raw, slot)
         if params.repetition_penalty != 1.0:
             self.seen[slot, choice.token_id] = True
@@ -103,8 +102,7 @@ class Sampler:
         raw = logits
         if self._penalty is not None:
             seen = self.seen.index_select(0, self._slot_index)
-            penalised = torch.where(logits > 0, logits / self._penalty, logits * self._penalty)
-            logits = torch.where(seen, penalised, logits)
+            logits = torch.where(seen, _penalised(logits, self._penalty), logits)
         choices = [self._choose(logits[row], raw[row], slot) for row, slot in enumerate(self._order)]
         if self._penalty is not None:
             chosen = torch.tensor([c.token_id for c in choices], device=self.device)
@@ -122,6 +120,11 @@ class Sampler:
         if params.logprobs is None:
             return Choice(token)
         return Choice(token, *_logprobs(raw, token, params.logprobs))
+
+
+def _penalised(logits: torch.Tensor, penalty: torch.Tensor | float) -> torch.Tensor:
+    """Repetition penalty (CTRL's): positive logits divided by it, negative ones multiplied."""
+    return torch.where(logits > 0, logits / penalty, logits * penalty)
 
 
 def _logprobs(raw: torch.Tensor, token: int, k: int) -> tuple[TokenLogprob, tuple[TokenLogprob, ...]]:

@@ -17,7 +17,7 @@ import heapq
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 from quept_core.planning.plan import Plan
@@ -259,17 +259,28 @@ class Scheduler:
 
     def load(self) -> Load:
         with self._cond:
-            rows: dict[Plan, int] = {}
-            for job, choice in self._running.values():
-                if not choice.done:
-                    rows[job.plan] = rows.get(job.plan, 0) + 1
-            free, joining = self.limits.max_running - len(self._running), []
-            for job in self._waiting:  # they join at the next step
-                if job.n > free:
-                    break
-                joining.append((job.plan, len(job.prompt_ids), job.n))
-                free -= job.n
-            return Load(self._wait_estimate(), len(self._waiting), rows, tuple(joining))
+            joining = tuple((job.plan, len(job.prompt_ids), job.n)  # they join at the next step
+                            for job in self._fitting(self.limits.max_running - len(self._running)))
+            return Load(self._wait_estimate(), len(self._waiting), self._rows_by_plan(), joining)
+
+    def _rows_by_plan(self, skip: Collection[Job] = ()) -> dict[Plan, int]:
+        """Running sequences per plan, those of the jobs in `skip` apart."""
+        rows: dict[Plan, int] = {}
+        for job, _ in self._running.values():
+            if job not in skip:
+                rows[job.plan] = rows.get(job.plan, 0) + 1
+        return rows
+
+    def _fitting(self, free: int) -> list[Job]:
+        """The oldest waiting requests that fit `free` slots; the first that does not fit stops the list
+        (so a request with n > 1 is not overtaken for ever). Call with the lock held."""
+        jobs = []
+        for job in self._waiting:
+            if job.n > free:
+                break
+            jobs.append(job)
+            free -= job.n
+        return jobs
 
     def _running_jobs(self) -> list[Job]:
         """Call with the lock held."""
@@ -347,15 +358,11 @@ class Scheduler:
         self._update_queue_gauges()
 
     def _take_admissible(self, reserved: int = 0) -> list[Job]:
-        """The oldest waiting requests that fit the free slots (less `reserved`); the first that does not
-        fit waits at the head of the queue (so a request with n > 1 is not overtaken for ever)."""
-        free = self.engine.free_slots - reserved
-        admitted = []
-        while self._waiting and self._waiting[0].n <= free:
-            job = self._waiting.pop(0)
+        """The waiting requests that fit the free slots (less `reserved`), out of the queue."""
+        admitted = self._fitting(self.engine.free_slots - reserved)
+        del self._waiting[:len(admitted)]
+        for job in admitted:
             job.state = _RUNNING
-            free -= job.n
-            admitted.append(job)
         self._update_queue_gauges()
         return admitted
 
@@ -416,10 +423,7 @@ class Scheduler:
         prompts: dict[Plan, list[int]] = {}
         for job in prefilled:
             prompts.setdefault(job.plan, []).append(len(job.prompt_ids))
-        decode_rows: dict[Plan, int] = {}
-        for job, _ in self._running.values():
-            if job not in prefilled:
-                decode_rows[job.plan] = decode_rows.get(job.plan, 0) + 1
+        decode_rows = self._rows_by_plan(skip=prefilled)
         probe = self._probe
         if probe is not None:
             if probe.prefilling:
