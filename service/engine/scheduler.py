@@ -196,7 +196,7 @@ class Scheduler:
         # Off under a memory limit: a probe's packs might not fit beside the running set's.
         self._probes = probes
         self._probe: _Probe | None = None
-        self._probe_prompt = warmup_prompt(engine.tokenizer)[:PROBE_PROMPT_TOKENS]
+        self._probe_prompt = warmup_prompt(engine.tokenizer, PROBE_PROMPT_TOKENS)
 
     # ---- called from the event loop -------------------------------------------------------------
 
