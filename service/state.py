@@ -78,7 +78,8 @@ class ServiceState:
         self.plans = uniform + [c.plan for c in candidates if c.plan.mode == "mixed"]
         self.costs = CostModel(backend.shapes, settings.ewma_alpha)
         measure_costs(backend.engine, uniform, backend.tokenizer, self.costs,
-                      {plan.name: backend.describe(plan).weight_bytes for plan in uniform}, backend.build_s)
+                      {plan.name: backend.describe(plan).weight_bytes for plan in uniform}, backend.build_s,
+                      backend.kept_costs)
         backend.release_after_warmup()
         controller = Controller(candidates, self.costs, backend.kv_bytes_per_token, settings.brownout_queue_depth,
                                 backend.engine.missing_shares)

@@ -5,6 +5,7 @@ A store is a folder, written once per calibrated artifact and read lazily:
   manifest.json        format version, artifact id, base model (name, checksum), bit config, tied head,
                        the size of every file (written last: a folder without it is incomplete)
   config.json          the transformers config (dimensions, RoPE)
+  packs-v<n>/<device>/ the engine's own packs of each width, added by it (runtime/packfiles.py)
   tokenizer/           the tokenizer (`save_pretrained`; loaded with AutoTokenizer)
   dense.safetensors    bf16 weights for `fp`: every linear, the head and, when untied, the embedding;
                        the RMSNorm weights as they are
@@ -25,6 +26,7 @@ import logging
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -36,6 +38,7 @@ from quept_core.io.atomic import file_lock, replacing_folder, save_tensors_atomi
 from quept_core.io.paths import cache_dir
 from quept_core.layers import HEAD, linear_names
 from quept_core.quant.grid import QuantizedWeight
+from quept_core.runtime.model import CONFIG_KEYS
 from quept_core.runtime.weights import EMBEDDING, ServingWeights, norm_names
 
 log = logging.getLogger(__name__)
@@ -96,7 +99,7 @@ class ServingStore:
         self.model_name: str = self.manifest["model"]["name"]
         self.bit_config = BitConfig.from_dict(self.manifest["bit_config"])
         self.tied: bool = self.manifest["tied"]
-        self.config = AutoConfig.from_pretrained(self.folder)
+        self.config = _model_config(self.folder)
         self._handles: dict[str, object] | None = None  # open files, inside `kept_open` only
 
     @contextmanager
@@ -139,6 +142,16 @@ class ServingStore:
         except SafetensorError:
             missing = [key for key in keys if key not in handle.keys()]
             raise KeyError(f"{self.folder / file}: no weight {missing[0]}") from None
+
+
+def _model_config(folder: Path):
+    """The transformers config's values as attributes. AutoConfig imports modules that take about a
+    second at every start; a config that lacks a value the runtime reads, or has a scaled RoPE (whose
+    init functions read a real config), is read with it."""
+    values = json.loads((folder / "config.json").read_text())
+    if any(key not in values for key in CONFIG_KEYS) or values["rope_parameters"].get("rope_type") != "default":
+        return AutoConfig.from_pretrained(folder)
+    return SimpleNamespace(**values)
 
 
 def open_serving_store(folder: Path, artifact_id: str) -> ServingStore | None:

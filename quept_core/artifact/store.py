@@ -150,9 +150,11 @@ def _verify_file(artifact_dir: Path, entry: dict, relative: str, manifest: dict)
     return path
 
 
-def verify_artifact(artifact_dir: Path, model_name: str, checksum: str) -> dict:
+def verify_artifact(artifact_dir: Path, model_name: str, checksum: str, state: bool = True) -> dict:
     """Check the manifest, the binding to the base model (`model_name`, whose weights have sha256
-    `checksum`; no need to load it) and every file checksum; returns the manifest."""
+    `checksum`; no need to load it) and every file checksum; returns the manifest. `state=False` leaves
+    the calibrated state's file unread: serving reads only the extras and the serving store, which was
+    written from a verified state and is bound to its hash."""
     artifact_dir = Path(artifact_dir)
     manifest = read_manifest(artifact_dir)
     bound = manifest.get("model", {}).get("checksum")
@@ -162,7 +164,8 @@ def verify_artifact(artifact_dir: Path, model_name: str, checksum: str) -> dict:
             f"'{model_name}' is {checksum[:12]}; run `quept calibrate --model {model_name} "
             f"--out {artifact_dir}`")
     for relative, entry in manifest["files"].items():
-        _verify_file(artifact_dir, entry, relative, manifest)
+        if state or relative != STATE:
+            _verify_file(artifact_dir, entry, relative, manifest)
     for entry in manifest.get("extras", {}).values():
         _verify_file(artifact_dir, entry, entry["file"], manifest)
     return manifest
@@ -269,12 +272,13 @@ def calibrate_artifact(loaded: LoadedModel, config: CalibrationConfig, out_dir: 
     return result
 
 
-def ready_artifact(model_name: str, checksum: str, preset: str = "fast") -> Path | None:
+def ready_artifact(model_name: str, checksum: str, preset: str = "fast", state: bool = True) -> Path | None:
     """The default artifact folder of a base model when it is complete, bound to these weights and made
-    with this version's `preset` settings; None (the reason logged) when it must be calibrated."""
+    with this version's `preset` settings; None (the reason logged) when it must be calibrated.
+    `state` as in `verify_artifact`."""
     out_dir = default_artifact_dir(model_name, preset)
     try:
-        manifest = verify_artifact(out_dir, model_name, checksum)
+        manifest = verify_artifact(out_dir, model_name, checksum, state)
     except ArtifactError as error:
         if out_dir.exists():
             log.warning("recalibrating: %s", error)

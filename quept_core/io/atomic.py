@@ -39,9 +39,9 @@ def write_json_atomic(path: Path, obj: object) -> None:
     write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
-def save_tensors_atomic(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+def save_tensors_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     temporary = _temporary(path)
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(temporary))
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(temporary), metadata=metadata)
     _commit(temporary, path)
 
 

@@ -10,6 +10,7 @@ their greatest common divisor, so "≤" holds exactly. One programme answers eve
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 from functools import reduce
 
@@ -46,13 +47,17 @@ def knapsack(values: np.ndarray, costs: np.ndarray, capacity: int) -> tuple[np.n
     best = np.zeros(capacity + 1)
     choice = np.zeros((n_items, capacity + 1), dtype=np.int8)
     for i in range(n_items):
-        candidates = np.full((n_choices, capacity + 1), np.inf)
+        # One pass per choice keeping the running minimum (an argmin over a [choices, capacity] array
+        # walks it across rows and takes ten times as long); ties keep the first choice.
+        row_best = np.full(capacity + 1, np.inf)
         for j in range(n_choices):
             cost = int(costs[i, j])
             if cost <= capacity:
-                candidates[j, cost:] = best[: capacity + 1 - cost] + values[i, j]
-        choice[i] = candidates.argmin(axis=0)
-        best = candidates.min(axis=0)
+                option = best[: capacity + 1 - cost] + values[i, j]
+                better = option < row_best[cost:]
+                row_best[cost:][better] = option[better]
+                choice[i, cost:][better] = j
+        best = row_best
     return best, choice
 
 
@@ -94,7 +99,16 @@ class Allocator:
         self.unit = unit
         self.unit_costs = -(-self.costs // unit)  # rounded up: a plan within budget in units is within it in bits
         self.capacity = int(self.unit_costs.max(axis=1).sum())
-        self._best, self._choice = knapsack(table.values, self.unit_costs, self.capacity)
+        self._programme: tuple[np.ndarray, np.ndarray] | None = None
+        self._lock = threading.Lock()
+
+    def solve(self) -> tuple[np.ndarray, np.ndarray]:
+        """The dynamic programme's tables (`knapsack`), computed on first use: about half a second and
+        50 MiB for SmolLM2-135M, which a server spends in the background while it loads."""
+        with self._lock:
+            if self._programme is None:
+                self._programme = knapsack(self.table.values, self.unit_costs, self.capacity)
+            return self._programme
 
     @property
     def min_bits(self) -> float:
@@ -107,13 +121,14 @@ class Allocator:
 
     def _picks(self, budget_bits: float) -> list[int]:
         capacity = min(int(budget_bits * self.total_weights) // self.unit, self.capacity)
-        if not np.isfinite(self._best[capacity]):
+        best, choice = self.solve()
+        if not np.isfinite(best[capacity]):
             raise PrecisionError(
                 f"{Precision.mixed(budget_bits)} is below the cheapest plan; allowed storage bits per weight "
                 f"(scales and zero-points included): {math.ceil(self.min_bits * 100) / 100:.2f}.."
                 f"{self.max_bits:.2f}"
             )
-        return backtrack(self._choice, self.unit_costs, capacity)
+        return backtrack(choice, self.unit_costs, capacity)
 
     def point(self, budget_bits: float) -> FrontPoint:
         picks = self._picks(budget_bits)

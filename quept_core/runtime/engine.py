@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from itertools import count
+from pathlib import Path
 
 import torch
 
@@ -28,7 +29,7 @@ from quept_core.planning.plan import Plan, uniform_plan
 from quept_core.precision import Precision, PrecisionError
 from quept_core.quant.elastic import ElasticLinear
 from quept_core.quant.grid import QuantizedWeight
-from quept_core.runtime.kernels.formats import DenseWeight, PackedWeight, pack_weight
+from quept_core.runtime.kernels.formats import DenseWeight, PackedWeight, chosen, pack_weight
 from quept_core.runtime.kvpool import KVPool, KVPoolFull
 from quept_core.runtime.model import (
     HEAD_SITE,
@@ -42,6 +43,7 @@ from quept_core.runtime.model import (
 from quept_core.runtime.native_step import NativeStep
 from quept_core.runtime.native_step import supports as native_supports
 from quept_core.runtime.packcache import PackCache
+from quept_core.runtime.packfiles import PackFiles
 from quept_core.runtime.protocol import SamplingParams, SequenceRequest, StepStats, TokenEvent
 from quept_core.runtime.sampling import Choice, RequestError, Sampler, check_sampling
 from quept_core.runtime.weights import ElasticWeights, ServingWeights
@@ -94,6 +96,7 @@ class QueptEngine:
         mixed_resolver: Callable[[float], Plan] | None = None,
         max_running: int = DEFAULT_MAX_RUNNING,
         native: bool = True,
+        pack_dir: Path | None = None,
     ):
         self.model_name = model_name
         # Decode steps run as one native call where the kernels can (native_step.py); False keeps the
@@ -120,6 +123,8 @@ class QueptEngine:
         self._pack_numels = {name: sum(numels[m] for m in site.members) if name == site.name else numels[name]
                              for site in self._sites() for name in (site.name, *site.members)}
         self.cache = PackCache(self._build_pack, memory_limit_bytes)
+        # Packs read back from disk instead of built (packfiles.py); None: always built from the weights.
+        self.pack_files = PackFiles(pack_dir, self.device) if pack_dir is not None else None
         self.eos_ids = eos_token_ids(tokenizer, weights.config)
         self.max_running = max_running
         self.pool = KVPool(d.n_layers, max_running, d.n_kv_heads, d.max_positions, d.head_dim, self.device,
@@ -218,11 +223,64 @@ class QueptEngine:
         return {bits: numel / total for bits, numel in missing.items()}
 
     def weight_bytes(self, plan: Plan) -> int:
-        """Resident bytes of the weights a plan runs on: its packs plus the norms."""
-        packs = self.cache.ensure(self.pack_keys(plan))
+        """Resident bytes of the weights a plan runs on: its packs (built now if missing) plus the norms."""
+        packs = self._resident(self.pack_keys(plan))
         return sum(p.nbytes for p in packs) + self.model.norm_bytes
 
+    def stored_weight_bytes(self, plan: Plan) -> int | None:
+        """`weight_bytes` of a plan whose packs are all resident or on disk, without building or reading
+        any; None otherwise."""
+        if self.pack_files is None:
+            return None
+        total = self.model.norm_bytes
+        try:
+            for key in self.pack_keys(plan):
+                size = self.cache.nbytes(key) if key in self.cache else self.pack_files.nbytes(*key)
+                if size is None:
+                    return None
+                total += size
+        finally:
+            self.pack_files.close()
+        return total
+
+    def _resident(self, keys: list[PackKey]) -> list[PackedWeight]:
+        """The packs for `keys`, the missing ones built or read now (the pack files' maps closed after)."""
+        try:
+            return self.cache.ensure(keys)
+        finally:
+            if self.pack_files is not None:
+                self.pack_files.close()
+
+    def store_packs(self) -> None:
+        """Write the pack file of every width whose packs (those its uniform plan runs on at that
+        width) are all resident and not stored yet, so that a later engine reads them."""
+        if self.pack_files is None:
+            return
+        for bits in (*self.bit_config.bits, None):
+            plan = uniform_plan(self.linear_names, bits, None if bits is None else self.head_bits)
+            keys = [key for key in self.pack_keys(plan) if key[1] == bits]
+            names = [name for name, _ in keys]
+            if all(key in self.cache for key in keys) and not self.pack_files.holds(bits, names):
+                self.pack_files.write(bits, dict(zip(names, self.cache.ensure(keys), strict=True)))
+        self.pack_files.close()
+
+    def _stored_pack(self, key: PackKey) -> PackedWeight | None:
+        """The pack as the pack files hold it, if they do and its format is still this machine's choice."""
+        name, bits = key
+        pack = self.pack_files.read(name, bits)
+        if pack is None or bits is None:
+            return pack
+        choice = chosen(self.device, bits, self.bit_config.group_size_for(bits), pack.out_features,
+                        pack.in_features, self.dtype)
+        if choice is None or (choice.format, choice.prefill_dense) != (type(pack).__name__, pack.prefill_dense):
+            self.pack_files.outdated(bits)
+            return None
+        return pack
+
     def _build_pack(self, key: PackKey) -> PackedWeight:
+        stored = self._stored_pack(key) if self.pack_files is not None else None
+        if stored is not None:
+            return stored
         name, bits = key
         members = fused_members(name)
         with torch.no_grad():
@@ -253,7 +311,7 @@ class QueptEngine:
             groups.append(by_bits)
         keys = list(dict.fromkeys(key for site, by_bits in zip(sites, groups, strict=True)
                                   for bits in by_bits for key in self._site_keys(site, bits)))
-        packs = dict(zip(keys, self.cache.ensure(keys), strict=True))
+        packs = dict(zip(keys, self._resident(keys), strict=True))
         rows = len(plans)
         site_layouts = []
         for site, by_bits in zip(sites, groups, strict=True):

@@ -23,6 +23,12 @@ from quept_core.runtime.kernels.formats import PackedWeight
 from quept_core.runtime.kvpool import KVPool
 from quept_core.runtime.weights import EMBEDDING, ServingWeights
 
+# What the runtime reads from a transformers config (LlamaDims, RoPE, end-of-sequence ids; head_dim
+# is optional).
+CONFIG_KEYS = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
+               "num_key_value_heads", "vocab_size", "rms_norm_eps", "max_position_embeddings", "rope_parameters",
+               "eos_token_id")
+
 
 @dataclass(frozen=True)
 class LlamaDims:

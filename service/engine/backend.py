@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Protocol
 
 from transformers import PreTrainedTokenizerBase
@@ -25,6 +26,7 @@ class Backend(Protocol):
     kv_bytes_per_token: int  # KV cache bytes one token of one sequence occupies
     shapes: Shapes  # (out_features, in_features) per quantized linear
     build_s: Mapping[str, float]  # seconds that building each uniform plan's packs took at start-up
+    kept_costs: Path | None  # where warm-up's figures are kept between starts (None: measured at every start)
 
     def resolve(self, precision: Precision) -> Plan:
         """A concrete precision (fp, uniform, mixed) to a plan; raises PrecisionError listing what is allowed."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import threading
 import time
 from collections.abc import Mapping
 
@@ -36,6 +37,7 @@ from quept_core.runtime.engine import QueptEngine
 from quept_core.runtime.weights import ElasticWeights
 from service.engine.controller import Candidate
 from service.engine.costs import bit_shares
+from service.engine.warmup import costs_file
 from service.settings import Settings
 
 
@@ -46,6 +48,7 @@ class ModelBackend:
         self.model_id = engine.model_name
         self.artifact_id = artifact_id
         self.device = str(engine.device)
+        self.kept_costs = costs_file(artifact_id, self.device)
         self.bit_set = engine.bit_config.bits
         self.tokenizer = engine.tokenizer
         dims = engine.model.dims
@@ -57,9 +60,14 @@ class ModelBackend:
         self._intervals = dict(quality_intervals or {})  # half-widths of the quality figures' intervals
         # Runs before serving (in the loader thread): building every uniform plan's packs once gives
         # their exact resident bytes and how long they take to build; a mixed plan's follow from its
-        # bit mix.
+        # bit mix. fp, released after warm-up, is sized from its pack file when there is one and built
+        # on its first use (the warm-up's, or a request's).
         self._bytes, self.build_s = {}, {}
         for plan in self._uniform_plans():
+            stored = engine.stored_weight_bytes(plan) if plan.mode == "fp" else None
+            if stored is not None:
+                self._bytes[plan.name] = stored
+                continue
             started = time.perf_counter()
             self._bytes[plan.name] = engine.weight_bytes(plan)
             self.build_s[plan.name] = time.perf_counter() - started
@@ -122,19 +130,20 @@ def load_backend(settings: Settings) -> ModelBackend:
             raise StoreError("the serving store or the mixed-precision extras just written could not be read back")
     store, extras = served
     allocator = Allocator(SensitivityTable.from_dict(extras["sensitivity"]), store.bit_config)
+    threading.Thread(target=allocator.solve, name="quept-allocator", daemon=True).start()  # while packs load
     engine = QueptEngine(store, store.tokenizer(), model_name=store.model_name, device=device,
                          memory_limit_bytes=settings.memory_limit_bytes, mixed_resolver=allocator.plan,
-                         max_running=settings.max_running)
+                         max_running=settings.max_running, pack_dir=store.folder)
     entries = extras["quality"]["plans"]
     quality = {name: entry["ppl_delta_pct"] for name, entry in entries.items()}
     intervals = {name: entry["ppl_delta_interval_pct"] for name, entry in entries.items()
                  if entry.get("ppl_delta_interval_pct") is not None}
     # Stored front plans run the output head like every quantized plan of this engine.
     front = [plan.with_head_bits(engine.head_bits) for plan in stored_plans(extras["plans"])]
-    with store.kept_open():  # the backend builds every uniform plan's packs
+    with store.kept_open():  # the backend builds every uniform plan's packs (read back after the first start)
         backend = ModelBackend(engine, store.artifact_id, front, quality, intervals)
-    _return_freed_memory()
-    return backend
+    engine.store_packs()
+    return backend  # what start-up freed goes back to the system after warm-up (release_after_warmup)
 
 
 def _return_freed_memory() -> None:
@@ -154,9 +163,9 @@ def _served(settings: Settings) -> tuple[ServingStore, dict] | None:
     _, checksum = float_folder(source)
     if settings.artifact is not None:
         artifact_dir = settings.artifact
-        manifest = verify_artifact(artifact_dir, source.name, checksum)
+        manifest = verify_artifact(artifact_dir, source.name, checksum, state=False)
     else:
-        artifact_dir = ready_artifact(source.name, checksum, settings.preset)
+        artifact_dir = ready_artifact(source.name, checksum, settings.preset, state=False)
         if artifact_dir is None:
             return None
         manifest = read_manifest(artifact_dir)

@@ -5,16 +5,30 @@ and its decode step at 1 and at `ROWS` rows (`fixed + per_row x rows`), fewer wh
 fewer sequences. Then the two plans with the fewest weight bytes run together once, for the
 overhead every step pays whatever its widths. Mixed plans need no run of their own: the cost model
 derives them from their bit mix.
+
+The figures are relative costs: the cost model scales them by how fast the host is now. So they are
+measured once per artifact and machine (CPU or GPU, thread count, torch and kernels) and kept in the
+QuEPT cache with the seconds each plan's packs took to build; a later start reads them (build times
+measured again where it builds) and only runs each resident plan once, for what first calls cost.
+Delete the file to measure again (for instance after a start under heavy load).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import statistics
 from collections.abc import Mapping
-from dataclasses import replace
+from dataclasses import asdict, replace
+from pathlib import Path
 
+import torch
+
+from quept_core.io.atomic import write_json_atomic
+from quept_core.io.paths import cache_dir
 from quept_core.planning.plan import Plan
+from quept_core.runtime.kernels.native import machine_key
 from quept_core.runtime.packcache import MemoryLimitError
 from quept_core.runtime.protocol import Engine, SamplingParams, SequenceRequest, StepStats
 from service.engine.costs import CostModel, PlanCost
@@ -27,6 +41,7 @@ PROMPT_TOKENS = 16
 LONG_PROMPT_TOKENS = 64  # the second prefill length
 DECODE_STEPS = 3
 ROWS = 4  # the second running-set size of each decode measurement
+COSTS_VERSION = 1  # bump when what a plan's figures mean changes
 
 
 def warmup_prompt(tokenizer, tokens: int = PROMPT_TOKENS) -> list[int]:
@@ -97,11 +112,48 @@ def measure_shared_overhead(engine: Engine, plans: list[Plan], costs: list[PlanC
     return sum(cost.decode_s(1) for cost in costs) - together
 
 
+def costs_file(artifact_id: str, device: str) -> Path:
+    """Where the figures of an artifact on this machine, device and thread count are kept."""
+    fingerprint = f"{artifact_id}|{machine_key()}|{device}|threads={torch.get_num_threads()}"
+    return cache_dir() / "costs" / f"costs-{hashlib.sha256(fingerprint.encode()).hexdigest()[:12]}.json"
+
+
+def _read_costs(path: Path, plans: list[Plan]) -> tuple[dict[str, PlanCost], float] | None:
+    """The kept figures of every plan in `plans` and the shared overhead, or None (then they are measured)."""
+    if not path.is_file():
+        return None
+    try:
+        kept = json.loads(path.read_text())
+        if kept["version"] != COSTS_VERSION:
+            return None
+        return {plan.name: PlanCost(**kept["plans"][plan.name]) for plan in plans}, float(kept["shared_s"])
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        log.warning("plan costs at %s unreadable (%s); measuring again", path, error)
+        return None
+
+
+def _first_calls(engine: Engine, plan: Plan, prompt_ids: list[int]) -> None:
+    """One short request of `plan`: its packs resident, its decode step built and its kernels called once."""
+    _run(engine, [(SequenceRequest(prompt_ids, plan, SamplingParams(max_new_tokens=2)), 1)])
+
+
 def measure_costs(engine: Engine, plans: list[Plan], tokenizer, costs: CostModel,
-                  weight_bytes: Mapping[str, int], build_s: Mapping[str, float]) -> None:
+                  weight_bytes: Mapping[str, int], build_s: Mapping[str, float], kept: Path | None = None) -> None:
     """Record every uniform plan's figures (with the seconds its packs took to build, `build_s`), then
-    the shared overhead from the two smallest plans."""
+    the shared overhead from the two smallest plans; read from `kept` when an earlier start wrote them
+    there, measured (and written there) otherwise."""
     prompt_ids = warmup_prompt(tokenizer)
+    known = _read_costs(kept, plans) if kept is not None else None
+    if known is not None:
+        figures, shared = known
+        for plan in plans:
+            if not engine.missing_shares(plan):  # a plan built on first use pays its first calls then
+                _first_calls(engine, plan, prompt_ids)
+            cost = figures[plan.name]
+            costs.record(plan, replace(cost, build_s=build_s.get(plan.name, cost.build_s)))
+        costs.record_shared(shared)
+        log.info("plan costs read", extra={"file": str(kept)})
+        return
     measured = {}
     for plan in plans:
         cost = measured[plan] = replace(measure_plan(engine, plan, prompt_ids), build_s=build_s.get(plan.name, 0.0))
@@ -117,3 +169,9 @@ def measure_costs(engine: Engine, plans: list[Plan], tokenizer, costs: CostModel
         shared = measure_shared_overhead(engine, smallest, [measured[p] for p in smallest], prompt_ids)
         costs.record_shared(shared)
         log.info("measured step overhead", extra={"shared_ms": round(shared * 1000, 3)})
+    else:
+        shared = 0.0
+    if kept is not None:
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(kept, {"version": COSTS_VERSION, "shared_s": shared,
+                                 "plans": {plan.name: asdict(cost) for plan, cost in measured.items()}})

@@ -1,5 +1,5 @@
 """The real default model served from its serving store: the first start writes the store and frees
-the transformers model; a later start never loads it. Needs the calibrated fast artifact (the first
+the transformers model and its packs; a later start never loads the model and reads its packs. Needs the calibrated fast artifact (the first
 run of `quept serve` or `quept calibrate --preset fast` makes it)."""
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ import torch
 from transformers import PreTrainedModel
 
 from quept_core.artifact.serving import ServingStore
+from quept_core.precision import FP
+from quept_core.runtime import engine as engine_module
 from quept_core.runtime.protocol import SamplingParams
 from service.engine import loading
 from service.engine.pipeline import GenerationSpec, Pipeline
@@ -55,13 +57,20 @@ def test_the_second_start_serves_from_the_store_without_loading_the_model(tmp_pa
     def no_model(spec):
         raise AssertionError("a start with a serving store loaded the transformers model")
 
+    def no_packing(*_):
+        raise AssertionError("a start with pack files packed weights from their codes")
+
     monkeypatch.setattr(loading, "load_model", no_model)
+    monkeypatch.setattr(engine_module, "pack_weight", no_packing)
     second = loading.load_backend(settings)
     assert isinstance(second.engine.weights, ServingStore)
     assert not [o for o in gc.get_objects() if issubclass(type(o), PreTrainedModel)]
     tokens = second.engine.generate(prompt, second.resolve("w8"), SamplingParams(max_new_tokens=16))
     assert tokens == first_tokens and "Paris" in second.tokenizer.decode(tokens, skip_special_tokens=True)
     resident = second.resident_bytes()
-    assert all(resident.values()), resident  # every uniform plan's packs were built at start
+    # Every quantized plan's packs are read at start; fp is sized from its pack file, read on first use.
+    assert resident.pop("fp") == 0 and all(resident.values()), resident
+    fp = second.resolve(FP)
+    assert second.describe(fp).weight_bytes == second.engine.weight_bytes(fp) > 0
     print(f"\nRSS after the second start, every uniform plan resident: {resident_mb():.0f} MB "
           f"(packs {second.engine.cache.resident_bytes / 2**20:.0f} MiB)")

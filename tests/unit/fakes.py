@@ -220,6 +220,7 @@ class FakeBackend:
         self.shapes = {name: SHAPES[linear_type(name)] for name in names}
         self.numels = {name: out * inp for name, (out, inp) in self.shapes.items()}
         self.build_s: dict[str, float] = {}
+        self.kept_costs = None
 
     def resolve(self, precision: Precision | str) -> Plan:
         if isinstance(precision, str):

@@ -17,6 +17,7 @@ from quept_core.artifact.store import (
     partial_dir,
     read_extra,
     save_artifact,
+    verify_artifact,
     write_extra,
 )
 from quept_core.calibration.loop import CalibrationConfig
@@ -107,6 +108,13 @@ def test_corrupt_or_half_written_artifacts_are_never_loaded(calibrated):
     (folder / "state.safetensors").write_bytes(bytes(data))
     with pytest.raises(ArtifactError, match=r"state.safetensors: missing or checksum mismatch"):
         load_artifact(folder, tiny_loaded())
+    # Serving reads only the manifest and the extras: it skips hashing the state it never reads.
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert verify_artifact(folder, "tiny", manifest["model"]["checksum"], state=False) == manifest
+    write_extra(folder, "front", [])
+    (folder / "extras" / "front.json").write_text("[1]")
+    with pytest.raises(ArtifactError, match=r"front.json: missing or checksum mismatch"):
+        verify_artifact(folder, "tiny", manifest["model"]["checksum"], state=False)
     (folder / "manifest.json").unlink()
     with pytest.raises(ArtifactError, match=r"manifest.json: missing or unreadable, the artifact is incomplete"):
         load_artifact(folder, tiny_loaded())

@@ -1,10 +1,15 @@
-"""Warm-up measures every plan on a real (tiny) engine, whatever the size of its KV pool."""
+"""Warm-up measures every plan on a real (tiny) engine, whatever the size of its KV pool, and a later
+start reads the figures it kept."""
+
+import json
+from dataclasses import astuple, replace
 
 import pytest
 from tiny_llama import tiny_elastic, tiny_loaded
 
 from quept_core.runtime.engine import QueptEngine
-from service.engine.warmup import ROWS, measure_plan, measure_shared_overhead, warmup_prompt
+from service.engine.costs import CostModel
+from service.engine.warmup import ROWS, measure_costs, measure_plan, measure_shared_overhead, warmup_prompt
 
 
 def engine_with(max_running: int) -> QueptEngine:
@@ -26,3 +31,36 @@ def test_warm_up_fits_the_kv_pool_and_leaves_it_free(max_running):
         assert all(cost.decode_s_per_row == 0 for cost in costs)  # one slot: never more than one row
         assert shared == 0.0  # two plans cannot run together
     assert engine.free_slots == max_running and engine.running == 0
+
+
+def test_a_later_start_reads_the_kept_figures_and_only_runs_each_resident_plan_once(tmp_path):
+    engine = engine_with(ROWS + 1)
+    plans = [engine.plan("w4"), engine.plan("w8")]
+    shapes, kept = dict(engine.linear_shapes), tmp_path / "costs.json"
+    first = CostModel(shapes)
+    measure_costs(engine, plans, engine.tokenizer, first, {"w4": 1, "w8": 2}, {"w4": 0.5, "w8": 0.25}, kept)
+    assert kept.is_file()
+
+    steps = []
+    step = engine.step
+    engine.step = lambda: steps.append(1) or step()
+    later = CostModel(shapes)
+    measure_costs(engine, plans, engine.tokenizer, later, {"w4": 1, "w8": 2}, {"w4": 0.125}, kept)
+    assert len(steps) == 2 * len(plans)  # one prefill and one decode step per plan: no measurement
+    # This start's build time where it built, the kept one where it did not.
+    assert astuple(later.cost(plans[0])) == pytest.approx(astuple(replace(first.cost(plans[0]), build_s=0.125)))
+    assert astuple(later.cost(plans[1])) == pytest.approx(astuple(first.cost(plans[1])))
+    both = {plans[0]: 1, plans[1]: 1}
+    assert later.decode_step_s(both) == pytest.approx(first.decode_step_s(both))  # the shared overhead too
+
+
+def test_unreadable_kept_figures_are_measured_again(tmp_path, caplog):
+    engine = engine_with(2)
+    plans = [engine.plan("w4")]
+    kept = tmp_path / "costs.json"
+    kept.write_text("{not json")
+    costs = CostModel(dict(engine.linear_shapes))
+    with caplog.at_level("WARNING"):
+        measure_costs(engine, plans, engine.tokenizer, costs, {"w4": 1}, {}, kept)
+    assert "unreadable" in caplog.text and costs.cost(plans[0]).decode_s(1) > 0
+    assert json.loads(kept.read_text())["plans"]["w4"]["decode_s_fixed"] == pytest.approx(costs.cost(plans[0]).decode_s_fixed)

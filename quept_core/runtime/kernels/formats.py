@@ -77,6 +77,45 @@ class PackedWeight:
     def tensors(self) -> list[torch.Tensor]:
         raise NotImplementedError
 
+    # ---- on disk (runtime/packfiles.py) ---------------------------------------------------------
+
+    def state(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        """What restores this pack without packing again: its plain attributes and its tensors (a list of
+        tensors as `name.0`, `name.1`, ...). Kernel handles are not state: `_bind` looks them up again."""
+        attrs, tensors = {}, {}
+        for key, value in vars(self).items():
+            if key.startswith("_"):
+                continue
+            if isinstance(value, torch.Tensor):
+                tensors[key] = value
+            elif isinstance(value, list):
+                attrs[key] = {"tensors": len(value)}
+                tensors |= {f"{key}.{i}": t for i, t in enumerate(value)}
+            elif isinstance(value, torch.dtype):
+                attrs[key] = {"dtype": str(value).removeprefix("torch.")}
+            else:
+                attrs[key] = value
+        return attrs, tensors
+
+    @classmethod
+    def restore(cls, attrs: dict, tensors: dict[str, torch.Tensor]) -> PackedWeight:
+        """The pack `state()` described, over `tensors` (already on the device it runs on)."""
+        pack = cls.__new__(cls)
+        for key, value in attrs.items():
+            if isinstance(value, dict) and "tensors" in value:
+                value = [tensors[f"{key}.{i}"] for i in range(value["tensors"])]
+            elif isinstance(value, dict):
+                value = getattr(torch, value["dtype"])
+            setattr(pack, key, value)
+        for key, tensor in tensors.items():
+            if "." not in key:
+                setattr(pack, key, tensor)
+        pack._bind()
+        return pack
+
+    def _bind(self) -> None:
+        """Look up the native kernels this format calls (formats without any have nothing to do)."""
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x [batch, tokens, in] or [tokens, in]."""
         if self.prefill_dense and x.shape[-2] > PACKED_MAX_TOKENS:
@@ -137,10 +176,13 @@ class Int4Packed(PackedWeight):
         self.out_features, self.in_features, self.dtype, self.group = n, k, dtype, qw.group_size
         self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(qw.codes.to(torch.int32).contiguous(), 2)
         offset = (8 - qw.zero) * qw.scale
-        self._native_dequant = int4pack_dequant() if dtype == torch.bfloat16 else None
         self.scale_zero = torch.stack([qw.scale, offset], dim=-1).transpose(0, 1).contiguous().to(dtype)
+        self._bind()
         if not torch.equal(self._codes(torch.arange(n, device=qw.codes.device)), qw.codes):
             raise ValueError(f"int4 layout check failed for a [{n}, {k}] weight")
+
+    def _bind(self) -> None:
+        self._native_dequant = int4pack_dequant() if self.dtype == torch.bfloat16 else None
 
     @staticmethod
     def supports(qw: QuantizedWeight, device: torch.device) -> bool:
@@ -282,7 +324,10 @@ class BitPlanes(PackedWeight):
         self.zero = qw.zero.to(torch.int16).contiguous()
         if not torch.equal(self.zero.float(), qw.zero):
             raise ValueError("zero-points do not fit int16")
-        on_cpu = qw.codes.device.type == "cpu"
+        self._bind()
+
+    def _bind(self) -> None:
+        on_cpu = self.scale.device.type == "cpu"
         self._native = planes_gemv() if on_cpu else None
         self._native_dequant = planes_dequant() if on_cpu else None
 
@@ -376,6 +421,9 @@ class LutPlanes(PackedWeight):
         self.zero = zero.to(torch.int16)
         if not torch.equal(self.zero.float(), zero):
             raise ValueError("zero-points do not fit int16")
+        self._bind()
+
+    def _bind(self) -> None:
         self._native, self._native_dequant = lut_gemv(), lut_dequant()
 
     @staticmethod
@@ -509,6 +557,12 @@ def pack_weight(qw: QuantizedWeight, dtype: torch.dtype) -> PackedWeight:
     log.info("%d-bit [%d, %d] weights: %s, prefill %s", qw.bits, *qw.codes.shape, type(pack).__name__,
              "dequantize + dense matmul" if pack.prefill_dense else "packed kernel")
     return pack
+
+
+def chosen(device: torch.device, bits: int, group_size: int, out_features: int, in_features: int,
+           dtype: torch.dtype) -> Choice | None:
+    """The format `pack_weight` packs such a weight in on `device`, once it has been chosen."""
+    return _book(device).get(bits, group_size, out_features, in_features, dtype)
 
 
 def kernel_choices(device: torch.device) -> dict[str, Choice]:
