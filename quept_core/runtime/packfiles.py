@@ -85,10 +85,14 @@ class PackFiles:
             index[name] = {"format": type(pack).__name__, "attrs": attrs, "nbytes": pack.nbytes,
                            "tensors": [f"{name}/{key}" for key in state]}
             tensors |= {f"{name}/{key}": tensor for key, tensor in state.items()}
-        self.folder.mkdir(parents=True, exist_ok=True)
         self._forget(bits)
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            save_tensors_atomic(self.folder / width_file(bits), tensors, metadata={_INDEX: json.dumps(index)})
+        except OSError as error:  # a read-only or full cache costs later starts time, not this one its start
+            log.warning("packs of %s not stored (%s); later starts build them again", width_file(bits), error)
+            return
         self._outdated.discard(bits)
-        save_tensors_atomic(self.folder / width_file(bits), tensors, metadata={_INDEX: json.dumps(index)})
         log.info("stored %d packs of %s", len(packs), width_file(bits))
 
     def close(self) -> None:

@@ -112,9 +112,12 @@ def measure_shared_overhead(engine: Engine, plans: list[Plan], costs: list[PlanC
     return sum(cost.decode_s(1) for cost in costs) - together
 
 
-def costs_file(artifact_id: str, device: str) -> Path:
-    """Where the figures of an artifact on this machine, device and thread count are kept."""
-    fingerprint = f"{artifact_id}|{machine_key()}|{device}|threads={torch.get_num_threads()}"
+def costs_file(artifact_id: str, device: str, slots: int, memory_limit_bytes: int | None) -> Path:
+    """Where the figures of an artifact on this machine, device and thread count are kept. The KV
+    slots and the memory limit are part of the name: they bound the rows and the plans the warm-up
+    can run together."""
+    fingerprint = (f"{artifact_id}|{machine_key()}|{device}|threads={torch.get_num_threads()}"
+                   f"|rows={min(ROWS, slots)}|limit={memory_limit_bytes}")
     return cache_dir() / "costs" / f"costs-{hashlib.sha256(fingerprint.encode()).hexdigest()[:12]}.json"
 
 
@@ -172,6 +175,9 @@ def measure_costs(engine: Engine, plans: list[Plan], tokenizer, costs: CostModel
     else:
         shared = 0.0
     if kept is not None:
-        kept.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(kept, {"version": COSTS_VERSION, "shared_s": shared,
-                                 "plans": {plan.name: asdict(cost) for plan, cost in measured.items()}})
+        try:
+            kept.parent.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(kept, {"version": COSTS_VERSION, "shared_s": shared,
+                                     "plans": {plan.name: asdict(cost) for plan, cost in measured.items()}})
+        except OSError as error:
+            log.warning("plan costs not kept at %s (%s); later starts measure them again", kept, error)

@@ -109,3 +109,14 @@ def test_a_pack_in_a_format_no_longer_chosen_is_built_again_and_its_file_rewritt
     later.store_packs()
     assert [bits for bits, _ in written] == [3]
     assert all(isinstance(pack, PackedWeight) for pack in written[0][1].values())
+
+
+def test_a_cache_that_cannot_be_written_costs_later_starts_time_not_this_one_its_start(store, monkeypatch, caplog):
+    def full(*_, **__):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("quept_core.runtime.packfiles.save_tensors_atomic", full)
+    with caplog.at_level(logging.WARNING):
+        engine, logits = first_engine(store)
+    assert "not stored" in caplog.text and not list(pack_folder(engine).glob("*.safetensors"))
+    assert torch.equal(engine.logits(TOKENS, engine.plan("w4")), logits["w4"])

@@ -9,7 +9,14 @@ from tiny_llama import tiny_elastic, tiny_loaded
 
 from quept_core.runtime.engine import QueptEngine
 from service.engine.costs import CostModel
-from service.engine.warmup import ROWS, measure_costs, measure_plan, measure_shared_overhead, warmup_prompt
+from service.engine.warmup import (
+    ROWS,
+    costs_file,
+    measure_costs,
+    measure_plan,
+    measure_shared_overhead,
+    warmup_prompt,
+)
 
 
 def engine_with(max_running: int) -> QueptEngine:
@@ -64,3 +71,12 @@ def test_unreadable_kept_figures_are_measured_again(tmp_path, caplog):
         measure_costs(engine, plans, engine.tokenizer, costs, {"w4": 1}, {}, kept)
     assert "unreadable" in caplog.text and costs.cost(plans[0]).decode_s(1) > 0
     assert json.loads(kept.read_text())["plans"]["w4"]["decode_s_fixed"] == pytest.approx(costs.cost(plans[0]).decode_s_fixed)
+
+
+def test_kept_figures_are_per_running_set_size_and_memory_limit():
+    """A one-slot or memory-limited warm-up cannot measure rows or plans together: its figures are
+    never read by a server without those bounds."""
+    name = costs_file("a" * 16, "cpu", 16, None)
+    assert name == costs_file("a" * 16, "cpu", ROWS + 1, None)  # both measure ROWS rows
+    assert len({name, costs_file("a" * 16, "cpu", 1, None), costs_file("a" * 16, "cpu", 16, 150 << 20),
+                costs_file("b" * 16, "cpu", 16, None)}) == 4
