@@ -21,6 +21,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from quept_core.io.atomic import save_tensors_atomic
+from quept_core.runtime.kernels.choices import device_name
 from quept_core.runtime.kernels.formats import FORMATS, DenseWeight, PackedWeight
 
 log = logging.getLogger(__name__)
@@ -31,8 +32,7 @@ _INDEX = "packs"  # the metadata entry: {pack name: {"format": ..., "attrs": {..
 
 
 def _device_label(device: torch.device) -> str:
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name)
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", device_name(device))
 
 
 def width_file(bits: int | None) -> str:

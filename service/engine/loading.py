@@ -48,7 +48,7 @@ class ModelBackend:
         self.model_id = engine.model_name
         self.artifact_id = artifact_id
         self.device = str(engine.device)
-        self.kept_costs = costs_file(artifact_id, self.device, engine.max_running, engine.cache.limit_bytes)
+        self.kept_costs = costs_file(artifact_id, engine.device, engine.max_running, engine.cache.limit_bytes)
         self.bit_set = engine.bit_config.bits
         self.tokenizer = engine.tokenizer
         dims = engine.model.dims

@@ -15,7 +15,6 @@ Delete the file to measure again (for instance after a start under heavy load).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import statistics
@@ -28,7 +27,7 @@ import torch
 from quept_core.io.atomic import write_json_atomic
 from quept_core.io.paths import cache_dir
 from quept_core.planning.plan import Plan
-from quept_core.runtime.kernels.native import machine_key
+from quept_core.runtime.kernels.choices import machine_digest
 from quept_core.runtime.packcache import MemoryLimitError
 from quept_core.runtime.protocol import Engine, SamplingParams, SequenceRequest, StepStats
 from service.engine.costs import CostModel, PlanCost
@@ -112,13 +111,12 @@ def measure_shared_overhead(engine: Engine, plans: list[Plan], costs: list[PlanC
     return sum(cost.decode_s(1) for cost in costs) - together
 
 
-def costs_file(artifact_id: str, device: str, slots: int, memory_limit_bytes: int | None) -> Path:
+def costs_file(artifact_id: str, device: torch.device, slots: int, memory_limit_bytes: int | None) -> Path:
     """Where the figures of an artifact on this machine, device and thread count are kept. The KV
     slots and the memory limit are part of the name: they bound the rows and the plans the warm-up
     can run together."""
-    fingerprint = (f"{artifact_id}|{machine_key()}|{device}|threads={torch.get_num_threads()}"
-                   f"|rows={min(ROWS, slots)}|limit={memory_limit_bytes}")
-    return cache_dir() / "costs" / f"costs-{hashlib.sha256(fingerprint.encode()).hexdigest()[:12]}.json"
+    digest = machine_digest(device, artifact_id, f"rows={min(ROWS, slots)}", f"limit={memory_limit_bytes}")
+    return cache_dir() / "costs" / f"costs-{digest}.json"
 
 
 def _read_costs(path: Path, plans: list[Plan]) -> tuple[dict[str, PlanCost], float] | None:

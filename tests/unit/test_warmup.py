@@ -5,6 +5,7 @@ import json
 from dataclasses import astuple, replace
 
 import pytest
+import torch
 from tiny_llama import tiny_elastic, tiny_loaded
 
 from quept_core.runtime.engine import QueptEngine
@@ -76,7 +77,8 @@ def test_unreadable_kept_figures_are_measured_again(tmp_path, caplog):
 def test_kept_figures_are_per_running_set_size_and_memory_limit():
     """A one-slot or memory-limited warm-up cannot measure rows or plans together: its figures are
     never read by a server without those bounds."""
-    name = costs_file("a" * 16, "cpu", 16, None)
-    assert name == costs_file("a" * 16, "cpu", ROWS + 1, None)  # both measure ROWS rows
-    assert len({name, costs_file("a" * 16, "cpu", 1, None), costs_file("a" * 16, "cpu", 16, 150 << 20),
-                costs_file("b" * 16, "cpu", 16, None)}) == 4
+    cpu = torch.device("cpu")
+    name = costs_file("a" * 16, cpu, 16, None)
+    assert name == costs_file("a" * 16, cpu, ROWS + 1, None)  # both measure ROWS rows
+    assert len({name, costs_file("a" * 16, cpu, 1, None), costs_file("a" * 16, cpu, 16, 150 << 20),
+                costs_file("b" * 16, cpu, 16, None)}) == 4

@@ -35,15 +35,20 @@ def _shape_key(device: torch.device, bits: int, group: int, out_features: int, i
     return f"{device.type}/w{bits}/g{group}/{out_features}x{in_features}/{dtype}".replace("torch.", "")
 
 
-def _device_name(device: torch.device) -> str:
+def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def machine_digest(device: torch.device, *more: str) -> str:
+    """A short hash of what measurements on `device` depend on (torch, the CPU, the kernels, the device,
+    the thread count) and of `more`: the name of a file of such measurements."""
+    fingerprint = "|".join((machine_key(), device_name(device), f"threads={torch.get_num_threads()}", *more))
+    return hashlib.sha256(fingerprint.encode()).hexdigest()[:12]
 
 
 def choices_path(device: torch.device) -> Path:
     """The file of choices for this machine, device and thread count."""
-    fingerprint = f"{machine_key()}|{_device_name(device)}|threads={torch.get_num_threads()}"
-    digest = hashlib.sha256(fingerprint.encode()).hexdigest()[:12]
-    return cache_dir() / "kernels" / f"choices-{digest}.json"
+    return cache_dir() / "kernels" / f"choices-{machine_digest(device)}.json"
 
 
 class ChoiceBook:
@@ -73,7 +78,7 @@ class ChoiceBook:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with file_lock(self.path.with_suffix(".lock")):
             merged = {**self._read(), **self._entries}  # another process may have added shapes meanwhile
-            write_json_atomic(self.path, {"device": _device_name(self.device), "threads": torch.get_num_threads(),
+            write_json_atomic(self.path, {"device": device_name(self.device), "threads": torch.get_num_threads(),
                                           "torch": torch.__version__, "choices": merged})
             self._entries = merged
 
