@@ -3,8 +3,9 @@
 An artifact is a folder:
   manifest.json        format version, base-model checksum, bit set, group sizes, ranks, calibration
                        config and seed, calibration data, library versions, file checksums, extras
-  state.safetensors    per linear: lora_A, lora_B, clip_up.<b>, clip_low.<b> (not the frozen weights,
-                       which the manifest binds by the base model's checksum)
+  state.safetensors    per linear: lora_A, lora_B, clip_up.<b>, clip_low.<b>, input_scale (not the frozen
+                       weights, which the manifest binds by the base model's checksum; loading folds the
+                       input scales into them and into their inputs' producers)
   extras/<name>.json   further documents (sensitivity table, mixed-precision front), listed in the manifest
 
 The folder is built under a temporary name and renamed into place, so a half-written artifact
@@ -28,6 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from quept_core.calibration.data import calibration_tokens
+from quept_core.calibration.equalize import fold_input_scales
 from quept_core.calibration.loop import CalibrationConfig, CalibrationResult, calibrate
 from quept_core.config import BitConfig
 from quept_core.io.atomic import file_lock, replacing_folder, write_bytes_atomic, write_json_atomic
@@ -44,7 +46,7 @@ from quept_core.quant.elastic import (
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: input scales (activation-aware equalization) in the state
 MANIFEST = "manifest.json"
 STATE = "state.safetensors"
 EXTRAS = "extras"
@@ -182,18 +184,30 @@ def _elastic_for(loaded: LoadedModel, bit_config: BitConfig, artifact_dir: Path)
     return existing
 
 
+def _same_input_scales(elastic: dict[str, ElasticLinear], state: dict[str, torch.Tensor]) -> bool:
+    """Whether elastic linears already in a model carry the state's input scales (folded into their weights)."""
+    return all(torch.equal(m.input_scale, state.get(f"{name}.input_scale", m.input_scale)) for name, m in elastic.items())
+
+
 def load_artifact(artifact_dir: Path | str, loaded: LoadedModel) -> CalibratedModel:
     """Verify an artifact against `loaded` and swap its calibrated elastic linears into `loaded.model`."""
     artifact_dir = Path(artifact_dir)
     manifest = verify_artifact(artifact_dir, loaded.name, loaded.checksum)
     bit_config = BitConfig.from_dict(manifest["bit_config"])
+    fresh = not elastic_linears(loaded.model)
     elastic = _elastic_for(loaded, bit_config, artifact_dir)
     device = loaded.model.get_input_embeddings().weight.device
+    state = load_file(str(artifact_dir / STATE), device=str(device))
+    if not fresh and not _same_input_scales(elastic, state):
+        raise ArtifactError(f"{artifact_dir}: the model already carries weights equalized for another "
+                            f"calibration; load a fresh base model before loading this artifact")
     try:
-        load_trainable_state(elastic, load_file(str(artifact_dir / STATE), device=str(device)))
+        load_trainable_state(elastic, state)
     except (KeyError, ValueError) as error:
         raise ArtifactError(f"{artifact_dir / STATE}: does not fit '{loaded.name}' ({error}); "
                             f"{_calibrate_hint(artifact_dir, manifest)}") from None
+    if fresh:
+        fold_input_scales(loaded.model.model.layers)
     set_bits(loaded.model, None)
     return CalibratedModel(loaded, bit_config, elastic, manifest, artifact_dir)
 

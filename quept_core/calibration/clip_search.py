@@ -59,7 +59,7 @@ def input_grams(
     return grams
 
 
-def _diagonal_blocks(gram: torch.Tensor, group_size: int) -> torch.Tensor:
+def diagonal_blocks(gram: torch.Tensor, group_size: int) -> torch.Tensor:
     """[in, in] -> [n_groups, group, group]: the Gram blocks of each input group (zero-padded)."""
     in_features = gram.shape[0]
     if group_size == -1:
@@ -80,7 +80,7 @@ def best_clip_logits(
     out_features, in_features = weight.shape
     groups = num_groups(in_features, group_size)
     width = in_features if group_size == -1 else group_size
-    blocks = _diagonal_blocks(gram, group_size)
+    blocks = diagonal_blocks(gram, group_size)
     pad = groups * width - in_features
     best_error = torch.full((out_features, groups), math.inf, device=weight.device)
     best_logit = torch.zeros(out_features, groups, device=weight.device)

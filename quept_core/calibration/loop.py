@@ -2,7 +2,8 @@
 
 For each decoder block, in order:
 1. the full-precision target: one plain FP forward pass on the FP-chain input;
-2. clip logits start from a per-group clip-ratio grid search (`clip_search.py`);
+2. activation-aware equalization: input channels rescaled, shared by every bit (`equalize.py`);
+   then the clip logits start from a per-group clip-ratio grid search (`clip_search.py`);
 3. training: every step draws one bit per tier, sums the tiers' token-mean L1 losses against the
    FP target on the quantized-chain input, and takes one backward pass and one Adam step on the
    block's LoRA factors and clip logits (cosine decay to lr / min_lr_factor);
@@ -30,6 +31,7 @@ from tqdm.auto import tqdm
 
 from quept_core.calibration.checkpoint import CalibrationCheckpoint
 from quept_core.calibration.clip_search import clip_ratios, init_clips, input_grams
+from quept_core.calibration.equalize import alphas, equalize_block, fold_input_scales
 from quept_core.calibration.tome import default_tome_weights, merge_tiers
 from quept_core.config import BitConfig
 from quept_core.quant.elastic import ElasticLinear, elastic_linears, make_elastic, set_bits
@@ -54,8 +56,14 @@ class CalibrationConfig:
     tome_ratio: float = 0.5  # share of tokens that keep the high-bit output
     tome_weights: tuple[float, ...] | None = None  # λ per tier, low -> high; None: default_tome_weights
     clip_search: bool = True
-    clip_search_samples: int = 4  # sequences whose inputs feed the clip-ratio search
+    clip_search_samples: int = 4  # sequences whose inputs feed the equalization and the clip-ratio search
     clip_search_grid: int = 20  # shrink ratios tried: 1.0, 0.975, ... (steps of 0.025)
+    equalize: bool = True  # activation-aware input scaling before the clip search
+    # The widths whose output error the scale search minimises (one scale serves every width); None: the
+    # bits of the two lowest tiers, where equalization matters. Adding 8 bits measured worse at 4 bits and
+    # searches its per-row grid on the full Gram matrix (docs/benchmarks.md, "Activation-aware equalization").
+    equalize_bits: tuple[int, ...] | None = None
+    equalize_grid: int = 20  # exponents tried: 0, 0.05, ... (steps of 0.05)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -65,6 +73,12 @@ class CalibrationConfig:
         for name, value in positive.items():
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"CalibrationConfig.{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.equalize_grid, int) or not 1 <= self.equalize_grid <= 20:
+            raise ValueError(f"CalibrationConfig.equalize_grid must be in 1..20, got {self.equalize_grid!r}")
+        if self.equalize_bits is not None and (
+                not self.equalize_bits or not set(self.equalize_bits) <= set(self.bit_config.bits)):
+            raise ValueError(f"CalibrationConfig.equalize_bits must be a non-empty subset of the bit set "
+                             f"{self.bit_config.bits}, got {self.equalize_bits!r}")
         if self.clip_search_grid >= 40:
             raise ValueError(f"CalibrationConfig.clip_search_grid must be in 1..39, got {self.clip_search_grid}")
         for name in ("lora_lr", "clip_lr"):
@@ -94,6 +108,10 @@ class CalibrationConfig:
         return self.epochs * math.ceil(self.n_samples / self.batch_size)
 
     @property
+    def scale_search_bits(self) -> tuple[int, ...]:
+        return self.equalize_bits or tuple(b for tier in self.bit_config.tiers[:2] for b in tier)
+
+    @property
     def merge_weights(self) -> tuple[float, ...]:
         return self.tome_weights or default_tome_weights(len(self.bit_config.tiers))
 
@@ -108,6 +126,8 @@ class CalibrationConfig:
         values = dict(data)
         values["bit_config"] = BitConfig.from_dict(values["bit_config"])
         values["tome_weights"] = tuple(values["tome_weights"])
+        if values["equalize_bits"] is not None:
+            values["equalize_bits"] = tuple(values["equalize_bits"])
         return cls(**values)
 
 
@@ -291,22 +311,30 @@ def calibrate(
         if resumed is not None:
             start, x_fp, x_q = resumed.next_block, resumed.x_fp, resumed.x_q
             records = [BlockRecord(**r) for r in resumed.records]
+            fold_input_scales(layers[:start])  # the finished blocks' weights as their training saw them
 
     blocks_bar = tqdm(total=len(layers), initial=start, desc="calibrate", unit="block", disable=not progress)
     for k in range(start, len(layers)):
         block_start = time.perf_counter()
         block = layers[k]
         prefix = f"model.layers.{k}."
-        linears = [m for name, m in elastic.items() if name.startswith(prefix)]
+        by_path = {name.removeprefix(prefix): m for name, m in elastic.items() if name.startswith(prefix)}
+        linears = list(by_path.values())
         rng = random.Random(f"{config.seed}:{k}")  # one stream per block: resuming needs no saved RNG state
 
         y_fp = _forward_all(block, x_fp, block_kwargs, None, inference_batch).clone()
-        if config.clip_search:
+        if config.clip_search or config.equalize:
             samples = x_q[: config.clip_search_samples]
             set_bits(block, None)
             grams = input_grams(block, linears, (samples[part] for part in _chunks(len(samples), inference_batch)),
                                 block_kwargs)
-            init_clips(linears, grams, config.bit_config.bits, clip_ratios(config.clip_search_grid))
+            if config.equalize:
+                grams_by_path = dict(zip(by_path, grams, strict=True))
+                equalize_block(block, by_path, grams_by_path, config.scale_search_bits,
+                               alphas(config.equalize_grid))
+                grams = list(grams_by_path.values())
+            if config.clip_search:
+                init_clips(linears, grams, config.bit_config.bits, clip_ratios(config.clip_search_grid))
         steps_bar = tqdm(total=config.steps_per_block, desc=f"block {k + 1}/{len(layers)}", unit="step",
                          leave=False, disable=not progress)
         first, last = _train_block(block, linears, x_q, y_fp, block_kwargs, config, rng, steps_bar)

@@ -35,6 +35,9 @@ class ElasticLinear(nn.Module):
             group = bit_config.group_size_for(bits)
             self.clip_up[str(bits)] = nn.Parameter(init_clip_logits(out_features, in_features, group))
             self.clip_low[str(bits)] = nn.Parameter(init_clip_logits(out_features, in_features, group))
+        # The activation-aware input scale folded into this linear's columns (calibration/equalize.py);
+        # ones when the model was not equalized.
+        self.register_buffer("input_scale", torch.ones(in_features))
         self.bits: int | None = None  # None: full precision
         # The LoRA init is drawn on the CPU generator (the same on every device), then moved.
         self.to(linear.weight.device)
@@ -89,10 +92,12 @@ def make_elastic(model: nn.Module, bit_config: BitConfig, seed: int = 0) -> dict
 
 
 def trainable_state(elastic: dict[str, ElasticLinear]) -> dict[str, torch.Tensor]:
-    """The calibrated state (LoRA factors and clip logits, not the frozen weights) by flat key:
-    `<linear>.lora_A`, `<linear>.lora_B`, `<linear>.clip_up.<bits>`, `<linear>.clip_low.<bits>`."""
+    """The calibrated state (LoRA factors, clip logits and input scales, not the frozen weights) by flat
+    key: `<linear>.lora_A`, `<linear>.lora_B`, `<linear>.clip_up.<bits>`, `<linear>.clip_low.<bits>`,
+    `<linear>.input_scale`."""
     state: dict[str, torch.Tensor] = {}
     for name, linear in elastic.items():
+        state[f"{name}.input_scale"] = linear.input_scale.detach().cpu().contiguous()
         state[f"{name}.lora_A"] = linear.lora_A.detach().cpu().contiguous()
         state[f"{name}.lora_B"] = linear.lora_B.detach().cpu().contiguous()
         for bits in linear.bit_config.bits:
@@ -109,7 +114,7 @@ def load_trainable_state(elastic: dict[str, ElasticLinear], state: dict[str, tor
     if missing:
         raise KeyError(f"state lacks {len(missing)} tensors, first: {missing[0]}")
     for name, linear in elastic.items():
-        targets = {"lora_A": linear.lora_A, "lora_B": linear.lora_B}
+        targets = {"input_scale": linear.input_scale, "lora_A": linear.lora_A, "lora_B": linear.lora_B}
         for bits in linear.bit_config.bits:
             targets[f"clip_up.{bits}"] = linear.clip_up[str(bits)]
             targets[f"clip_low.{bits}"] = linear.clip_low[str(bits)]

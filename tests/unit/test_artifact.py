@@ -59,8 +59,18 @@ def test_load_gives_the_calibrated_model_back(calibrated):
     fresh = load_artifact(folder, tiny_loaded())
     assert fresh.bit_config.bits == (3, 4, 5, 6, 7, 8)
     assert len(fresh.elastic) == 14 and len(fresh.artifact_id) == 16
+    assert any(not torch.equal(m.input_scale, torch.ones_like(m.input_scale)) for m in fresh.elastic.values())
     for bits in (3, 6, 8, None):
         assert torch.equal(_logits(fresh.loaded.model, bits), _logits(loaded.model, bits)), bits
+
+
+def test_a_model_equalized_for_another_calibration_is_refused(calibrated, tmp_path):
+    loaded, folder = calibrated
+    other = tmp_path / "other"
+    calibrate_artifact(tiny_loaded(), dataclasses.replace(CONFIG, seed=1), other, progress=False)
+    with pytest.raises(ArtifactError, match="equalized for another calibration; load a fresh base model"):
+        load_artifact(other, loaded)
+    assert torch.equal(_logits(load_artifact(folder, loaded).loaded.model, 3), _logits(loaded.model, 3))
 
 
 def test_manifest_records_what_binds_and_reproduces_the_artifact(calibrated):

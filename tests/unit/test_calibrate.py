@@ -51,7 +51,8 @@ def test_switching_bits_back_and_forth_gives_identical_logits():
 
 def test_resume_after_an_interrupt_gives_the_same_state(tmp_path, monkeypatch):
     config = CalibrationConfig(**SMALL)
-    reference = calibrate(tiny_loaded().model, config, _tokens(), checkpoint_dir=tmp_path / "a", progress=False)
+    reference_model = tiny_loaded().model
+    reference = calibrate(reference_model, config, _tokens(), checkpoint_dir=tmp_path / "a", progress=False)
 
     save_block = CalibrationCheckpoint.save_block
 
@@ -63,13 +64,20 @@ def test_resume_after_an_interrupt_gives_the_same_state(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         calibrate(tiny_loaded().model, config, _tokens(), checkpoint_dir=tmp_path / "b", progress=False)
     monkeypatch.setattr(CalibrationCheckpoint, "save_block", save_block)
-    resumed = calibrate(tiny_loaded().model, config, _tokens(), checkpoint_dir=tmp_path / "b", progress=False)
+    resumed_model = tiny_loaded().model
+    resumed = calibrate(resumed_model, config, _tokens(), checkpoint_dir=tmp_path / "b", progress=False)
 
     assert resumed.resumed_from == 1
     assert [r.last_loss for r in resumed.records] == [r.last_loss for r in reference.records]
     expected, actual = trainable_state(reference.elastic), trainable_state(resumed.elastic)
     assert expected.keys() == actual.keys()
     assert all(torch.equal(expected[k], actual[k]) for k in expected)
+    tokens = _tokens(2, 16, seed=1)
+    with torch.no_grad():  # the finished blocks' input scales are folded into the weights again
+        for bits in (3, None):
+            set_bits(reference_model, bits)
+            set_bits(resumed_model, bits)
+            assert torch.equal(resumed_model(tokens).logits, reference_model(tokens).logits), bits
 
 
 def test_a_checkpoint_of_other_data_is_not_resumed(tmp_path):
@@ -94,6 +102,8 @@ def test_presets_and_config_errors_name_the_field():
         CalibrationConfig.from_preset("slow")
     with pytest.raises(ValueError, match="CalibrationConfig.n_samples must be a positive integer"):
         CalibrationConfig(n_samples=0)
+    with pytest.raises(ValueError, match="CalibrationConfig.equalize_grid must be in 1..20"):
+        CalibrationConfig(equalize_grid=0)
     with pytest.raises(ValueError, match="CalibrationConfig.tome_weights needs one weight per tier"):
         CalibrationConfig(tome_weights=(0.5, 0.5))
     with pytest.raises(ValueError, match="tokens must be a LongTensor"):
