@@ -5,8 +5,10 @@ concurrency levels (multiples of what the server serves at once) and reports, pe
 time to first token p50/p99 per precision served, downgrade and rejection rates, timeouts and the
 server's peak resident memory (the kernel's high-water mark with --server-pid, else sampled from
 its `process_resident_memory_bytes`), and how far the controller's latency predictions were from
-what each request measured (|predicted / measured - 1|, p50 and p90), and the share of answered
-requests with a latency budget that finished within it. With `--hog-s`, busy-loop
+what each request measured (|predicted / measured - 1|, p50 and p90), the share of answered
+requests with a latency budget that finished within it, and the share of budgeted `auto` requests
+whose plan was the best-quality one that met the budget (the server's `quept_budget_choices_total`
+over the level: within budget, and no plan of better quality would have been). With `--hog-s`, busy-loop
 processes compete for the CPU for that many seconds, started `--hog-delay-s` into each level.
 
     python benchmarks/loadtest.py --url http://127.0.0.1:8000 --levels 1,2,4 --requests 48 \\
@@ -32,6 +34,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
 PROMPTS = (
@@ -77,6 +80,7 @@ class LevelResult:
     ttft_ms: dict = field(default_factory=lambda: defaultdict(list))
     prediction_error: list = field(default_factory=list)  # |predicted / measured - 1| per request
     budget_met: list = field(default_factory=list)  # per answered request with a latency budget: within it?
+    budget_choices: Counter = field(default_factory=Counter)  # budgeted auto requests by outcome (server's count)
     peak_rss_bytes: float = 0.0
 
     def summary(self) -> dict:
@@ -99,7 +103,11 @@ class LevelResult:
             "ttft_ms": {p: {"p50": pct(v, 50), "p99": pct(v, 99), "n": len(v)} for p, v in sorted(self.ttft_ms.items())},
             "prediction_error_p50": pct(self.prediction_error, 50, 3),
             "prediction_error_p90": pct(self.prediction_error, 90, 3),
+            "budgeted": len(self.budget_met),
             "budget_met_rate": round(sum(self.budget_met) / len(self.budget_met), 3) if self.budget_met else None,
+            "budget_choices": dict(self.budget_choices),
+            "best_choice_rate": (round(self.budget_choices["best"] / self.budget_choices.total(), 3)
+                                 if self.budget_choices.total() else None),
             "peak_rss_mb": round(self.peak_rss_bytes / 2**20, 1),
         }
 
@@ -112,12 +120,21 @@ def peak_rss_bytes(pid: int) -> float:
     return 0.0
 
 
+async def _samples(client: httpx.AsyncClient, family: str) -> dict[tuple, float]:
+    """The server's samples of one metric family now, by their label values."""
+    for metric in text_string_to_metric_families((await client.get("/metrics")).text):
+        if metric.name == family:
+            return {tuple(sorted(s.labels.items())): s.value for s in metric.samples}
+    return {}
+
+
 async def _resident_bytes(client: httpx.AsyncClient) -> float:
-    text = (await client.get("/metrics")).text
-    for line in text.splitlines():
-        if line.startswith("process_resident_memory_bytes "):
-            return float(line.split()[1])
-    return 0.0
+    return sum((await _samples(client, "process_resident_memory_bytes")).values())
+
+
+async def _budget_choices(client: httpx.AsyncClient) -> Counter:
+    samples = await _samples(client, "quept_budget_choices")
+    return Counter({dict(labels)["outcome"]: value for labels, value in samples.items()})
 
 
 HOG = "import sys, time\nend = time.monotonic() + float(sys.argv[1])\nwhile time.monotonic() < end:\n    pass\n"
@@ -194,6 +211,7 @@ async def run_level(url: str, concurrency: int, total: int, max_new_tokens: int,
                 result.peak_rss_bytes = max(result.peak_rss_bytes, await _resident_bytes(client))
                 await asyncio.sleep(0.5)
 
+        choices_before = await _budget_choices(client)
         sampler = asyncio.create_task(sample_memory())
         competitor = asyncio.create_task(hog.run()) if hog and hog.seconds > 0 else None
         started = time.monotonic()
@@ -203,6 +221,8 @@ async def run_level(url: str, concurrency: int, total: int, max_new_tokens: int,
         if competitor is not None:
             competitor.cancel()
         result.peak_rss_bytes = max(result.peak_rss_bytes, await _resident_bytes(client))
+        result.budget_choices = Counter({outcome: round(n - choices_before[outcome])
+                                         for outcome, n in (await _budget_choices(client)).items()})
     if server_pid is not None:
         result.peak_rss_bytes = peak_rss_bytes(server_pid)
     return result
@@ -230,14 +250,14 @@ async def main_async(args: argparse.Namespace) -> list[dict]:
 
 def print_table(rows: list[dict]) -> None:
     header = (f"{'level':>5} {'conc':>4} {'sent':>4} {'ok':>4} {'req/s':>6} {'tok/s':>6} {'reject':>6} "
-              f"{'degrade':>7} {'errors':>8} {'RSS MB':>7} {'pred err p50/p90':>16} {'budget met':>10}  ttft p50/p99 ms")
+              f"{'degrade':>7} {'errors':>8} {'RSS MB':>7} {'pred err p50/p90':>16} {'budget met':>10} {'best plan':>9}  ttft p50/p99 ms")
     print(header)
     for r in rows:
         ttft = ", ".join(f"{p} {v['p50']:.0f}/{v['p99']:.0f}" for p, v in r["ttft_ms"].items())
         error = f"{r['prediction_error_p50']}/{r['prediction_error_p90']}"
         print(f"{r['level']:>5} {r['concurrency']:>4} {r['sent']:>4} {r['ok']:>4} {r['goodput_req_s']:>6} "
               f"{r['goodput_tok_s']:>6} {r['rejection_rate']:>6} {r['downgrade_rate']:>7} "
-              f"{sum(r['errors'].values()):>8} {r['peak_rss_mb']:>7} {error:>16} {r['budget_met_rate']!s:>10}  {ttft}")
+              f"{sum(r['errors'].values()):>8} {r['peak_rss_mb']:>7} {error:>16} {r['budget_met_rate']!s:>10} {r['best_choice_rate']!s:>9}  {ttft}")
 
 
 def main() -> None:

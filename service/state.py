@@ -16,7 +16,7 @@ from quept_core.planning.plan import Plan
 from quept_core.precision import uniform_precisions
 from quept_core.runtime.packcache import MemoryLimitError
 from service.engine.backend import Backend
-from service.engine.controller import Controller
+from service.engine.controller import BUDGET_CHOICES, Controller
 from service.engine.costs import CostModel
 from service.engine.pipeline import Pipeline
 from service.engine.scheduler import Scheduler, SchedulerLimits
@@ -83,7 +83,7 @@ class ServiceState:
         backend.release_after_warmup()
         controller = Controller(candidates, self.costs, backend.kv_bytes_per_token, settings.brownout_queue_depth,
                                 backend.engine.missing_shares)
-        self.metrics.start_downgrades_at_zero(controller.downgrades())
+        self.metrics.start_controller_series_at_zero(controller.downgrades(), BUDGET_CHOICES)
         limits = SchedulerLimits(settings.max_queue, settings.max_queue_tokens, settings.max_running)
         self.scheduler = Scheduler(backend.engine, limits, self.metrics, self.costs, self.clock,
                                    on_layout_change=self.refresh_gauges, probes=settings.memory_limit_mb is None)

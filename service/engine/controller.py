@@ -43,6 +43,11 @@ LATENCY = "latency_budget"
 MEMORY = "memory_budget"
 BROWNOUT = "brownout"
 DOWNGRADE_REASONS = (LATENCY, MEMORY, BROWNOUT)
+# How auto's choice under a latency budget turned out (label values of the budget-choice metric).
+BEST = "best"  # within budget, and no plan of better quality would have been
+OVER_BUDGET = "over_budget"
+BETTER_FITTED = "better_plan_fitted"  # within budget, but a plan of better quality would have been too
+BUDGET_CHOICES = (BEST, OVER_BUDGET, BETTER_FITTED, BROWNOUT)
 INFEASIBLE = "infeasible_budget"  # error type of a budget no allowed plan can meet
 OVERLOADED = "overloaded"  # error type of a latency budget that only the current queue puts out of reach
 
@@ -116,6 +121,11 @@ class Decision:
     degraded: bool = False
     reason: str | None = None
     downgraded_from: Plan | None = None  # the plan it would have had without the downgrade
+    # auto with a latency budget, whose choice is scored when it ends (`budget_choice`): better_latency_s is
+    # the lowest predicted latency among the plans of better quality than the chosen one that only the
+    # latency budget ruled out (None: no such plan).
+    budgeted_auto: bool = False
+    better_latency_s: float | None = None
 
     @property
     def plan(self) -> Plan:
@@ -207,8 +217,14 @@ class Controller:
             if level > 0 and cheaper:
                 origin = origin or chosen.plan
                 chosen, reason = cheaper[min(level, len(cheaper)) - 1], BROWNOUT
+        budgeted_auto, better = requested is None and request.budget.latency_s is not None, None
+        if budgeted_auto:
+            memory_only = Budget(memory_bytes=request.budget.memory_bytes)
+            better = min((predictions[c.plan.name].latency_s for c in pool
+                          if quality.key(c) > quality.key(chosen) and not quality.tied(c, chosen)
+                          and _violated(predictions[c.plan.name], memory_only) is None), default=None)
         return Decision(chosen, predictions[chosen.plan.name], degraded=origin is not None, reason=reason,
-                        downgraded_from=origin)
+                        downgraded_from=origin, budgeted_auto=budgeted_auto, better_latency_s=better)
 
     def _refusal(self, request: PlanRequest, pool: list[Candidate], predictions: dict[str, Prediction],
                  load: Load, requested: Candidate | None = None) -> ServiceError:
@@ -244,6 +260,19 @@ class Controller:
             best = min(pool, key=lambda c: predictions[c.plan.name].memory_bytes)
             tail = f"the smallest plan, {best.plan.name}, needs {_describe(predictions[best.plan.name], MEMORY)}"
         return _infeasible_error(f"{head}: {tail}", param)
+
+
+def budget_choice(decision: Decision, budget_s: float, measured_s: float, predicted_s: float) -> str:
+    """How auto's choice under a latency budget turned out, one of BUDGET_CHOICES. The better plans'
+    predictions are scaled by how far the served plan's prediction was off (measured over predicted for
+    the tokens it generated): the host and the load they would have met are the ones it met."""
+    if measured_s > budget_s:
+        return OVER_BUDGET
+    if decision.reason == BROWNOUT:
+        return BROWNOUT
+    if decision.better_latency_s is not None and decision.better_latency_s * measured_s / predicted_s <= budget_s:
+        return BETTER_FITTED
+    return BEST
 
 
 def _infeasible_error(message: str, param: str) -> ServiceError:

@@ -18,7 +18,7 @@ from quept_core.planning.plan import Plan
 from quept_core.precision import Precision, PrecisionError
 from quept_core.runtime.protocol import SamplingParams
 from service.engine.backend import Backend
-from service.engine.controller import MIB, Budget, Controller, Decision, PlanRequest
+from service.engine.controller import MIB, Budget, Controller, Decision, PlanRequest, budget_choice
 from service.engine.scheduler import AdmissionError, Event, Failed, Finished, Job, Scheduler
 from service.engine.textstream import TextStream
 from service.errors import invalid
@@ -166,10 +166,16 @@ class Pipeline:
         return job
 
     def check_budgets(self, prepared: Prepared, finished: Finished) -> None:
-        """Count served requests that exceeded their latency or memory budget."""
-        spec = prepared.spec
-        if spec.latency_budget_ms is not None and finished.timing.total_s * 1000 > spec.latency_budget_ms:
-            self.metrics.budget_violations.labels("latency").inc()
+        """Count served requests that exceeded their latency or memory budget, and how auto's choice
+        under a latency budget turned out."""
+        spec, timing = prepared.spec, finished.timing
+        if spec.latency_budget_ms is not None:
+            budget_s = spec.latency_budget_ms / 1000
+            if timing.total_s > budget_s:
+                self.metrics.budget_violations.labels("latency").inc()
+            if prepared.decision.budgeted_auto and timing.predicted_total_s:
+                outcome = budget_choice(prepared.decision, budget_s, timing.total_s, timing.predicted_total_s)
+                self.metrics.budget_choices.labels(outcome).inc()
         if spec.memory_budget_mb is not None:
             tokens = prepared.spec.n * len(prepared.prompt_ids) + finished.completion_tokens
             used = self.backend.describe(prepared.plan).weight_bytes + tokens * self.backend.kv_bytes_per_token

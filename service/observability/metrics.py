@@ -69,6 +69,10 @@ class Metrics:
                                             ["mode"], registry=r)
         self.budget_violations = Counter("quept_budget_violations_total",
                                          "Served requests that exceeded their budget.", ["budget"], registry=r)
+        self.budget_choices = Counter("quept_budget_choices_total",
+                                      "Served auto requests with a latency budget, by how the choice turned out: "
+                                      "best, over_budget, better_plan_fitted (a plan of better quality would "
+                                      "have met the budget too), brownout.", ["outcome"], registry=r)
         self.admission_rejections = Counter("quept_admission_rejections_total",
                                             "Requests refused before they were queued.", ["reason"], registry=r)
         self.request_failures = Counter("quept_request_failures_total", "Admitted requests that did not finish.",
@@ -97,10 +101,14 @@ class Metrics:
             for value in values:
                 counter.labels(value)
 
-    def start_downgrades_at_zero(self, triples: list[tuple[str, str, str]]) -> None:
-        """The (from, to, reason) series the controller can count, once it knows its plans."""
-        for source, target, reason in triples:
+    def start_controller_series_at_zero(self, downgrades: list[tuple[str, str, str]],
+                                        budget_choices: tuple[str, ...]) -> None:
+        """The series the controller can count, once it knows its plans: (from, to, reason) downgrades and
+        the outcomes of budgeted choices."""
+        for source, target, reason in downgrades:
             self.precision_downgrades.labels(source, target, reason)
+        for outcome in budget_choices:
+            self.budget_choices.labels(outcome)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

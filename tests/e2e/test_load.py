@@ -24,6 +24,8 @@ def check_level(summary: dict) -> None:
     assert summary["errors"] == {}, summary  # timeouts, transport errors, 5xx other than 503 + Retry-After
     assert summary["ok"] >= 1, summary
     assert summary["ok"] + summary["rejected"] + summary["invalid"] == summary["sent"], summary
+    # Every answered request with a latency budget (all of the mix's are auto) had its choice scored once.
+    assert sum(summary["budget_choices"].values()) == summary["budgeted"], summary
 
 
 def run_levels(server: ServerProcess, levels: list[int], requests: int, max_new_tokens: int) -> list[dict]:

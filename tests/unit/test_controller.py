@@ -5,13 +5,17 @@ from dataclasses import replace
 import pytest
 
 from service.engine.controller import (
+    BEST,
+    BETTER_FITTED,
     BROWNOUT,
     LATENCY,
     MEMORY,
+    OVER_BUDGET,
     Budget,
     Controller,
     Load,
     PlanRequest,
+    budget_choice,
 )
 from service.engine.costs import CostModel, PlanCost
 from service.errors import ServiceError
@@ -277,3 +281,31 @@ def test_a_plan_whose_packs_are_not_resident_waits_for_their_build(backend):
     # A 4.5 s budget: w6 (4.01 s) when resident; with half its packs to build (5.01 s) the next best.
     assert resident.decide(auto(budget=Budget(latency_s=4.5)), Load()).plan.name == "w6"
     assert evicted.decide(auto(budget=Budget(latency_s=4.5)), Load()).plan.name != "w6"
+
+
+def test_a_budgeted_auto_choice_keeps_the_fastest_better_plan_it_ruled_out(backend):
+    decision = make_controller(backend).decide(auto(budget=Budget(latency_s=3.9)), Load())
+    assert decision.plan.name == "w5" and decision.budgeted_auto
+    assert decision.better_latency_s == pytest.approx(4.01)  # w6; w7 and w8 are slower still
+    top = make_controller(backend).decide(auto(budget=Budget(latency_s=100.0)), Load())
+    assert top.plan.name == "w8" and top.budgeted_auto and top.better_latency_s is None
+    assert not make_controller(backend).decide(auto(), Load()).budgeted_auto
+    assert not make_controller(backend).decide(explicit(backend, "w5", budget=Budget(latency_s=3.9)),
+                                               Load()).budgeted_auto
+
+
+def test_a_budgeted_choice_is_scored_with_the_better_plans_prediction_scaled_as_the_served_one_erred(backend):
+    decision = make_controller(backend).decide(auto(budget=Budget(latency_s=3.9)), Load())
+    # As predicted: w6 at 4.01 s would not have fitted.
+    assert budget_choice(decision, 3.9, measured_s=3.51, predicted_s=3.51) == BEST
+    # The host ran 15 % faster than predicted: w6 would have taken about 3.43 s.
+    assert budget_choice(decision, 3.9, measured_s=3.0, predicted_s=3.51) == BETTER_FITTED
+    assert budget_choice(decision, 3.9, measured_s=4.2, predicted_s=3.51) == OVER_BUDGET
+    top = make_controller(backend).decide(auto(budget=Budget(latency_s=100.0)), Load())
+    assert budget_choice(top, 100.0, measured_s=1.0, predicted_s=5.0) == BEST
+
+
+def test_a_brownout_choice_within_budget_is_scored_as_brownout(backend):
+    decision = make_controller(backend, depth=8).decide(auto(budget=Budget(latency_s=100.0)), Load(waiting=8))
+    assert decision.reason == BROWNOUT
+    assert budget_choice(decision, 100.0, measured_s=5.0, predicted_s=5.0) == BROWNOUT

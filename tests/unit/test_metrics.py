@@ -51,7 +51,7 @@ def test_the_contract_table_is_read():
 
 def test_every_metric_has_the_contract_name_type_and_labels():
     added = contract_table(CONTROLLER_DOC)
-    assert set(added) == {"quept_latency_prediction_ratio", "quept_host_speed_ratio"}
+    assert set(added) == {"quept_latency_prediction_ratio", "quept_host_speed_ratio", "quept_budget_choices_total"}
     assert defined() == {**contract_table(), **added}
 
 
@@ -90,6 +90,8 @@ def test_counters_with_known_label_values_are_exported_at_zero_before_any_reques
     for series in ['quept_request_failures_total{reason="dropped"}', 'quept_request_failures_total{reason="deadline"}',
                    'quept_request_failures_total{reason="error"}', 'quept_budget_violations_total{budget="latency"}',
                    'quept_budget_violations_total{budget="memory"}',
+                   'quept_budget_choices_total{outcome="best"}',
+                   'quept_budget_choices_total{outcome="better_plan_fitted"}',
                    'quept_admission_rejections_total{reason="queue_full"}',
                    'quept_admission_rejections_total{reason="infeasible"}',
                    'quept_admission_rejections_total{reason="body_too_large"}',
