@@ -68,7 +68,7 @@ def test_every_format_agrees_with_reference(fmt, bits):
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7, 8])
 def test_bit_planes_round_trip_and_size(bits):
-    codes = torch.randint(0, 2**bits, (8, 192), dtype=torch.uint8)
+    codes = torch.randint(0, 2**bits, (32, 192), dtype=torch.uint8)
     planes = pack_planes(codes, bits)
     assert sum(p.numel() for p in planes) * 8 == codes.numel() * bits
     assert torch.equal(unpack_planes(planes, bits, 192), codes)

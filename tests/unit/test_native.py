@@ -6,7 +6,7 @@ from torch.utils import cpp_extension
 
 from quept_core.io.paths import cache_dir
 from quept_core.quant.grid import quantize
-from quept_core.runtime.kernels.formats import PACK_REL_TOL, Int4Packed, pack_planes, relative_error
+from quept_core.runtime.kernels.formats import PACK_REL_TOL, BitPlanes, Int4Packed, relative_error
 from quept_core.runtime.kernels.native import CSRC, SOURCES, planes_gemv
 
 
@@ -34,14 +34,16 @@ def native():
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7, 8])
 @pytest.mark.parametrize(("rows", "in_features", "group"), [(1, 256, 64), (3, 192, 128), (21, 256, -1)])
+# 80 outputs: 5 tiles, blocks cut short; 256: 16 tiles, whole blocks of 4 tiles per thread
+@pytest.mark.parametrize("out_features", [80, 256])
 @pytest.mark.parametrize("path", ["native", "portable"])
-def test_kernel_matches_dequantized_reference(request, path, bits, rows, in_features, group):
+def test_kernel_matches_dequantized_reference(request, path, bits, rows, in_features, group, out_features):
     op = request.getfixturevalue(path)
-    qw = quantize(torch.randn(80, in_features) * 0.05, bits, group)
+    qw = quantize(torch.randn(out_features, in_features) * 0.05, bits, group)
     x = torch.randn(rows, in_features).bfloat16()
-    out = op(x, pack_planes(qw.codes, bits), bits, qw.scale.float().contiguous(), qw.zero.to(torch.int16).contiguous(),
-             in_features if group == -1 else group)
-    assert out.shape == (rows, 80) and out.dtype == torch.bfloat16
+    pack = BitPlanes(qw, torch.bfloat16)
+    out = op(x, pack.planes, bits, pack.scale, pack.zero, pack.group)
+    assert out.shape == (rows, out_features) and out.dtype == torch.bfloat16
     # The vectorized path quantizes activations to int8 per chunk of 64 (about 0.55 % on Gaussian rows).
     assert relative_error(out, x.float() @ qw.dequantize().T) < PACK_REL_TOL / 2
 
@@ -53,9 +55,8 @@ def test_dequantize_matches_reference(request, path, bits, in_features, group):
     ops = torch.ops.quept if path == "native" else torch.ops.quept_portable
     request.getfixturevalue(path)
     qw = quantize(torch.randn(48, in_features) * 0.05, bits, group)
-    weight = ops.planes_dequant(pack_planes(qw.codes, bits), bits, qw.scale.float().contiguous(),
-                                qw.zero.to(torch.int16).contiguous(), in_features if group == -1 else group,
-                                in_features)
+    pack = BitPlanes(qw, torch.bfloat16)
+    weight = ops.planes_dequant(pack.planes, bits, pack.scale, pack.zero, pack.group, in_features)
     assert weight.dtype == torch.bfloat16
     assert torch.equal(weight, qw.dequantize().bfloat16())
 

@@ -39,6 +39,9 @@ log = logging.getLogger(__name__)
 PACKED_MAX_TOKENS = 16
 # Rows used to time the prefill path when choosing between it and dequantize-then-matmul.
 PREFILL_PROBE_ROWS = 256
+# Decode kernels are timed at these running-set sizes (a sequence alone, and a busy server's step) and
+# the format with the least total wins.
+DECODE_PROBE_ROWS = (1, 8)
 # The stated tolerance of a packed matmul against the dequantized float32 reference (bf16
 # activations and bf16 outputs; relative Frobenius error).
 PACK_REL_TOL = 0.02
@@ -47,8 +50,10 @@ _INT4_BLOCK_N = 64
 _INT4_GROUPS = (32, 64, 128, 256)
 # Bit planes per bit-width, lowest bits first: a b-bit code costs exactly b bits of storage.
 PLANES: dict[int, tuple[int, ...]] = {2: (2,), 3: (2, 1), 4: (4,), 5: (4, 1), 6: (4, 2), 7: (4, 2, 1), 8: (8,)}
-# Codes are packed in chunks of this many consecutive input features.
+# Codes are packed in chunks of this many consecutive input features, and output rows in tiles of this many
+# (bit planes and lookup-table planes).
 CHUNK = 64
+TILE = 16
 
 
 class PackedWeight:
@@ -270,49 +275,66 @@ class Int8Channel(PackedWeight):
         return [self.codes, self.scale, self.offset]
 
 
-def pack_planes(codes: torch.Tensor, bits: int) -> list[torch.Tensor]:
-    """Split b-bit codes [n, k] into dense bit planes (exactly b bits per code in total).
+def _tile_registers(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 codes [n, k] as [n/16, k/64, 16 (t), 64 (byte 4r + j)]: the code of tile row r at chunk input 4t + j."""
+    n, k = codes.shape
+    grid = codes.reshape(n // TILE, TILE, k // CHUNK, CHUNK // 4, 4)  # [tiles, r, chunks, t, j]
+    return grid.permute(0, 2, 3, 1, 4).reshape(n // TILE, k // CHUNK, CHUNK // 4, 64)
 
-    A plane of width w packs 8 / w codes per byte. Inside each chunk of 64 input features, byte j
-    holds codes j, j + 8w, j + 16w, ... at shifts 0, w, 2w, ...: unpacking is a shift and a mask
-    over contiguous bytes, which vectorizes.
+
+def pack_planes(codes: torch.Tensor, bits: int) -> list[torch.Tensor]:
+    """Split b-bit codes [n, k] into bit planes in tiles (exactly b bits per code in total; csrc/planes.h).
+
+    Per (tile of 16 rows, chunk of 64 inputs), register t's byte 4r + j holds the code of row r at input
+    4t + j; a width-w plane packs 8 / w registers per 64-byte vector, register v * (8 / w) + s at shift
+    w * s: unpacking one is a load, a shift and a mask.
     """
     n, k = codes.shape
-    chunks = codes.to(torch.uint8).reshape(n, k // CHUNK, CHUNK)
+    registers = _tile_registers(codes.to(torch.uint8))
     planes, low = [], 0
     for width in PLANES[bits]:
-        values = (chunks >> low) & ((1 << width) - 1)
-        per_byte = 8 // width
-        parts = values.reshape(n, k // CHUNK, per_byte, CHUNK // per_byte)
-        plane = parts[:, :, 0].clone()
-        for t in range(1, per_byte):
-            plane |= parts[:, :, t] << (width * t)
-        planes.append(plane.reshape(n, -1).contiguous())
+        per_vector = 8 // width
+        values = ((registers >> low) & ((1 << width) - 1)).reshape(n // TILE, k // CHUNK, -1, per_vector, 64)
+        plane = values[:, :, :, 0].clone()
+        for s in range(1, per_vector):
+            plane |= values[:, :, :, s] << (width * s)
+        planes.append(plane.reshape(n // TILE, -1).contiguous())
         low += width
     return planes
 
 
 def unpack_planes(planes: list[torch.Tensor], bits: int, k: int) -> torch.Tensor:
     """The inverse of `pack_planes`: uint8 codes [n, k]."""
-    n = planes[0].shape[0]
-    codes = torch.zeros(n, k // CHUNK, CHUNK, dtype=torch.uint8, device=planes[0].device)
+    tiles = planes[0].shape[0]
+    registers = torch.zeros(tiles, k // CHUNK, CHUNK // 4, 64, dtype=torch.uint8, device=planes[0].device)
     low = 0
     for plane, width in zip(planes, PLANES[bits]):
-        per_byte = 8 // width
-        chunk_bytes = CHUNK // per_byte
-        grouped = plane.reshape(n, k // CHUNK, 1, chunk_bytes)
-        shifts = (torch.arange(per_byte, device=plane.device, dtype=torch.uint8) * width).reshape(1, 1, per_byte, 1)
-        values = ((grouped >> shifts) & ((1 << width) - 1)).reshape(n, k // CHUNK, CHUNK)
-        codes |= values << low
+        per_vector = 8 // width
+        vectors = plane.reshape(tiles, k // CHUNK, -1, 1, 64)
+        shifts = (torch.arange(per_vector, device=plane.device, dtype=torch.uint8) * width).reshape(1, 1, 1, -1, 1)
+        values = ((vectors >> shifts) & ((1 << width) - 1)).reshape(registers.shape)
+        registers |= values << low
         low += width
-    return codes.reshape(n, k)
+    grid = registers.reshape(tiles, k // CHUNK, CHUNK // 4, TILE, 4).permute(0, 3, 1, 2, 4)  # [tiles, r, chunks, t, j]
+    return grid.reshape(tiles * TILE, k)
+
+
+def _tiled(values: torch.Tensor) -> torch.Tensor:
+    """Per-row, per-group values [n, groups] as [n/16, groups, 16]."""
+    n, groups = values.shape
+    return values.reshape(n // TILE, TILE, groups).transpose(1, 2).contiguous()
+
+
+def _untiled(values: torch.Tensor) -> torch.Tensor:
+    """The inverse of `_tiled`: [n/16, groups, 16] -> [n, groups]."""
+    return values.transpose(1, 2).reshape(-1, values.shape[1])
 
 
 class BitPlanes(PackedWeight):
-    """Any 2..8-bit codes in dense bit planes (exactly b bits per weight).
+    """Any 2..8-bit codes in bit planes, in tiles of 16 output rows (exactly b bits per weight).
 
-    The decode path is the native kernel (quept_core/csrc/planes.cpp) on CPU; elsewhere, or without
-    a compiler, it dequantizes and multiplies.
+    The decode path is the native int8 kernel (csrc/planes.h) on CPU; elsewhere, or without a
+    compiler, it dequantizes and multiplies.
     """
 
     def __init__(self, qw: QuantizedWeight, dtype: torch.dtype):
@@ -320,9 +342,10 @@ class BitPlanes(PackedWeight):
         self.out_features, self.in_features, self.dtype, self.bits = n, k, dtype, qw.bits
         self.group = k if qw.group_size == -1 else qw.group_size
         self.planes = pack_planes(qw.codes, qw.bits)
-        self.scale = qw.scale.float().contiguous()
-        self.zero = qw.zero.to(torch.int16).contiguous()
-        if not torch.equal(self.zero.float(), qw.zero):
+        self.scale = _tiled(qw.scale).float()
+        zero = _tiled(qw.zero)
+        self.zero = zero.to(torch.int16)
+        if not torch.equal(self.zero.float(), zero):
             raise ValueError("zero-points do not fit int16")
         self._bind()
 
@@ -333,13 +356,13 @@ class BitPlanes(PackedWeight):
 
     @staticmethod
     def supports(qw: QuantizedWeight, device: torch.device) -> bool:
-        k = qw.codes.shape[1]
+        n, k = qw.codes.shape
         group = k if qw.group_size == -1 else qw.group_size
-        return qw.bits in PLANES and k % CHUNK == 0 and group % CHUNK == 0
+        return qw.bits in PLANES and n % TILE == 0 and k % CHUNK == 0 and group % CHUNK == 0
 
     def codes(self, ids: torch.Tensor | None = None) -> torch.Tensor:
-        planes = self.planes if ids is None else [p[ids] for p in self.planes]
-        return unpack_planes(planes, self.bits, self.in_features)
+        codes = unpack_planes(self.planes, self.bits, self.in_features)
+        return codes if ids is None else codes[ids]
 
     def linear(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
         if self._native is None:
@@ -353,18 +376,18 @@ class BitPlanes(PackedWeight):
         if self._native_dequant is not None:
             weight = self._native_dequant(self.planes, self.bits, self.scale, self.zero, self.group, self.in_features)
             return weight.to(self.dtype)
-        return _dequantize(self.codes(), self.scale, self.zero, self.group, self.dtype)
+        return _dequantize(self.codes(), _untiled(self.scale), _untiled(self.zero), self.group, self.dtype)
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.reshape(-1)
-        weight = _dequantize(self.codes(flat), self.scale[flat], self.zero[flat], self.group, self.dtype)
+        scale, zero = _untiled(self.scale)[flat], _untiled(self.zero)[flat]
+        weight = _dequantize(self.codes(flat), scale, zero, self.group, self.dtype)
         return weight.reshape(*ids.shape, self.in_features)
 
     def tensors(self) -> list[torch.Tensor]:
         return [*self.planes, self.scale, self.zero]
 
 
-LUT_TILE = 16  # output rows per tile of a LutPlanes weight
 LUT_BLOCK = 16  # inputs per block (four quads of four)
 
 
@@ -376,12 +399,12 @@ def pack_lut(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """
     n, k = codes.shape
     # [tiles, r, blocks, t, s] -> bits of each code
-    grid = codes.to(torch.uint8).reshape(n // LUT_TILE, LUT_TILE, k // LUT_BLOCK, 4, 4)
+    grid = codes.to(torch.uint8).reshape(n // TILE, TILE, k // LUT_BLOCK, 4, 4)
     weights = (1 << torch.arange(4, dtype=torch.uint8, device=codes.device)).reshape(1, 1, 1, 4, 1)
     planes = []
     for bit in range(bits):
         index = (((grid >> bit) & 1) * weights).sum(dim=3, dtype=torch.uint8)  # [tiles, r, blocks, s]
-        positions = index.permute(0, 2, 1, 3).reshape(n // LUT_TILE, k // LUT_BLOCK, 64)  # p = 4r + s
+        positions = index.permute(0, 2, 1, 3).reshape(n // TILE, k // LUT_BLOCK, 64)  # p = 4r + s
         planes.append(positions[..., :32] | (positions[..., 32:] << 4))
     return torch.stack(planes).contiguous()
 
@@ -389,8 +412,8 @@ def pack_lut(codes: torch.Tensor, bits: int) -> torch.Tensor:
 def unpack_lut(planes: torch.Tensor, bits: int, rows: torch.Tensor | None = None) -> torch.Tensor:
     """The inverse of `pack_lut` (for `rows` only, if given): uint8 codes [rows, k]."""
     _, tiles, blocks, _ = planes.shape
-    positions = torch.cat([planes & 15, planes >> 4], dim=-1).reshape(bits, tiles, blocks, LUT_TILE, 4)
-    positions = positions.permute(0, 1, 3, 2, 4).reshape(bits, tiles * LUT_TILE, blocks, 4)  # [bits, n, blocks, s]
+    positions = torch.cat([planes & 15, planes >> 4], dim=-1).reshape(bits, tiles, blocks, TILE, 4)
+    positions = positions.permute(0, 1, 3, 2, 4).reshape(bits, tiles * TILE, blocks, 4)  # [bits, n, blocks, s]
     if rows is not None:
         positions = positions[:, rows]
     shifts = torch.arange(4, dtype=torch.uint8, device=planes.device).reshape(1, 1, 1, 4, 1)
@@ -399,12 +422,6 @@ def unpack_lut(planes: torch.Tensor, bits: int, rows: torch.Tensor | None = None
     for bit in range(bits):
         codes |= bits_t[bit] << bit
     return codes.reshape(codes.shape[0], -1)
-
-
-def _tiled(values: torch.Tensor) -> torch.Tensor:
-    """Per-row, per-group values [n, groups] as [n/16, groups, 16]."""
-    n, groups = values.shape
-    return values.reshape(n // LUT_TILE, LUT_TILE, groups).transpose(1, 2).contiguous()
 
 
 class LutPlanes(PackedWeight):
@@ -432,15 +449,14 @@ class LutPlanes(PackedWeight):
         group = k if qw.group_size == -1 else qw.group_size
         # Up to 7 bits: there a quad's table may be finer than its group's (csrc/lut.h), which keeps the
         # error near 1 %; 8-bit codes get no finer steps and land near 2.5 %.
-        return (device.type == "cpu" and lut_gemv() is not None and 2 <= qw.bits <= 7 and n % LUT_TILE == 0
+        return (device.type == "cpu" and lut_gemv() is not None and 2 <= qw.bits <= 7 and n % TILE == 0
                 and k % CHUNK == 0 and group % CHUNK == 0)
 
     def _rows_dequant(self, rows: torch.Tensor | None) -> torch.Tensor:
         codes = unpack_lut(self.planes, self.bits, rows).float()
         n, k = codes.shape
         groups = self.scale.shape[1]
-        scale = self.scale.transpose(1, 2).reshape(-1, groups)
-        zero = self.zero.transpose(1, 2).reshape(-1, groups).float()
+        scale, zero = _untiled(self.scale), _untiled(self.zero).float()
         if rows is not None:
             scale, zero = scale[rows], zero[rows]
         pad = groups * self.group - k
@@ -517,7 +533,7 @@ def _choose(qw: QuantizedWeight, dtype: torch.dtype, candidates: list[type[Packe
         if error > PACK_REL_TOL:
             log.warning("%s is off by %.3g on %d-bit weights; not used", fmt.__name__, error, qw.bits)
             continue
-        seconds = _seconds(lambda pack=pack: pack.linear(x[:1]), device)
+        seconds = sum(_seconds(lambda pack=pack, rows=rows: pack.linear(x[:rows]), device) for rows in DECODE_PROBE_ROWS)
         if best is None or seconds < best[0]:
             best = (seconds, pack)
     if best is None:

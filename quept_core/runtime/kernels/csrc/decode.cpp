@@ -37,6 +37,32 @@ struct Part {
 
 enum Role { kQkv = 0, kO = 1, kGateUp = 2, kDown = 3, kRoles = 4 };
 
+#ifdef QUEPT_AVX512
+// The first min(count, 16) lanes.
+inline __mmask16 tail_mask(int64_t count) {
+  return count >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << count) - 1);
+}
+
+// e^x per lane (relative error about 2e-7): x = n ln 2 + r with |r| <= ln 2 / 2, a degree-6 polynomial for
+// e^r, then scaling by 2^n. The same instructions for every lane, so a row's values never depend on
+// where it sits in a vector.
+inline __m512 exp512(__m512 x) {
+  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.f)), _mm512_set1_ps(-104.f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);
+  __m512 p = _mm512_set1_ps(1.f / 720.f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+#endif
+
 class DecodeProgram : public torch::CustomClassHolder {
  public:
   // dims: n_layers, hidden, ffn, n_heads, n_kv_heads, head_dim, vocab, max_rows.
@@ -217,7 +243,9 @@ class DecodeProgram : public torch::CustomClassHolder {
       float* sums = sums_.data_ptr<float>();
       quept::prepare_activations(x, rows, w.k, w.planes.group, q, steps, sums);
       const quept::Activations a{x, q, steps, sums, rows};
-      at::parallel_for(0, w.n, 16, [&](int64_t begin, int64_t end) { quept::gemv_rows(w.planes, a, y, ldy, begin, end); });
+      at::parallel_for(0, w.planes.tiles, 1, [&](int64_t begin, int64_t end) {
+        quept::gemv_tiles(w.planes, a, y, ldy, begin, end);
+      });
       return;
     }
 #ifdef QUEPT_AVX512
@@ -325,17 +353,41 @@ class DecodeProgram : public torch::CustomClassHolder {
         const float* values = vp + base(slots[m], kv_head);
         float* scores = scores_all + task * max_len;
         score_keys(q, keys, length, scale, scores);
-        float top = -INFINITY;
-        for (int64_t t = 0; t < length; ++t) top = std::max(top, scores[t]);
-        float total = 0.f;
-        for (int64_t t = 0; t < length; ++t) {
-          scores[t] = std::exp(scores[t] - top);
-          total += scores[t];
-        }
-        for (int64_t t = 0; t < length; ++t) scores[t] /= total;
+        softmax(scores, length);
         weigh_values(scores, values, length, attn + m * heads_ * head_dim_ + head * head_dim_);
       }
     });
+  }
+
+  // scores = exp(scores - max) / sum, in place.
+  static void softmax(float* scores, int64_t length) {
+#ifdef QUEPT_AVX512
+    __m512 top_v = _mm512_set1_ps(-INFINITY);
+    for (int64_t t = 0; t < length; t += 16)
+      top_v = _mm512_max_ps(top_v, _mm512_maskz_loadu_ps(tail_mask(length - t), scores + t));
+    const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(top_v));
+    __m512 total_v = _mm512_setzero_ps();
+    for (int64_t t = 0; t < length; t += 16) {
+      const __mmask16 mask = tail_mask(length - t);
+      const __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, scores + t), top));
+      _mm512_mask_storeu_ps(scores + t, mask, e);
+      total_v = _mm512_add_ps(total_v, _mm512_maskz_mov_ps(mask, e));
+    }
+    const __m512 inverse = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(total_v));
+    for (int64_t t = 0; t < length; t += 16) {
+      const __mmask16 mask = tail_mask(length - t);
+      _mm512_mask_storeu_ps(scores + t, mask, _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, scores + t), inverse));
+    }
+#else
+    float top = -INFINITY;
+    for (int64_t t = 0; t < length; ++t) top = std::max(top, scores[t]);
+    float total = 0.f;
+    for (int64_t t = 0; t < length; ++t) {
+      scores[t] = std::exp(scores[t] - top);
+      total += scores[t];
+    }
+    for (int64_t t = 0; t < length; ++t) scores[t] /= total;
+#endif
   }
 
   // scores[t] = scale * q . keys[t]; the head's 64 or 128 dimensions stay in registers.
@@ -369,15 +421,40 @@ class DecodeProgram : public torch::CustomClassHolder {
 
 #ifdef QUEPT_AVX512
   template <int D16>
+  static __m512 key_products(const __m512* query, const float* key) {
+    __m512 dot = _mm512_mul_ps(query[0], _mm512_loadu_ps(key));
+    for (int i = 1; i < D16; ++i) dot = _mm512_fmadd_ps(query[i], _mm512_loadu_ps(key + 16 * i), dot);
+    return dot;
+  }
+
+  // (a L0 + a L1, a L2 + a L3, b L0 + b L1, b L2 + b L3) over 128-bit lanes L.
+  static __m512 lane_sums(__m512 a, __m512 b) {
+    return _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x88), _mm512_shuffle_f32x4(a, b, 0xDD));
+  }
+
+  // Keys in blocks of 16: the 16 product vectors are summed by a transposition tree into one vector of
+  // 16 scores (about 3 instructions a key instead of a horizontal sum each).
+  template <int D16>
   static void score_keys_avx512(const float* q, const float* keys, int64_t length, float scale, float* scores) {
     __m512 query[D16];
     for (int i = 0; i < D16; ++i) query[i] = _mm512_mul_ps(_mm512_loadu_ps(q + 16 * i), _mm512_set1_ps(scale));
-    for (int64_t t = 0; t < length; ++t) {
-      const float* key = keys + t * 16 * D16;
-      __m512 dot = _mm512_mul_ps(query[0], _mm512_loadu_ps(key));
-      for (int i = 1; i < D16; ++i) dot = _mm512_fmadd_ps(query[i], _mm512_loadu_ps(key + 16 * i), dot);
-      scores[t] = _mm512_reduce_add_ps(dot);
+    int64_t t = 0;
+    for (; t + 16 <= length; t += 16) {
+      __m512 pairs[8], quads[4];
+      for (int i = 0; i < 8; ++i) {  // per 128-bit lane: (a0+a2, b0+b2, a1+a3, b1+b3)
+        const __m512 a = key_products<D16>(query, keys + (t + 2 * i) * 16 * D16);
+        const __m512 b = key_products<D16>(query, keys + (t + 2 * i + 1) * 16 * D16);
+        pairs[i] = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+      }
+      for (int i = 0; i < 4; ++i) {  // per 128-bit lane: the lane's sums of keys 4i .. 4i + 3
+        const __m512d a = _mm512_castps_pd(pairs[2 * i]), b = _mm512_castps_pd(pairs[2 * i + 1]);
+        quads[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+      }
+      // across the four lanes: lane L of the result is keys 4L .. 4L + 3
+      const __m512 low = lane_sums(quads[0], quads[1]), high = lane_sums(quads[2], quads[3]);
+      _mm512_storeu_ps(scores + t, lane_sums(low, high));
     }
+    for (; t < length; ++t) scores[t] = _mm512_reduce_add_ps(key_products<D16>(query, keys + t * 16 * D16));
   }
 
   template <int D16>
@@ -395,11 +472,21 @@ class DecodeProgram : public torch::CustomClassHolder {
   void swiglu(int64_t rows) {
     const float* gu = gate_up_.data_ptr<float>();
     float* act = act_.data_ptr<float>();
-    for (int64_t m = 0; m < rows; ++m)
-      for (int64_t j = 0; j < ffn_; ++j) {
-        const float gate = gu[m * 2 * ffn_ + j], up = gu[m * 2 * ffn_ + ffn_ + j];
-        act[m * ffn_ + j] = gate / (1.f + std::exp(-gate)) * up;
+    for (int64_t m = 0; m < rows; ++m) {
+      const float* gate = gu + m * 2 * ffn_;
+      const float* up = gate + ffn_;
+      float* out = act + m * ffn_;
+#ifdef QUEPT_AVX512
+      for (int64_t j = 0; j < ffn_; j += 16) {
+        const __mmask16 mask = tail_mask(ffn_ - j);
+        const __m512 g = _mm512_maskz_loadu_ps(mask, gate + j);
+        const __m512 silu = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), exp512(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+        _mm512_mask_storeu_ps(out + j, mask, _mm512_mul_ps(silu, _mm512_maskz_loadu_ps(mask, up + j)));
       }
+#else
+      for (int64_t j = 0; j < ffn_; ++j) out[j] = gate[j] / (1.f + std::exp(-gate[j])) * up[j];
+#endif
+    }
   }
 
   int64_t layers_, hidden_, ffn_, heads_, kv_heads_, head_dim_, vocab_, max_rows_;

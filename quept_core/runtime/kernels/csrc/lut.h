@@ -22,7 +22,6 @@
 
 namespace quept {
 
-constexpr int kTile = 16;   // output rows per tile
 constexpr int kBlock = 16;  // inputs per block (four quads)
 
 struct LutProblem {

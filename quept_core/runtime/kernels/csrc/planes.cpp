@@ -27,7 +27,7 @@ at::Tensor planes_gemv(const at::Tensor& x, at::TensorList planes, int64_t bits,
   const Activations a{xf.data_ptr<float>(), q.data_ptr<int8_t>(), step.data_ptr<float>(), sums.data_ptr<float>(), rows};
   at::Tensor out = at::empty({rows, p.n}, xf.options());
   float* op = out.data_ptr<float>();
-  at::parallel_for(0, p.n, 16, [&](int64_t begin, int64_t end) { quept::gemv_rows(p, a, op, p.n, begin, end); });
+  at::parallel_for(0, p.tiles, 1, [&](int64_t begin, int64_t end) { quept::gemv_tiles(p, a, op, p.n, begin, end); });
   return out.to(x.scalar_type());
 }
 
@@ -36,8 +36,8 @@ at::Tensor planes_dequant(at::TensorList planes, int64_t bits, const at::Tensor&
                           int64_t group, int64_t in_features) {
   const Problem p = quept::make_problem(planes, bits, in_features, scale, zero, group);
   at::Tensor out = at::empty({p.n, in_features}, scale.options().dtype(at::kBFloat16));
-  at::parallel_for(0, p.n, 16, [&](int64_t begin, int64_t end) {
-    quept::dequant_rows_bf16(p, out.data_ptr<at::BFloat16>(), begin, end);
+  at::parallel_for(0, p.tiles, 1, [&](int64_t begin, int64_t end) {
+    quept::dequant_tiles_bf16(p, out.data_ptr<at::BFloat16>(), begin, end);
   });
   return out;
 }

@@ -1,16 +1,21 @@
-// Matrix-vector products over dense bit-plane weights (see kernels/formats.py, pack_planes).
+// Matrix-vector products over bit-plane weights in tiles (see kernels/formats.py, pack_planes).
 //
-// A b-bit weight row is stored as bit planes of width 4, 2 or 1 (lowest bits first). Inside each
-// chunk of 64 input features, byte j of a width-w plane holds codes j, j + 8w, j + 16w, ... at
-// shifts 0, w, 2w, ...: unpacking a chunk is one broadcast, shift and mask per plane.
+// Layout. Output rows come in tiles of 16, inputs in chunks of 64. Per (tile, chunk) the kernel
+// multiplies 16 registers C_t (t = 0..15): byte 4r + j of C_t is the code of the tile's row r at the
+// chunk's input 4t + j, so one vpdpbusd takes inputs 4t..4t+3 of all 16 rows into their int32 lanes.
+// A b-bit code is split into planes of width 4, 2 or 1 (lowest bits first; 8 bits is one plane of
+// bytes). A width-w plane holds 2w vectors of 64 bytes per (tile, chunk): byte u of vector v holds byte
+// u of C_t for t = v * (8 / w) + s at shift w * s. Unpacking a register is a load, a shift and a mask
+// per plane, done once per (tile, chunk) for every activation row multiplied with it.
 //
 //   y[m, n] = sum_g scale[n, g] * (sum_{k in g} code[n, k] * x[m, k]  -  zero[n, g] * sum_{k in g} x[m, k])
 //
 // With AVX-512 VNNI, the activations are quantized to int8 per chunk of 64 (a float scale each, as
-// llama.cpp's Q8 blocks) and 64 code x activation products are taken per instruction (vpdpbusd),
-// so unpacking the planes is most of the work and fewer bits cost less; the dense bf16 weights for
-// prefill come from AVX-512 BF16 conversions. Other CPUs use portable float loops that the compiler
-// vectorizes. The ops (planes.cpp) and the whole decode step (decode.cpp) share these kernels.
+// llama.cpp's Q8 blocks): a chunk is 16 vpdpbusd per tile and row, then one conversion to float. Every
+// (row, tile) runs the same instructions whichever rows and tiles are computed beside it, so a row's
+// output does not depend on its neighbours. The dense bf16 weights for prefill come from AVX-512 BF16
+// conversions. Other CPUs use portable float loops. The ops (planes.cpp) and the whole decode step
+// (decode.cpp) share these kernels.
 
 #pragma once
 
@@ -25,7 +30,7 @@
 #include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__) && defined(__AVX512VNNI__) && \
-    defined(__AVX512VBMI__) && \
+    defined(__AVX512VBMI__) && defined(__GFNI__) && \
     !defined(QUEPT_PORTABLE)
 #include <immintrin.h>
 #define QUEPT_AVX512 1
@@ -67,14 +72,20 @@ inline void with_bits(int64_t bits, F&& f) {
   }
 }
 
+constexpr int kTile = 16;  // output rows per tile (bit planes and lookup-table planes)
+
 // One packed weight [n, k] as the kernels read it.
 struct Problem {
   int64_t bits = 0;
   const uint8_t* planes[3] = {nullptr, nullptr, nullptr};
-  int64_t plane_stride[3] = {0, 0, 0};  // bytes per output row of each plane
-  const float* scale = nullptr;         // [n, groups]
-  const int16_t* zero = nullptr;        // [n, groups]
-  int64_t k = 0, n = 0, groups = 0, group = 0, chunks_per_group = 0, chunks = 0;  // the last group may be cut short
+  int64_t record[3] = {0, 0, 0};  // bytes of each plane per (tile, chunk): 128 * width
+  const float* scale = nullptr;   // [tiles][groups][16]
+  const int16_t* zero = nullptr;  // [tiles][groups][16]
+  int64_t k = 0, n = 0, tiles = 0, groups = 0, group = 0, chunks_per_group = 0, chunks = 0;  // the last group may be cut short
+  const uint8_t* chunk(int plane, int64_t tile, int64_t c) const {
+    return planes[plane] + (tile * chunks + c) * record[plane];
+  }
+  int64_t at(int64_t tile, int64_t g) const { return (tile * groups + g) * kTile; }  // scale, zero of row 0
 };
 
 inline Problem make_problem(at::TensorList planes, int64_t bits, int64_t k, const at::Tensor& scale,
@@ -83,15 +94,18 @@ inline Problem make_problem(at::TensorList planes, int64_t bits, int64_t k, cons
   TORCH_CHECK(planes.size() == widths.size(), "planes: expected ", widths.size(), " planes");
   TORCH_CHECK(k % kChunk == 0 && group % kChunk == 0, "planes: in_features and group must be multiples of 64");
   TORCH_CHECK(scale.scalar_type() == at::kFloat && zero.scalar_type() == at::kShort, "planes: scale f32, zero i16");
-  TORCH_CHECK(scale.is_contiguous() && zero.is_contiguous(), "planes: scale and zero must be contiguous");
+  TORCH_CHECK(scale.is_contiguous() && zero.is_contiguous() && scale.dim() == 3 && scale.sizes() == zero.sizes() &&
+                  scale.size(2) == kTile,
+              "planes: scale and zero must be contiguous [tiles, groups, 16]");
   Problem p;
   p.bits = bits;
-  const int64_t n = scale.size(0);
+  p.tiles = scale.size(0);
+  const int64_t n = p.tiles * kTile;
   for (size_t i = 0; i < widths.size(); ++i) {
     TORCH_CHECK(planes[i].is_contiguous() && planes[i].scalar_type() == at::kByte, "planes: planes must be uint8");
     TORCH_CHECK(planes[i].numel() == n * k * widths[i] / 8, "planes: plane ", i, " has the wrong size");
     p.planes[i] = planes[i].data_ptr<uint8_t>();
-    p.plane_stride[i] = k * widths[i] / 8;
+    p.record[i] = 128 * widths[i];
   }
   p.scale = scale.data_ptr<float>();
   p.zero = zero.data_ptr<int16_t>();
@@ -101,7 +115,7 @@ inline Problem make_problem(at::TensorList planes, int64_t bits, int64_t k, cons
   p.groups = (k + group - 1) / group;
   p.chunks_per_group = group / kChunk;
   p.chunks = k / kChunk;
-  TORCH_CHECK(scale.size(1) == p.groups && zero.size(1) == p.groups, "planes: expected ", p.groups, " groups");
+  TORCH_CHECK(scale.size(1) == p.groups, "planes: expected ", p.groups, " groups");
   return p;
 }
 
@@ -155,13 +169,17 @@ inline void prepare_activations(const float* x, int64_t rows, int64_t k, int64_t
 // The codes of one chunk of one output row, one byte each (portable unpacking; also the embedding).
 inline void unpack_chunk(const Problem& p, int64_t row, int64_t c, uint8_t* out) {
   std::memset(out, 0, kChunk);
+  const int64_t tile = row / kTile, r = row % kTile;
   int low = 0;
   int plane = 0;
   for (int width : plane_widths(p.bits)) {
-    const uint8_t* src = p.planes[plane] + row * p.plane_stride[plane] + c * 8 * width;
-    const int per_byte = 8 / width, run = kChunk / per_byte, mask = (1 << width) - 1;
-    for (int t = 0; t < per_byte; ++t)
-      for (int j = 0; j < run; ++j) out[j + run * t] |= static_cast<uint8_t>(((src[j] >> (width * t)) & mask) << low);
+    const uint8_t* record = p.chunk(plane, tile, c);
+    const int per_vector = 8 / width, mask = (1 << width) - 1;
+    for (int e = 0; e < kChunk; ++e) {
+      const int t = e / 4, u = 4 * static_cast<int>(r) + e % 4;
+      const int byte = record[(t / per_vector) * 64 + u];
+      out[e] |= static_cast<uint8_t>(((byte >> (width * (t % per_vector))) & mask) << low);
+    }
     low += width;
     ++plane;
   }
@@ -172,8 +190,8 @@ inline void dequant_row(const Problem& p, int64_t row, float* out) {
   alignas(64) uint8_t codes[kChunk];
   for (int64_t c = 0; c < p.chunks; ++c) {
     unpack_chunk(p, row, c, codes);
-    const int64_t g = c / p.chunks_per_group;
-    const float s = p.scale[row * p.groups + g], z = static_cast<float>(p.zero[row * p.groups + g]);
+    const int64_t at = p.at(row / kTile, c / p.chunks_per_group) + row % kTile;
+    const float s = p.scale[at], z = static_cast<float>(p.zero[at]);
     for (int j = 0; j < kChunk; ++j) out[c * kChunk + j] = (static_cast<float>(codes[j]) - z) * s;
   }
 }
@@ -183,40 +201,30 @@ inline void dequant_row(const Problem& p, int64_t row, float* out) {
 
 #ifndef QUEPT_AVX512
 
-constexpr int kMaxRows = 16;
-
-// y[m, row] (row stride ldy) for output rows [begin, end).
-inline void gemv_rows(const Problem& p, const Activations& a, float* y, int64_t ldy, int64_t begin, int64_t end) {
+// y[m, 16 tile + r] (row stride ldy) for tiles [begin, end).
+inline void gemv_tiles(const Problem& p, const Activations& a, float* y, int64_t ldy, int64_t begin, int64_t end) {
   alignas(64) uint8_t codes[kChunk];
-  alignas(64) float weights[kChunk];
-  for (int64_t m0 = 0; m0 < a.rows; m0 += kMaxRows) {
-    const int64_t tile = std::min<int64_t>(kMaxRows, a.rows - m0);
-    for (int64_t row = begin; row < end; ++row) {
-      float total[kMaxRows] = {0};
+  for (int64_t row = begin * kTile; row < end * kTile; ++row)
+    for (int64_t m = 0; m < a.rows; ++m) {
+      float total = 0.f;
       for (int64_t g = 0; g < p.groups; ++g) {
-        float acc[kMaxRows] = {0};
+        float acc = 0.f;
         for (int64_t c = g * p.chunks_per_group; c < std::min((g + 1) * p.chunks_per_group, p.chunks); ++c) {
           unpack_chunk(p, row, c, codes);
-          for (int j = 0; j < kChunk; ++j) weights[j] = static_cast<float>(codes[j]);
-          for (int64_t m = 0; m < tile; ++m) {
-            const float* xc = a.f + (m0 + m) * p.k + c * kChunk;
-            float sum = 0;
-            for (int j = 0; j < kChunk; ++j) sum += weights[j] * xc[j];
-            acc[m] += sum;
-          }
+          const float* xc = a.f + m * p.k + c * kChunk;
+          for (int j = 0; j < kChunk; ++j) acc += static_cast<float>(codes[j]) * xc[j];
         }
-        const float s = p.scale[row * p.groups + g], z = static_cast<float>(p.zero[row * p.groups + g]);
-        for (int64_t m = 0; m < tile; ++m) total[m] += s * (acc[m] - z * a.sums[(m0 + m) * p.groups + g]);
+        const int64_t at = p.at(row / kTile, g) + row % kTile;
+        total += p.scale[at] * (acc - static_cast<float>(p.zero[at]) * a.sums[m * p.groups + g]);
       }
-      for (int64_t m = 0; m < tile; ++m) y[(m0 + m) * ldy + row] = total[m];
+      y[m * ldy + row] = total;
     }
-  }
 }
 
-// The dense bf16 weight, rows [begin, end).
-inline void dequant_rows_bf16(const Problem& p, at::BFloat16* out, int64_t begin, int64_t end) {
+// The dense bf16 weight, tiles [begin, end).
+inline void dequant_tiles_bf16(const Problem& p, at::BFloat16* out, int64_t begin, int64_t end) {
   std::vector<float> row_values(p.k);
-  for (int64_t row = begin; row < end; ++row) {
+  for (int64_t row = begin * kTile; row < end * kTile; ++row) {
     dequant_row(p, row, row_values.data());
     for (int64_t i = 0; i < p.k; ++i) out[row * p.k + i] = row_values[i];
   }
@@ -225,122 +233,141 @@ inline void dequant_rows_bf16(const Problem& p, at::BFloat16* out, int64_t begin
 #endif
 
 // ---------------------------------------------------------------------------------------------
-// AVX-512 BF16 path.
+// AVX-512 path.
 
 #ifdef QUEPT_AVX512
 
-template <int W>
-inline __m512i plane_part(const uint8_t* src) {
-  if constexpr (W == 8) {
-    return _mm512_loadu_si512(src);
-  } else if constexpr (W == 4) {
-    const __m512i bytes = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src)));
-    return _mm512_and_si512(_mm512_srlv_epi64(bytes, _mm512_set_epi64(4, 4, 4, 4, 0, 0, 0, 0)), _mm512_set1_epi8(0x0F));
-  } else if constexpr (W == 2) {
-    const __m512i bytes = _mm512_broadcast_i64x2(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
-    return _mm512_and_si512(_mm512_srlv_epi64(bytes, _mm512_set_epi64(6, 6, 4, 4, 2, 2, 0, 0)), _mm512_set1_epi8(0x03));
-  } else {
-    int64_t word;
-    std::memcpy(&word, src, 8);
-    return _mm512_and_si512(_mm512_srlv_epi64(_mm512_set1_epi64(word), _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0)),
-                            _mm512_set1_epi8(0x01));
-  }
+// The gf2p8affine matrix that moves `width` bits of every byte from bit `from` to bit `to`, clearing the
+// others: output bit i takes the input bits selected by byte 7 - i of the matrix.
+constexpr uint64_t move_bits(int from, int to, int width) {
+  uint64_t matrix = 0;
+  for (int e = 0; e < width; ++e) matrix |= uint64_t{1} << (8 * (7 - (to + e)) + from + e);
+  return matrix;
 }
 
-// The 64 codes (one byte each) of chunk c of one output row.
+// Adds a width-W plane (its bits at LOW and up) of C_t to `into` (ignored when FIRST): one masking or
+// one bit move (gf2p8affine, shift and mask in one instruction), then an OR.
+template <int W, int LOW, bool FIRST>
+inline __m512i add_plane(const uint8_t* record, int t, __m512i into) {
+  constexpr int per_vector = 8 / W;
+  const __m512i raw = _mm512_loadu_si512(record + (t / per_vector) * 64);
+  const int from = W * (t % per_vector);
+  const __m512i bits = from == LOW ? _mm512_and_si512(raw, _mm512_set1_epi8(static_cast<char>(((1 << W) - 1) << LOW)))
+                                   : _mm512_gf2p8affine_epi64_epi8(raw, _mm512_set1_epi64(static_cast<int64_t>(
+                                                                             move_bits(from, LOW, W))), 0);
+  if constexpr (FIRST) return bits;
+  return _mm512_or_si512(into, bits);
+}
+
+// C_t of one (tile, chunk): records[i] is plane i's record.
 template <int BITS>
-inline __m512i chunk_codes(const uint8_t* const* rows, int64_t c) {
-  if constexpr (BITS == 2) return plane_part<2>(rows[0] + c * 16);
-  if constexpr (BITS == 3)
-    return _mm512_or_si512(plane_part<2>(rows[0] + c * 16), _mm512_slli_epi64(plane_part<1>(rows[1] + c * 8), 2));
-  if constexpr (BITS == 4) return plane_part<4>(rows[0] + c * 32);
-  if constexpr (BITS == 5)
-    return _mm512_or_si512(plane_part<4>(rows[0] + c * 32), _mm512_slli_epi64(plane_part<1>(rows[1] + c * 8), 4));
-  if constexpr (BITS == 6)
-    return _mm512_or_si512(plane_part<4>(rows[0] + c * 32), _mm512_slli_epi64(plane_part<2>(rows[1] + c * 16), 4));
+inline __m512i tile_codes(const uint8_t* const* records, int t) {
+  const __m512i none = _mm512_setzero_si512();
+  if constexpr (BITS == 8) return _mm512_loadu_si512(records[0] + t * 64);
+  if constexpr (BITS == 2) return add_plane<2, 0, true>(records[0], t, none);
+  if constexpr (BITS == 3) return add_plane<1, 2, false>(records[1], t, add_plane<2, 0, true>(records[0], t, none));
+  if constexpr (BITS == 4) return add_plane<4, 0, true>(records[0], t, none);
+  if constexpr (BITS == 5) return add_plane<1, 4, false>(records[1], t, add_plane<4, 0, true>(records[0], t, none));
+  if constexpr (BITS == 6) return add_plane<2, 4, false>(records[1], t, add_plane<4, 0, true>(records[0], t, none));
   if constexpr (BITS == 7)
-    return _mm512_or_si512(
-        _mm512_or_si512(plane_part<4>(rows[0] + c * 32), _mm512_slli_epi64(plane_part<2>(rows[1] + c * 16), 4)),
-        _mm512_slli_epi64(plane_part<1>(rows[2] + c * 8), 6));
-  return plane_part<8>(rows[0] + c * 64);
+    return add_plane<1, 6, false>(records[2], t,
+                                  add_plane<2, 4, false>(records[1], t, add_plane<4, 0, true>(records[0], t, none)));
+  return none;
 }
 
-// R activation rows at once: every unpacked chunk is used R times. Per chunk, 64 products in int32
-// lanes (exact), scaled by the chunk's activation scale; per group, by the weight scale.
-template <int BITS, int R>
-void avx512_rows(const Problem& p, const Activations& a, int64_t m0, float* y, int64_t ldy, int64_t begin,
-                 int64_t end) {
-  const uint8_t* rows[3];
-  for (int64_t row = begin; row < end; ++row) {
-    for (int i = 0; i < 3; ++i) rows[i] = p.planes[i] ? p.planes[i] + row * p.plane_stride[i] : nullptr;
-    __m512 total[R];
-    float offset[R];
-    for (int m = 0; m < R; ++m) {
-      total[m] = _mm512_setzero_ps();
-      offset[m] = 0.f;
-    }
-    for (int64_t g = 0; g < p.groups; ++g) {
-      __m512 acc[R];
-      for (int m = 0; m < R; ++m) acc[m] = _mm512_setzero_ps();
-      for (int64_t c = g * p.chunks_per_group; c < std::min((g + 1) * p.chunks_per_group, p.chunks); ++c) {
-        const __m512i codes = chunk_codes<BITS>(rows, c);
+constexpr int planes_of(int bits) { return bits == 7 ? 3 : (bits == 3 || bits == 5 || bits == 6) ? 2 : 1; }
+
+// One tile, R activation rows from m0: y[m0 + m, 16 tile ...]. Each row sums its chunk's 16 products in A
+// int32 accumulators (short dependency chains where few rows share the unpacked codes); integer sums
+// are exact, so the result does not depend on A.
+template <int BITS, int R, int A>
+void tiled_rows(const Problem& p, const Activations& a, int64_t m0, float* y, int64_t ldy, int64_t tile) {
+  constexpr int P = planes_of(BITS);
+  __m512 total[R];
+  for (int m = 0; m < R; ++m) total[m] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < p.groups; ++g) {
+    const __m512 scale = _mm512_loadu_ps(p.scale + p.at(tile, g));
+    const int64_t last = std::min((g + 1) * p.chunks_per_group, p.chunks);
+    for (int64_t c = g * p.chunks_per_group; c < last; ++c) {
+      const uint8_t* records[3];
+      for (int i = 0; i < P; ++i) records[i] = p.chunk(i, tile, c);
+      __m512i acc[R][A];
+      for (int m = 0; m < R; ++m)
+        for (int i = 0; i < A; ++i) acc[m][i] = _mm512_setzero_si512();
+#pragma GCC unroll 16
+      for (int t = 0; t < 16; ++t) {
+        const __m512i codes = tile_codes<BITS>(records, t);
         for (int m = 0; m < R; ++m) {
-          const __m512i xq = _mm512_loadu_si512(a.q + (m0 + m) * p.k + c * kChunk);
-          const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), codes, xq);
-          acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(a.scale[(m0 + m) * p.chunks + c]), acc[m]);
+          int32_t four;
+          std::memcpy(&four, a.q + (m0 + m) * p.k + c * kChunk + 4 * t, sizeof(four));
+          acc[m][t % A] = _mm512_dpbusd_epi32(acc[m][t % A], codes, _mm512_set1_epi32(four));
         }
       }
-      const float s = p.scale[row * p.groups + g];
-      const float z = static_cast<float>(p.zero[row * p.groups + g]);
-      const __m512 sv = _mm512_set1_ps(s);
       for (int m = 0; m < R; ++m) {
-        total[m] = _mm512_fmadd_ps(sv, acc[m], total[m]);
-        offset[m] -= s * z * a.sums[(m0 + m) * p.groups + g];
+        __m512i sum = acc[m][0];
+        for (int i = 1; i < A; ++i) sum = _mm512_add_epi32(sum, acc[m][i]);
+        const __m512 step = _mm512_set1_ps(a.scale[(m0 + m) * p.chunks + c]);
+        total[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(scale, step), total[m]);
       }
     }
-    for (int m = 0; m < R; ++m) y[(m0 + m) * ldy + row] = _mm512_reduce_add_ps(total[m]) + offset[m];
+    const __m512 zero = _mm512_cvtepi32_ps(
+        _mm512_cvtepi16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.zero + p.at(tile, g)))));
+    const __m512 zero_scale = _mm512_mul_ps(zero, scale);
+    for (int m = 0; m < R; ++m)
+      total[m] = _mm512_fnmadd_ps(zero_scale, _mm512_set1_ps(a.sums[(m0 + m) * p.groups + g]), total[m]);
+  }
+  for (int m = 0; m < R; ++m) _mm512_storeu_ps(y + (m0 + m) * ldy + tile * kTile, total[m]);
+}
+
+// Tile by tile (each tile's planes stream from memory once), every row: up to 8 rows share one unpacking.
+template <int BITS>
+void tiled_gemv(const Problem& p, const Activations& a, float* y, int64_t ldy, int64_t begin, int64_t end) {
+  for (int64_t tile = begin; tile < end; ++tile) {
+    int64_t m0 = 0;
+    for (; m0 + 8 <= a.rows; m0 += 8) tiled_rows<BITS, 8, 1>(p, a, m0, y, ldy, tile);
+    for (; m0 + 4 <= a.rows; m0 += 4) tiled_rows<BITS, 4, 1>(p, a, m0, y, ldy, tile);
+    for (; m0 + 2 <= a.rows; m0 += 2) tiled_rows<BITS, 2, 2>(p, a, m0, y, ldy, tile);
+    for (; m0 < a.rows; ++m0) tiled_rows<BITS, 1, 4>(p, a, m0, y, ldy, tile);
   }
 }
 
-template <int BITS>
-void avx512_tile(const Problem& p, const Activations& a, float* y, int64_t ldy, int64_t begin, int64_t end) {
-  int64_t m0 = 0;
-  for (; m0 + 4 <= a.rows; m0 += 4) avx512_rows<BITS, 4>(p, a, m0, y, ldy, begin, end);
-  for (; m0 + 2 <= a.rows; m0 += 2) avx512_rows<BITS, 2>(p, a, m0, y, ldy, begin, end);
-  for (; m0 < a.rows; ++m0) avx512_rows<BITS, 1>(p, a, m0, y, ldy, begin, end);
-}
-
-// y[m, row] (row stride ldy) for output rows [begin, end).
-inline void gemv_rows(const Problem& p, const Activations& a, float* y, int64_t ldy, int64_t begin, int64_t end) {
-  with_bits(p.bits, [&](auto b) { avx512_tile<decltype(b)::value>(p, a, y, ldy, begin, end); });
+// y[m, 16 tile + r] (row stride ldy) for tiles [begin, end).
+inline void gemv_tiles(const Problem& p, const Activations& a, float* y, int64_t ldy, int64_t begin, int64_t end) {
+  with_bits(p.bits, [&](auto b) { tiled_gemv<decltype(b)::value>(p, a, y, ldy, begin, end); });
 }
 
 template <int BITS>
-void avx512_dequant(const Problem& p, uint16_t* out, int64_t begin, int64_t end) {
-  const uint8_t* rows[3];
-  for (int64_t row = begin; row < end; ++row) {
-    for (int i = 0; i < 3; ++i) rows[i] = p.planes[i] ? p.planes[i] + row * p.plane_stride[i] : nullptr;
+void tiled_dequant(const Problem& p, uint16_t* out, int64_t begin, int64_t end) {
+  constexpr int P = planes_of(BITS);
+  alignas(64) int32_t words[16 * kTile];  // word 16 t + r: row r's codes at inputs 4t..4t+3
+  const __m512i column = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                            _mm512_set1_epi32(16));
+  for (int64_t tile = begin; tile < end; ++tile)
     for (int64_t c = 0; c < p.chunks; ++c) {
-      const int64_t g = c / p.chunks_per_group;
-      const __m512 s = _mm512_set1_ps(p.scale[row * p.groups + g]);
-      const __m512 z = _mm512_set1_ps(static_cast<float>(p.zero[row * p.groups + g]));
-      const __m512i codes = chunk_codes<BITS>(rows, c);
-      __m512 f[4];
-      for (int i = 0; i < 4; ++i) {
-        const __m512 q = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(codes, i)));
-        f[i] = _mm512_mul_ps(_mm512_sub_ps(q, z), s);
+      const uint8_t* records[3];
+      for (int i = 0; i < P; ++i) records[i] = p.chunk(i, tile, c);
+      for (int t = 0; t < 16; ++t) _mm512_store_si512(words + 16 * t, tile_codes<BITS>(records, t));
+      const int64_t at = p.at(tile, c / p.chunks_per_group);
+      for (int r = 0; r < kTile; ++r) {
+        const __m512i codes = _mm512_i32gather_epi32(_mm512_add_epi32(column, _mm512_set1_epi32(r)), words, 4);
+        const __m512 s = _mm512_set1_ps(p.scale[at + r]);
+        const __m512 z = _mm512_set1_ps(static_cast<float>(p.zero[at + r]));
+        __m512 f[4];
+        for (int i = 0; i < 4; ++i) {
+          const __m512 q = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(codes, i)));
+          f[i] = _mm512_mul_ps(_mm512_sub_ps(q, z), s);
+        }
+        uint16_t* dst = out + (tile * kTile + r) * p.k + c * kChunk;
+        _mm512_storeu_si512(dst, (__m512i)_mm512_cvtne2ps_pbh(f[1], f[0]));
+        _mm512_storeu_si512(dst + 32, (__m512i)_mm512_cvtne2ps_pbh(f[3], f[2]));
       }
-      uint16_t* dst = out + row * p.k + c * kChunk;
-      _mm512_storeu_si512(dst, (__m512i)_mm512_cvtne2ps_pbh(f[1], f[0]));
-      _mm512_storeu_si512(dst + 32, (__m512i)_mm512_cvtne2ps_pbh(f[3], f[2]));
     }
-  }
 }
 
-// The dense bf16 weight, rows [begin, end).
-inline void dequant_rows_bf16(const Problem& p, at::BFloat16* out_bf16, int64_t begin, int64_t end) {
+// The dense bf16 weight, tiles [begin, end).
+inline void dequant_tiles_bf16(const Problem& p, at::BFloat16* out_bf16, int64_t begin, int64_t end) {
   uint16_t* out = reinterpret_cast<uint16_t*>(out_bf16);
-  with_bits(p.bits, [&](auto b) { avx512_dequant<decltype(b)::value>(p, out, begin, end); });
+  with_bits(p.bits, [&](auto b) { tiled_dequant<decltype(b)::value>(p, out, begin, end); });
 }
 
 #endif
