@@ -4,7 +4,9 @@ Choose b_i for every linear i to minimise Σ S_i(b_i) subject to Σ cost_i(b_i) 
 where cost_i(b) = numel_i × storage bits per weight (b bits plus a 16-bit scale and an 8-bit
 zero-point per group): a multiple-choice knapsack over linears only, weighted by parameter count
 (QuEPT A8 fixed). Costs are exact integers in bits; the dynamic programme runs them in units of
-their greatest common divisor, so "≤" holds exactly. One programme answers every budget.
+their greatest common divisor, so "≤" holds exactly. One programme answers every budget: budgets
+come in hundredths of a bit (as `mixed:<budget>` names them), and the plan of every hundredth is read
+off the programme once, so its tables (about 50 MiB for SmolLM2-135M) are not kept.
 """
 
 from __future__ import annotations
@@ -61,13 +63,14 @@ def knapsack(values: np.ndarray, costs: np.ndarray, capacity: int) -> tuple[np.n
     return best, choice
 
 
-def backtrack(choice: np.ndarray, costs: np.ndarray, capacity: int) -> list[int]:
-    picks = []
+def backtrack(choice: np.ndarray, costs: np.ndarray, capacities: np.ndarray) -> np.ndarray:
+    """The choices of the best plan within each capacity: int [len(capacities), n_items]."""
+    capacities = np.array(capacities, dtype=np.int64)
+    picks = np.empty((len(capacities), choice.shape[0]), dtype=np.int64)
     for i in range(choice.shape[0] - 1, -1, -1):
-        j = int(choice[i, capacity])
-        picks.append(j)
-        capacity -= int(costs[i, j])
-    return picks[::-1]
+        picks[:, i] = choice[i, capacities]
+        capacities = capacities - costs[i, picks[:, i]]
+    return picks
 
 
 @dataclass(frozen=True)
@@ -99,16 +102,25 @@ class Allocator:
         self.unit = unit
         self.unit_costs = -(-self.costs // unit)  # rounded up: a plan within budget in units is within it in bits
         self.capacity = int(self.unit_costs.max(axis=1).sum())
-        self._programme: tuple[np.ndarray, np.ndarray] | None = None
+        self._plans: tuple[int, np.ndarray] | None = None  # first hundredth with a plan, picks per hundredth
         self._lock = threading.Lock()
 
-    def solve(self) -> tuple[np.ndarray, np.ndarray]:
-        """The dynamic programme's tables (`knapsack`), computed on first use: about half a second and
-        50 MiB for SmolLM2-135M, which a server spends in the background while it loads."""
+    def _capacity(self, hundredths: int) -> int:
+        return min(int(hundredths / 100 * self.total_weights) // self.unit, self.capacity)
+
+    def solve(self) -> tuple[int, np.ndarray]:
+        """The picks of every budget in hundredths of a bit, from the cheapest plan's to the dearest's, and
+        the first such budget; computed on first use (about a second for SmolLM2-135M, which a server
+        spends in the background while it loads)."""
         with self._lock:
-            if self._programme is None:
-                self._programme = knapsack(self.table.values, self.unit_costs, self.capacity)
-            return self._programme
+            if self._plans is None:
+                best, choice = knapsack(self.table.values, self.unit_costs, self.capacity)
+                budgets = range(math.floor(self.min_bits * 100), math.ceil(self.max_bits * 100) + 1)
+                capacities = np.array([self._capacity(h) for h in budgets])
+                reachable = np.isfinite(best[capacities])
+                first = budgets[int(np.argmax(reachable))]
+                self._plans = first, backtrack(choice, self.unit_costs, capacities[reachable]).astype(np.int8)
+            return self._plans
 
     @property
     def min_bits(self) -> float:
@@ -119,16 +131,15 @@ class Allocator:
     def max_bits(self) -> float:
         return float(self.costs.max(axis=1).sum()) / self.total_weights
 
-    def _picks(self, budget_bits: float) -> list[int]:
-        capacity = min(int(budget_bits * self.total_weights) // self.unit, self.capacity)
-        best, choice = self.solve()
-        if not np.isfinite(best[capacity]):
+    def _picks(self, budget_bits: float) -> np.ndarray:
+        hundredths = round(Precision.mixed(budget_bits).budget_bits * 100)  # the budget the plan is named after
+        first, plans = self.solve()
+        if hundredths < first:
             raise PrecisionError(
                 f"{Precision.mixed(budget_bits)} is below the cheapest plan; allowed storage bits per weight "
-                f"(scales and zero-points included): {math.ceil(self.min_bits * 100) / 100:.2f}.."
-                f"{self.max_bits:.2f}"
+                f"(scales and zero-points included): {first / 100:.2f}..{self.max_bits:.2f}"
             )
-        return backtrack(choice, self.unit_costs, capacity)
+        return plans[min(hundredths - first, len(plans) - 1)]
 
     def point(self, budget_bits: float) -> FrontPoint:
         picks = self._picks(budget_bits)

@@ -1,6 +1,7 @@
 """The bit allocator: exact against brute force, within budget, and a monotone front."""
 
 import itertools
+import math
 
 import numpy as np
 import pytest
@@ -41,11 +42,13 @@ def test_knapsack_matches_brute_force(seed):
     values = rng.uniform(0, 10, (5, 3))
     costs = rng.integers(1, 9, (5, 3))
     best, choice = knapsack(values, costs, capacity=40)
+    reachable = [capacity for capacity in range(41) if np.isfinite(best[capacity])]
+    all_picks = backtrack(choice, costs, np.array(reachable))  # every capacity in one pass
     for capacity in range(41):
         expected, _ = brute_force(values, costs, capacity)
         assert best[capacity] == pytest.approx(expected)
         if np.isfinite(expected):
-            picks = backtrack(choice, costs, capacity)
+            picks = all_picks[reachable.index(capacity)]
             rows = np.arange(5)
             assert costs[rows, picks].sum() <= capacity
             assert values[rows, picks].sum() == pytest.approx(expected)
@@ -72,6 +75,17 @@ def test_coarse_cost_units_still_meet_the_budget(monkeypatch):
     assert allocator.unit > 1
     for target in np.arange(3.5, 8.0, 0.1):
         assert allocator.point(float(target)).storage_bits <= target + 1e-12
+
+
+def test_plans_are_kept_per_hundredth_of_a_bit_not_as_the_programme():
+    table = toy_table(0)
+    allocator = Allocator(table, BIT_CONFIG)
+    first, plans = allocator.solve()
+    assert plans.dtype == np.int8 and plans.shape == (math.ceil(allocator.max_bits * 100) - first + 1, len(table.layers))
+    # a budget between hundredths gets the plan of the hundredth it is named after
+    assert allocator.plan(4.567).name == "mixed:4.57"
+    assert allocator.plan(4.567).layer_bits == allocator.plan(4.57).layer_bits != allocator.plan(4.52).layer_bits
+    assert allocator.point(4.567).storage_bits <= 4.57
 
 
 def test_front_is_monotone_and_spaced_by_step():
