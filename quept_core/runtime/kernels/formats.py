@@ -361,8 +361,10 @@ class BitPlanes(PackedWeight):
         return qw.bits in PLANES and n % TILE == 0 and k % CHUNK == 0 and group % CHUNK == 0
 
     def codes(self, ids: torch.Tensor | None = None) -> torch.Tensor:
-        codes = unpack_planes(self.planes, self.bits, self.in_features)
-        return codes if ids is None else codes[ids]
+        if ids is None:
+            return unpack_planes(self.planes, self.bits, self.in_features)
+        tiles = unpack_planes([plane[ids // TILE] for plane in self.planes], self.bits, self.in_features)
+        return tiles.reshape(len(ids), TILE, -1)[torch.arange(len(ids), device=ids.device), ids % TILE]
 
     def linear(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
         if self._native is None:

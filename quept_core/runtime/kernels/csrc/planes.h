@@ -336,25 +336,50 @@ inline void gemv_tiles(const Problem& p, const Activations& a, float* y, int64_t
   with_bits(p.bits, [&](auto b) { tiled_gemv<decltype(b)::value>(p, a, y, ldy, begin, end); });
 }
 
+// Transposes 16 x 16 dwords in registers: rows[t] lane r becomes rows[r] lane t (64 shuffles).
+inline void transpose16(__m512i* rows) {
+  __m512i a[16], b[16], c[16];
+  for (int i = 0; i < 16; i += 2) {
+    a[i] = _mm512_unpacklo_epi32(rows[i], rows[i + 1]);
+    a[i + 1] = _mm512_unpackhi_epi32(rows[i], rows[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {  // b[i + j] lane L: rows i..i+3 at column 4L + j
+    b[i] = _mm512_unpacklo_epi64(a[i], a[i + 2]);
+    b[i + 1] = _mm512_unpackhi_epi64(a[i], a[i + 2]);
+    b[i + 2] = _mm512_unpacklo_epi64(a[i + 1], a[i + 3]);
+    b[i + 3] = _mm512_unpackhi_epi64(a[i + 1], a[i + 3]);
+  }
+  for (int j = 0; j < 4; ++j) {  // rows 0-7 (c[2j], c[2j + 1]) and 8-15 (c[8 + 2j], c[9 + 2j]) of columns j, j + 4, ...
+    c[2 * j] = _mm512_shuffle_i32x4(b[j], b[4 + j], 0x88);
+    c[2 * j + 1] = _mm512_shuffle_i32x4(b[j], b[4 + j], 0xDD);
+    c[8 + 2 * j] = _mm512_shuffle_i32x4(b[8 + j], b[12 + j], 0x88);
+    c[9 + 2 * j] = _mm512_shuffle_i32x4(b[8 + j], b[12 + j], 0xDD);
+  }
+  for (int j = 0; j < 4; ++j) {
+    rows[j] = _mm512_shuffle_i32x4(c[2 * j], c[8 + 2 * j], 0x88);
+    rows[j + 8] = _mm512_shuffle_i32x4(c[2 * j], c[8 + 2 * j], 0xDD);
+    rows[j + 4] = _mm512_shuffle_i32x4(c[2 * j + 1], c[9 + 2 * j], 0x88);
+    rows[j + 12] = _mm512_shuffle_i32x4(c[2 * j + 1], c[9 + 2 * j], 0xDD);
+  }
+}
+
 template <int BITS>
 void tiled_dequant(const Problem& p, uint16_t* out, int64_t begin, int64_t end) {
   constexpr int P = planes_of(BITS);
-  alignas(64) int32_t words[16 * kTile];  // word 16 t + r: row r's codes at inputs 4t..4t+3
-  const __m512i column = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                            _mm512_set1_epi32(16));
   for (int64_t tile = begin; tile < end; ++tile)
     for (int64_t c = 0; c < p.chunks; ++c) {
       const uint8_t* records[3];
       for (int i = 0; i < P; ++i) records[i] = p.chunk(i, tile, c);
-      for (int t = 0; t < 16; ++t) _mm512_store_si512(words + 16 * t, tile_codes<BITS>(records, t));
+      __m512i codes[16];  // C_t, then (transposed) row r's 64 codes of the chunk
+      for (int t = 0; t < 16; ++t) codes[t] = tile_codes<BITS>(records, t);
+      transpose16(codes);
       const int64_t at = p.at(tile, c / p.chunks_per_group);
       for (int r = 0; r < kTile; ++r) {
-        const __m512i codes = _mm512_i32gather_epi32(_mm512_add_epi32(column, _mm512_set1_epi32(r)), words, 4);
         const __m512 s = _mm512_set1_ps(p.scale[at + r]);
         const __m512 z = _mm512_set1_ps(static_cast<float>(p.zero[at + r]));
         __m512 f[4];
         for (int i = 0; i < 4; ++i) {
-          const __m512 q = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(codes, i)));
+          const __m512 q = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(codes[r], i)));
           f[i] = _mm512_mul_ps(_mm512_sub_ps(q, z), s);
         }
         uint16_t* dst = out + (tile * kTile + r) * p.k + c * kChunk;
