@@ -16,7 +16,7 @@ from quept_core.planning.plan import Plan
 from quept_core.precision import uniform_precisions
 from quept_core.runtime.packcache import MemoryLimitError
 from service.engine.backend import Backend
-from service.engine.controller import BUDGET_CHOICES, Controller
+from service.engine.controller import BUDGET_CHOICES, MIB, Controller
 from service.engine.costs import CostModel
 from service.engine.pipeline import Pipeline
 from service.engine.scheduler import Scheduler, SchedulerLimits
@@ -75,11 +75,18 @@ class ServiceState:
         self.metrics.build_info.labels(__version__, backend.model_id, backend.artifact_id).set(1)
         candidates = backend.candidates()
         uniform = [backend.resolve(p) for p in uniform_precisions(backend.bit_set)]
-        self.plans = uniform + [c.plan for c in candidates if c.plan.mode == "mixed"]
+        described = {plan.name: backend.describe(plan) for plan in uniform}
+        # A plan larger than the memory limit never serves (its requests are refused with both sizes).
+        fitting = [plan for plan in uniform if backend.fits(described[plan.name])]
+        for plan in uniform:
+            if plan not in fitting:
+                log.warning("plan not served: larger than the memory limit",
+                            extra={"plan": plan.name, "weight_mb": round(described[plan.name].weight_bytes / MIB, 1),
+                                   "limit_mb": round(backend.memory_limit_bytes / MIB, 1)})
+        self.plans = fitting + [c.plan for c in candidates if c.plan.mode == "mixed"]
         self.costs = CostModel(backend.shapes, settings.ewma_alpha)
-        measure_costs(backend.engine, uniform, backend.tokenizer, self.costs,
-                      {plan.name: backend.describe(plan).weight_bytes for plan in uniform}, backend.build_s,
-                      backend.kept_costs)
+        measure_costs(backend.engine, fitting, backend.tokenizer, self.costs,
+                      {name: c.weight_bytes for name, c in described.items()}, backend.build_s, backend.kept_costs)
         backend.release_after_warmup()
         controller = Controller(candidates, self.costs, backend.kv_bytes_per_token, settings.brownout_queue_depth,
                                 backend.engine.missing_shares)

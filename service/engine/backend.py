@@ -27,6 +27,10 @@ class Backend(Protocol):
     shapes: Shapes  # (out_features, in_features) per quantized linear
     build_s: Mapping[str, float]  # seconds that building each uniform plan's packs took at start-up
     kept_costs: Path | None  # where warm-up's figures are kept between starts (None: measured at every start)
+    memory_limit_bytes: int | None  # the packed weights that may be resident at once (None: no limit)
+
+    def fits(self, candidate: Candidate) -> bool:
+        """Whether a plan's packed weights fit the memory limit: a plan that does not can never serve."""
 
     def resolve(self, precision: Precision) -> Plan:
         """A concrete precision (fp, uniform, mixed) to a plan; raises PrecisionError listing what is allowed."""

@@ -48,7 +48,8 @@ class ModelBackend:
         self.model_id = engine.model_name
         self.artifact_id = artifact_id
         self.device = str(engine.device)
-        self.kept_costs = costs_file(artifact_id, engine.device, engine.max_running, engine.cache.limit_bytes)
+        self.memory_limit_bytes = engine.cache.limit_bytes
+        self.kept_costs = costs_file(artifact_id, engine.device, engine.max_running, self.memory_limit_bytes)
         self.bit_set = engine.bit_config.bits
         self.tokenizer = engine.tokenizer
         dims = engine.model.dims
@@ -91,7 +92,11 @@ class ModelBackend:
 
     def candidates(self) -> list[Candidate]:
         plans = [p for p in self._uniform_plans() if p.mode != "fp"] + self._front
-        return sorted((self.describe(p) for p in plans), key=lambda c: c.nominal_bits, reverse=True)
+        fitting = [c for c in (self.describe(p) for p in plans) if self.fits(c)]
+        return sorted(fitting, key=lambda c: c.nominal_bits, reverse=True)
+
+    def fits(self, candidate: Candidate) -> bool:
+        return self.memory_limit_bytes is None or candidate.weight_bytes <= self.memory_limit_bytes
 
     def release_after_warmup(self) -> None:
         """The fp plan's packs (bf16, the largest plan and the one least asked for) are built again on

@@ -126,6 +126,10 @@ class Pipeline:
         precision = self._parse(spec.precision, spec.precision_field)
         if precision.kind != "auto":
             requested = self.backend.describe(self._resolve(precision, spec.precision_field))
+            if not self.backend.fits(requested):
+                raise invalid(f"{spec.precision_field}: {requested.plan.name} needs "
+                              f"{requested.weight_bytes / MIB:.1f} MiB of packed weights; this server's memory "
+                              f"limit is {self.backend.memory_limit_bytes / MIB:.1f} MiB", spec.precision_field)
         floor = None
         if spec.min_precision is not None:
             minimum = self._parse(spec.min_precision, "min_precision")

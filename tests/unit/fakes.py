@@ -221,6 +221,7 @@ class FakeBackend:
         self.numels = {name: out * inp for name, (out, inp) in self.shapes.items()}
         self.build_s: dict[str, float] = {}
         self.kept_costs = None
+        self.memory_limit_bytes: int | None = None
 
     def resolve(self, precision: Precision | str) -> Plan:
         if isinstance(precision, str):
@@ -246,7 +247,10 @@ class FakeBackend:
 
     def candidates(self) -> list[Candidate]:
         plans = [self.resolve(p) for p in ("w8", "w7", "w6", "w5", "mixed:4.5", "w4", "w3")]
-        return [self.describe(p) for p in plans]
+        return [c for c in (self.describe(p) for p in plans) if self.fits(c)]
+
+    def fits(self, candidate: Candidate) -> bool:
+        return self.memory_limit_bytes is None or candidate.weight_bytes <= self.memory_limit_bytes
 
     def release_after_warmup(self) -> None:
         self.released_after_warmup = True

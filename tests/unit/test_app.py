@@ -172,6 +172,23 @@ def test_infeasible_budget_without_degrade_is_422_with_the_cheapest_cost(make_cl
     assert 'quept_admission_rejections_total{reason="infeasible"} 1.0' in client.get("/metrics").text
 
 
+def test_plans_larger_than_the_memory_limit_are_not_served_and_their_requests_name_both_sizes():
+    backend = FakeBackend()
+    limit = backend.describe(backend.resolve("w5")).weight_bytes
+    backend.memory_limit_bytes = limit
+    with TestClient(create_app(Settings(), loader=lambda _: backend)) as client:
+        wait_for(lambda: client.get("/ready").status_code == 200, timeout_s=10)
+        listed = {row["precision"] for row in client.get("/precisions").json()["precisions"]}
+        assert listed == {"w3", "w4", "w5", "mixed:4.50"}
+        for precision in ("fp", "w6"):
+            response = client.post("/generate", json={"prompt": "Hello", "precision": precision})
+            assert response.status_code == 422
+            error = response.json()["error"]
+            assert error["param"] == "precision" and f"memory limit is {limit / 2**20:.1f} MiB" in error["message"]
+        served = client.post("/generate", json={"prompt": "Hello", "max_new_tokens": 2}).json()["precision"]["served"]
+        assert backend.describe(backend.resolve(served)).weight_bytes <= limit
+
+
 def test_plan_route_predicts_without_generating(make_client):
     client = make_client()
     added = len(client.backend.engine.added)
