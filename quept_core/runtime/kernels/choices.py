@@ -23,6 +23,8 @@ from quept_core.runtime.kernels.native import machine_key
 
 log = logging.getLogger(__name__)
 
+RULES = 2  # how formats.py chooses; a change of the rules measures every shape again
+
 
 @dataclass(frozen=True)
 class Choice:
@@ -48,7 +50,7 @@ def machine_digest(device: torch.device, *more: str) -> str:
 
 def choices_path(device: torch.device) -> Path:
     """The file of choices for this machine, device and thread count."""
-    return cache_dir() / "kernels" / f"choices-{machine_digest(device)}.json"
+    return cache_dir() / "kernels" / f"choices-{machine_digest(device, f'rules={RULES}')}.json"
 
 
 class ChoiceBook:
