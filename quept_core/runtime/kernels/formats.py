@@ -334,6 +334,14 @@ def _untiled(values: torch.Tensor) -> torch.Tensor:
     return values.transpose(1, 2).reshape(-1, values.shape[1])
 
 
+def _tiled_scale_zero(qw: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor]:
+    """A weight's scales (float32) and integer zero-points (int16) as [n/16, groups, 16]."""
+    zero = _tiled(qw.zero)
+    if not torch.equal(zero.to(torch.int16).float(), zero):
+        raise ValueError("zero-points do not fit int16")
+    return _tiled(qw.scale).float(), zero.to(torch.int16)
+
+
 class BitPlanes(PackedWeight):
     """Any 2..8-bit codes in bit planes, in tiles of 16 output rows (exactly b bits per weight).
 
@@ -346,11 +354,7 @@ class BitPlanes(PackedWeight):
         self.out_features, self.in_features, self.dtype, self.bits = n, k, dtype, qw.bits
         self.group = k if qw.group_size == -1 else qw.group_size
         self.planes = pack_planes(qw.codes, qw.bits)
-        self.scale = _tiled(qw.scale).float()
-        zero = _tiled(qw.zero)
-        self.zero = zero.to(torch.int16)
-        if not torch.equal(self.zero.float(), zero):
-            raise ValueError("zero-points do not fit int16")
+        self.scale, self.zero = _tiled_scale_zero(qw)
         self._bind()
 
     def _bind(self) -> None:
@@ -439,11 +443,7 @@ class LutPlanes(PackedWeight):
         self.out_features, self.in_features, self.dtype, self.bits = n, k, dtype, qw.bits
         self.group = k if qw.group_size == -1 else qw.group_size
         self.planes = pack_lut(qw.codes, qw.bits)
-        self.scale = _tiled(qw.scale).float()
-        zero = _tiled(qw.zero)
-        self.zero = zero.to(torch.int16)
-        if not torch.equal(self.zero.float(), zero):
-            raise ValueError("zero-points do not fit int16")
+        self.scale, self.zero = _tiled_scale_zero(qw)
         self._bind()
 
     def _bind(self) -> None:
