@@ -132,3 +132,17 @@ def test_bit_planes_cost_no_more_than_their_bits(bits):
     groups = 256 * 256 // 64
     # b bits per weight, plus a float32 scale and an int16 zero-point per group.
     assert BitPlanes(qw, torch.bfloat16).nbytes == 256 * 256 * bits // 8 + groups * (4 + 2)
+
+
+@pytest.mark.parametrize(("bits", "group"), [(3, 64), (5, 64), (7, 128), (8, -1)])
+def test_bit_planes_without_native_kernels_dequantize_in_pytorch(bits, group):
+    """The path CUDA and machines without a compiler take: the tiled planes unpacked by PyTorch ops."""
+    qw = quantize(torch.randn(64, 192) * 0.05, bits, group)
+    pack = BitPlanes(qw, torch.bfloat16)
+    pack._native = pack._native_dequant = None
+    reference = qw.dequantize()
+    assert torch.equal(pack.dense(), reference.bfloat16())
+    ids = torch.tensor([[0, 63], [17, 5]])
+    assert torch.equal(pack.rows(ids), reference[ids].bfloat16())
+    x = torch.randn(3, 192).bfloat16()
+    assert relative_error(pack.linear(x), x.float() @ reference.T) < 0.01
