@@ -291,7 +291,7 @@ def pack_planes(codes: torch.Tensor, bits: int) -> list[torch.Tensor]:
 
     Per (tile of 16 rows, chunk of 64 inputs), register t's byte 4r + j holds the code of row r at input
     4t + j; a width-w plane packs 8 / w registers per 64-byte vector, register v * (8 / w) + s at shift
-    w * s: unpacking one is a load, a shift and a mask.
+    w * s: unpacking one is a load and, per plane, one bit move (csrc/planes.h).
     """
     n, k = codes.shape
     registers = _tile_registers(codes.to(torch.uint8))
@@ -332,6 +332,14 @@ def _tiled(values: torch.Tensor) -> torch.Tensor:
 def _untiled(values: torch.Tensor) -> torch.Tensor:
     """The inverse of `_tiled`: [n/16, groups, 16] -> [n, groups]."""
     return values.transpose(1, 2).reshape(-1, values.shape[1])
+
+
+def _dequantize_rows(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, ids: torch.Tensor, group: int,
+                     dtype: torch.dtype) -> torch.Tensor:
+    """Rows `ids` (any shape) of a weight with tiled scales and zero-points, from their codes [ids.numel(), k]."""
+    flat = ids.reshape(-1)
+    weight = _dequantize(codes, _untiled(scale)[flat], _untiled(zero)[flat], group, dtype)
+    return weight.reshape(*ids.shape, codes.shape[1])
 
 
 def _tiled_scale_zero(qw: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor]:
@@ -389,10 +397,7 @@ class BitPlanes(PackedWeight):
         return _dequantize(self.codes(), _untiled(self.scale), _untiled(self.zero), self.group, self.dtype)
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
-        flat = ids.reshape(-1)
-        scale, zero = _untiled(self.scale)[flat], _untiled(self.zero)[flat]
-        weight = _dequantize(self.codes(flat), scale, zero, self.group, self.dtype)
-        return weight.reshape(*ids.shape, self.in_features)
+        return _dequantize_rows(self.codes(ids.reshape(-1)), self.scale, self.zero, ids, self.group, self.dtype)
 
     def tensors(self) -> list[torch.Tensor]:
         return [*self.planes, self.scale, self.zero]
@@ -458,18 +463,6 @@ class LutPlanes(PackedWeight):
         return (device.type == "cpu" and lut_gemv() is not None and 2 <= qw.bits <= 7 and n % TILE == 0
                 and k % CHUNK == 0 and group % CHUNK == 0)
 
-    def _rows_dequant(self, rows: torch.Tensor | None) -> torch.Tensor:
-        codes = unpack_lut(self.planes, self.bits, rows).float()
-        n, k = codes.shape
-        groups = self.scale.shape[1]
-        scale, zero = _untiled(self.scale), _untiled(self.zero).float()
-        if rows is not None:
-            scale, zero = scale[rows], zero[rows]
-        pad = groups * self.group - k
-        grouped = F.pad(codes, (0, pad)).reshape(n, groups, self.group)
-        weight = (grouped - zero.unsqueeze(-1)) * scale.unsqueeze(-1)
-        return weight.reshape(n, -1)[:, :k].to(self.dtype)
-
     def linear(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
         out = self._native(flat.to(out_dtype or x.dtype), self.planes, self.bits, self.scale, self.zero,
@@ -481,8 +474,8 @@ class LutPlanes(PackedWeight):
                                     self.in_features).to(self.dtype)
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
-        flat = ids.reshape(-1)
-        return self._rows_dequant(flat).reshape(*ids.shape, self.in_features)
+        codes = unpack_lut(self.planes, self.bits, ids.reshape(-1))
+        return _dequantize_rows(codes, self.scale, self.zero, ids, self.group, self.dtype)
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.planes, self.scale, self.zero]

@@ -5,8 +5,8 @@
 // chunk's input 4t + j, so one vpdpbusd takes inputs 4t..4t+3 of all 16 rows into their int32 lanes.
 // A b-bit code is split into planes of width 4, 2 or 1 (lowest bits first; 8 bits is one plane of
 // bytes). A width-w plane holds 2w vectors of 64 bytes per (tile, chunk): byte u of vector v holds byte
-// u of C_t for t = v * (8 / w) + s at shift w * s. Unpacking a register is a load, a shift and a mask
-// per plane, done once per (tile, chunk) for every activation row multiplied with it.
+// u of C_t for t = v * (8 / w) + s at shift w * s. Unpacking a register is a load and, per plane, one
+// mask or one gf2p8affine bit move, done once per (tile, chunk) for up to 8 activation rows.
 //
 //   y[m, n] = sum_g scale[n, g] * (sum_{k in g} code[n, k] * x[m, k]  -  zero[n, g] * sum_{k in g} x[m, k])
 //
@@ -201,24 +201,27 @@ inline void dequant_row(const Problem& p, int64_t row, float* out) {
 
 #ifndef QUEPT_AVX512
 
-// y[m, 16 tile + r] (row stride ldy) for tiles [begin, end).
+// y[m, 16 tile + r] (row stride ldy) for tiles [begin, end); each chunk is unpacked once for every row.
 inline void gemv_tiles(const Problem& p, const Activations& a, float* y, int64_t ldy, int64_t begin, int64_t end) {
   alignas(64) uint8_t codes[kChunk];
-  for (int64_t row = begin * kTile; row < end * kTile; ++row)
-    for (int64_t m = 0; m < a.rows; ++m) {
-      float total = 0.f;
-      for (int64_t g = 0; g < p.groups; ++g) {
-        float acc = 0.f;
-        for (int64_t c = g * p.chunks_per_group; c < std::min((g + 1) * p.chunks_per_group, p.chunks); ++c) {
-          unpack_chunk(p, row, c, codes);
+  std::vector<float> total(a.rows), acc(a.rows);
+  for (int64_t row = begin * kTile; row < end * kTile; ++row) {
+    std::fill(total.begin(), total.end(), 0.f);
+    for (int64_t g = 0; g < p.groups; ++g) {
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t c = g * p.chunks_per_group; c < std::min((g + 1) * p.chunks_per_group, p.chunks); ++c) {
+        unpack_chunk(p, row, c, codes);
+        for (int64_t m = 0; m < a.rows; ++m) {
           const float* xc = a.f + m * p.k + c * kChunk;
-          for (int j = 0; j < kChunk; ++j) acc += static_cast<float>(codes[j]) * xc[j];
+          for (int j = 0; j < kChunk; ++j) acc[m] += static_cast<float>(codes[j]) * xc[j];
         }
-        const int64_t at = p.at(row / kTile, g) + row % kTile;
-        total += p.scale[at] * (acc - static_cast<float>(p.zero[at]) * a.sums[m * p.groups + g]);
       }
-      y[m * ldy + row] = total;
+      const int64_t at = p.at(row / kTile, g) + row % kTile;
+      for (int64_t m = 0; m < a.rows; ++m)
+        total[m] += p.scale[at] * (acc[m] - static_cast<float>(p.zero[at]) * a.sums[m * p.groups + g]);
     }
+    for (int64_t m = 0; m < a.rows; ++m) y[m * ldy + row] = total[m];
+  }
 }
 
 // The dense bf16 weight, tiles [begin, end).
