@@ -3,6 +3,12 @@
 For every group of every row, pick the shrink ratio r (applied to both the group max and min)
 that minimises the output error ‖X (W - Q_b,r(W))ᵀ‖² on cached block inputs. Cross terms between
 groups of one row are ignored, so each group only needs its diagonal block of the Gram matrix XᵀX.
+
+At the widths named for it (the lowest tiers by default), the symmetric ratio is then refined one
+side at a time: the max's ratio moves up to 3 grid steps with the min's fixed, then the min's, twice
+over, each group keeping a move only where it lowers the error. With 8 or 16 levels the best grid is
+rarely centred on the group's range, and the clip logits' few training steps do not move it far
+enough (docs/benchmarks.md, "Asymmetric clip search").
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import torch
 from torch import nn
 
 from quept_core.quant.elastic import ElasticLinear
-from quept_core.quant.grid import fake_quantize, num_groups
+from quept_core.quant.grid import fake_quantize_groups, grouped_weight, num_groups
 
 RATIO_STEP = 0.025
 # Logit used for "no shrink": sigmoid(9.2) = 0.9999, finite so that calibration can still move it.
@@ -29,6 +35,9 @@ def clip_ratios(count: int) -> tuple[float, ...]:
 
 
 DEFAULT_RATIOS = clip_ratios(20)
+# The asymmetric refinement: each side in turn, twice, tries these grid steps from where it stands.
+REFINE_PASSES = ("up", "low", "up", "low")
+REFINE_OFFSETS = (-3, -2, -1, 1, 2, 3)
 
 
 def ratio_to_logit(ratio: float) -> float:
@@ -71,38 +80,66 @@ def diagonal_blocks(gram: torch.Tensor, group_size: int) -> torch.Tensor:
                         for g in range(groups)])
 
 
+def _errors_by_group(delta: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """‖X δᵀ‖² [n_groups, out] of a grouped weight error δ [n_groups, out, g] (Gram blocks [n_groups, g, g])."""
+    return (torch.bmm(delta, blocks) * delta).sum(-1)
+
+
+def group_errors(delta: torch.Tensor, blocks: torch.Tensor, group_size: int) -> torch.Tensor:
+    """‖X δᵀ‖² per row and group [out, n_groups] for a weight error δ [out, in], with X's Gram reduced to
+    its diagonal group blocks [n_groups, g, g] (`diagonal_blocks`)."""
+    return _errors_by_group(grouped_weight(delta, group_size).transpose(0, 1), blocks).T
+
+
 @torch.no_grad()
 def best_clip_logits(
     weight: torch.Tensor, gram: torch.Tensor, bits: int, group_size: int,
-    ratios: Sequence[float] = DEFAULT_RATIOS,
-) -> torch.Tensor:
-    """Clip logit [out, n_groups] of the ratio with the least output error, per group."""
-    out_features, in_features = weight.shape
-    groups = num_groups(in_features, group_size)
-    width = in_features if group_size == -1 else group_size
+    ratios: Sequence[float] = DEFAULT_RATIOS, asymmetric: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clip logits (up, low) [out, n_groups] with the least output error per group: one symmetric
+    ratio, then with `asymmetric` each side moved along the grid, near where it stands, with the
+    other fixed."""
     blocks = diagonal_blocks(gram, group_size)
-    pad = groups * width - in_features
-    best_error = torch.full((out_features, groups), math.inf, device=weight.device)
-    best_logit = torch.zeros(out_features, groups, device=weight.device)
-    for ratio in ratios:
-        logit = torch.full((out_features, groups), ratio_to_logit(ratio), device=weight.device)
-        delta = fake_quantize(weight, bits, group_size, logit, logit) - weight
-        delta = torch.nn.functional.pad(delta, (0, pad)).reshape(out_features, groups, width)
-        error = (torch.einsum("ogi,gij->ogj", delta, blocks) * delta).sum(-1)
-        better = error < best_error
-        best_error = torch.where(better, error, best_error)
-        best_logit = torch.where(better, logit, best_logit)
-    return best_logit
+    # Groups first ([n_groups, out, g]): the error is then one batched product per candidate, no copies.
+    groups = grouped_weight(weight, group_size).transpose(0, 1).contiguous()
+    logits = torch.tensor([ratio_to_logit(ratio) for ratio in ratios], device=weight.device)
+
+    def error(up: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+        """Error per group of the ratio indices (up, low) [n_groups, out]."""
+        return _errors_by_group(fake_quantize_groups(groups, bits, logits[up], logits[low]) - groups, blocks)
+
+    best_error = torch.full(groups.shape[:2], math.inf, device=weight.device)
+    up = low = torch.zeros(groups.shape[:2], dtype=torch.long, device=weight.device)
+    for index in range(len(ratios)):
+        candidate = torch.full_like(up, index)
+        candidate_error = error(candidate, candidate)
+        better = candidate_error < best_error
+        best_error = torch.where(better, candidate_error, best_error)
+        up = low = torch.where(better, candidate, up)
+    for side in REFINE_PASSES if asymmetric else ():
+        start = up if side == "up" else low
+        for offset in REFINE_OFFSETS:
+            candidate = (start + offset).clamp(0, len(ratios) - 1)
+            candidate_error = error(candidate, low) if side == "up" else error(up, candidate)
+            better = candidate_error < best_error
+            best_error = torch.where(better, candidate_error, best_error)
+            if side == "up":
+                up = torch.where(better, candidate, up)
+            else:
+                low = torch.where(better, candidate, low)
+    return logits[up].T.contiguous(), logits[low].T.contiguous()
 
 
 @torch.no_grad()
 def init_clips(linears: Sequence[ElasticLinear], grams: Sequence[torch.Tensor], bits: Iterable[int],
-               ratios: Sequence[float] = DEFAULT_RATIOS) -> None:
-    """Set clip_up and clip_low of each linear, for each of `bits`, to the searched logits."""
-    bits = list(bits)
+               ratios: Sequence[float] = DEFAULT_RATIOS, asymmetric_bits: Iterable[int] = ()) -> None:
+    """Set clip_up and clip_low of each linear, for each of `bits`, to the searched logits
+    (refined one side at a time at `asymmetric_bits`)."""
+    bits, asymmetric_bits = list(bits), set(asymmetric_bits)
     for linear, gram in zip(linears, grams, strict=True):
         for b in bits:
             target = linear.weight + linear.correction(b)
-            logits = best_clip_logits(target, gram, b, linear.bit_config.group_size_for(b), ratios)
-            linear.clip_up[str(b)].copy_(logits)
-            linear.clip_low[str(b)].copy_(logits)
+            up, low = best_clip_logits(target, gram, b, linear.bit_config.group_size_for(b), ratios,
+                                       asymmetric=b in asymmetric_bits)
+            linear.clip_up[str(b)].copy_(up)
+            linear.clip_low[str(b)].copy_(low)

@@ -24,9 +24,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from quept_core.calibration.clip_search import diagonal_blocks
+from quept_core.calibration.clip_search import diagonal_blocks, group_errors
 from quept_core.quant.elastic import ElasticLinear
-from quept_core.quant.grid import fake_quantize, num_groups
+from quept_core.quant.grid import fake_quantize
 
 ALPHA_STEP = 0.05
 
@@ -56,12 +56,8 @@ def alphas(count: int) -> tuple[float, ...]:
 def _output_error(weight: torch.Tensor, blocks: torch.Tensor, scale: torch.Tensor, bits: int,
                   group_size: int) -> float:
     """‖X (Q_b(W s) / s - W)ᵀ‖² with X's Gram reduced to its diagonal group blocks [n_groups, g, g]."""
-    out_features, in_features = weight.shape
-    width = in_features if group_size == -1 else group_size
     delta = fake_quantize(weight * scale, bits, group_size) / scale - weight
-    delta = torch.nn.functional.pad(delta, (0, num_groups(in_features, group_size) * width - in_features))
-    delta = delta.reshape(out_features, -1, width)
-    return (torch.einsum("ogi,gij->ogj", delta, blocks) * delta).sum().item()
+    return group_errors(delta, blocks, group_size).sum().item()
 
 
 @torch.no_grad()

@@ -58,6 +58,10 @@ class CalibrationConfig:
     clip_search: bool = True
     clip_search_samples: int = 4  # sequences whose inputs feed the equalization and the clip-ratio search
     clip_search_grid: int = 20  # shrink ratios tried: 1.0, 0.975, ... (steps of 0.025)
+    # The widths whose clip search refines the max's and the min's ratio one at a time after the symmetric
+    # search; None: the bits of the two lowest tiers (docs/benchmarks.md, "Asymmetric clip search");
+    # (): symmetric everywhere, as before.
+    asymmetric_clip_bits: tuple[int, ...] | None = None
     equalize: bool = True  # activation-aware input scaling before the clip search
     # The widths whose output error the scale search minimises (one scale serves every width); None: the
     # bits of the two lowest tiers, where equalization matters. Adding 8 bits measured worse at 4 bits and
@@ -79,6 +83,9 @@ class CalibrationConfig:
                 not self.equalize_bits or not set(self.equalize_bits) <= set(self.bit_config.bits)):
             raise ValueError(f"CalibrationConfig.equalize_bits must be a non-empty subset of the bit set "
                              f"{self.bit_config.bits}, got {self.equalize_bits!r}")
+        if self.asymmetric_clip_bits is not None and not set(self.asymmetric_clip_bits) <= set(self.bit_config.bits):
+            raise ValueError(f"CalibrationConfig.asymmetric_clip_bits must be a subset of the bit set "
+                             f"{self.bit_config.bits}, got {self.asymmetric_clip_bits!r}")
         if self.clip_search_grid >= 40:
             raise ValueError(f"CalibrationConfig.clip_search_grid must be in 1..39, got {self.clip_search_grid}")
         for name in ("lora_lr", "clip_lr"):
@@ -109,7 +116,15 @@ class CalibrationConfig:
 
     @property
     def scale_search_bits(self) -> tuple[int, ...]:
-        return self.equalize_bits or tuple(b for tier in self.bit_config.tiers[:2] for b in tier)
+        return self.equalize_bits or self._lowest_tiers_bits
+
+    @property
+    def clip_refine_bits(self) -> tuple[int, ...]:
+        return self._lowest_tiers_bits if self.asymmetric_clip_bits is None else self.asymmetric_clip_bits
+
+    @property
+    def _lowest_tiers_bits(self) -> tuple[int, ...]:
+        return tuple(b for tier in self.bit_config.tiers[:2] for b in tier)
 
     @property
     def merge_weights(self) -> tuple[float, ...]:
@@ -126,8 +141,9 @@ class CalibrationConfig:
         values = dict(data)
         values["bit_config"] = BitConfig.from_dict(values["bit_config"])
         values["tome_weights"] = tuple(values["tome_weights"])
-        if values["equalize_bits"] is not None:
-            values["equalize_bits"] = tuple(values["equalize_bits"])
+        for name in ("equalize_bits", "asymmetric_clip_bits"):
+            if values.get(name) is not None:
+                values[name] = tuple(values[name])
         return cls(**values)
 
 
@@ -334,7 +350,8 @@ def calibrate(
                                alphas(config.equalize_grid))
                 grams = list(grams_by_path.values())
             if config.clip_search:
-                init_clips(linears, grams, config.bit_config.bits, clip_ratios(config.clip_search_grid))
+                init_clips(linears, grams, config.bit_config.bits, clip_ratios(config.clip_search_grid),
+                           config.clip_refine_bits)
         steps_bar = tqdm(total=config.steps_per_block, desc=f"block {k + 1}/{len(layers)}", unit="step",
                          leave=False, disable=not progress)
         first, last = _train_block(block, linears, x_q, y_fp, block_kwargs, config, rng, steps_bar)

@@ -26,7 +26,7 @@ def num_groups(in_features: int, group_size: int) -> int:
     return 1 if group_size == -1 else -(-in_features // group_size)
 
 
-def _grouped(weight: torch.Tensor, group_size: int) -> torch.Tensor:
+def grouped_weight(weight: torch.Tensor, group_size: int) -> torch.Tensor:
     """[out, in] -> [out, n_groups, group], zero-padding the last group if needed."""
     out_features, in_features = weight.shape
     if group_size == -1:
@@ -105,6 +105,13 @@ class _FakeQuantize(torch.autograd.Function):
         return grad_grouped, grad_up, grad_low, None
 
 
+def fake_quantize_groups(groups: torch.Tensor, bits: int, up_logit: torch.Tensor | None = None,
+                         low_logit: torch.Tensor | None = None) -> torch.Tensor:
+    """`fake_quantize` of weights already in groups [..., group] (clip logits [...]): any layout of the
+    leading dimensions, e.g. [n_groups, out, group] for a batched product with per-group matrices."""
+    return _FakeQuantize.apply(groups, up_logit, low_logit, bits)
+
+
 def fake_quantize(
     weight: torch.Tensor,
     bits: int,
@@ -113,7 +120,7 @@ def fake_quantize(
     low_logit: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Quantize and dequantize `weight` [out, in]; differentiable in the weight and the clip logits."""
-    grouped = _FakeQuantize.apply(_grouped(weight, group_size), up_logit, low_logit, bits)
+    grouped = fake_quantize_groups(grouped_weight(weight, group_size), bits, up_logit, low_logit)
     return _ungrouped(grouped, weight.shape[1])
 
 
@@ -129,7 +136,7 @@ class QuantizedWeight:
 
     def dequantize(self) -> torch.Tensor:
         in_features = self.codes.shape[1]
-        grouped = _grouped(self.codes.float(), self.group_size)
+        grouped = grouped_weight(self.codes.float(), self.group_size)
         return _ungrouped((grouped - self.zero.unsqueeze(-1)) * self.scale.unsqueeze(-1), in_features)
 
 
@@ -142,7 +149,7 @@ def quantize(
     low_logit: torch.Tensor | None = None,
 ) -> QuantizedWeight:
     """The integer form of `fake_quantize` (same grid, same numbers)."""
-    grouped = _grouped(weight.float(), group_size)
+    grouped = grouped_weight(weight.float(), group_size)
     scale, zero = _scale_and_zero(grouped, bits, up_logit, low_logit)[:2]
     codes = ((grouped / scale).round() + zero).clamp(0, 2**bits - 1)
     return QuantizedWeight(

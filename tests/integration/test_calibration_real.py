@@ -31,13 +31,21 @@ def setting():
     }
 
 
-@pytest.mark.parametrize("bits", [3, 4, 6, 8])
-def test_quept_is_no_worse_than_round_to_nearest(setting, bits):
+# The largest QuEPT / round-to-nearest perplexity ratio allowed per width on these 4,096 tokens, about 10 %
+# above what the fast preset measures here (w3 0.524, w4 0.868, w6 0.980): a calibration without its
+# equalization and clip search (w3 0.87 of RTN on WikiText, docs/benchmarks.md) fails at 3 and 4 bits.
+# At 8 bits both sit on the full-precision perplexity, but the input scaling chosen for 3 and 4 bits widens
+# the 8-bit rows' grids: QuEPT measures 1.0024 of RTN here and 1.006 on 32,768 tokens (docs/benchmarks.md,
+# "Activation-aware equalization"); the bound holds it to that cost.
+MAX_RATIO = {3: 0.58, 4: 0.92, 6: 1.0, 8: 1.008}
+
+
+@pytest.mark.parametrize("bits", sorted(MAX_RATIO))
+def test_quept_beats_round_to_nearest_by_the_margin_it_reaches(setting, bits):
     windows, names, methods = setting
     plan = uniform_plan(names, bits)
     ppl = {}
     for method, (model, source) in methods.items():
         with use_weights(model, dequantized_weights(source, plan.layer_bits)):
             ppl[method] = perplexity(model, windows).ppl
-    # Within 0.2 % counts as a tie at 8 bits, where both sit on the full-precision perplexity.
-    assert ppl["quept"] <= ppl["rtn"] * 1.002, ppl
+    assert ppl["quept"] <= ppl["rtn"] * MAX_RATIO[bits], ppl
