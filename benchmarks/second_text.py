@@ -1,7 +1,7 @@
 """Write a second English evaluation text (not WikiText) that every machine with CPython already has.
 
-    python benchmarks/second_text.py --out /tmp/python-reference.txt
-    quept eval --text /tmp/python-reference.txt --precision all --method quept,rtn --max-tokens 32768
+    python benchmarks/second_text.py --out runs/python-reference.txt
+    quept eval --text runs/python-reference.txt --precision all --method quept,rtn --max-tokens 32768
 
 The text is the Python language reference's help topics as CPython ships them (`pydoc_data.topics`,
 about 460 kB of English technical prose with code examples; PSF licence), joined in sorted topic order.
@@ -27,6 +27,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="file to write the text to")
     args = parser.parse_args()
     data = reference_text().encode("utf-8")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_bytes(data)
     print(f"{args.out}: {len(data)} bytes, Python {platform.python_version()} pydoc_data.topics, "
           f"sha256 {hashlib.sha256(data).hexdigest()}")

@@ -110,23 +110,25 @@ def best_clip_logits(
 
     best_error = torch.full(groups.shape[:2], math.inf, device=weight.device)
     up = low = torch.zeros(groups.shape[:2], dtype=torch.long, device=weight.device)
-    for index in range(len(ratios)):
-        candidate = torch.full_like(up, index)
-        candidate_error = error(candidate, candidate)
+
+    def keep_where_better(up_candidate: torch.Tensor, low_candidate: torch.Tensor) -> None:
+        nonlocal best_error, up, low
+        candidate_error = error(up_candidate, low_candidate)
         better = candidate_error < best_error
         best_error = torch.where(better, candidate_error, best_error)
-        up = low = torch.where(better, candidate, up)
+        up, low = torch.where(better, up_candidate, up), torch.where(better, low_candidate, low)
+
+    for index in range(len(ratios)):
+        candidate = torch.full_like(up, index)
+        keep_where_better(candidate, candidate)
     for side in REFINE_PASSES if asymmetric else ():
         start = up if side == "up" else low
         for offset in REFINE_OFFSETS:
             candidate = (start + offset).clamp(0, len(ratios) - 1)
-            candidate_error = error(candidate, low) if side == "up" else error(up, candidate)
-            better = candidate_error < best_error
-            best_error = torch.where(better, candidate_error, best_error)
             if side == "up":
-                up = torch.where(better, candidate, up)
+                keep_where_better(candidate, low)
             else:
-                low = torch.where(better, candidate, low)
+                keep_where_better(up, candidate)
     return logits[up].T.contiguous(), logits[low].T.contiguous()
 
 
