@@ -25,7 +25,6 @@ import asyncio
 import json
 import random
 import statistics
-import subprocess
 import sys
 import time
 from collections import Counter, defaultdict
@@ -78,10 +77,19 @@ class LevelResult:
     tokens: int = 0
     wall_s: float = 0.0
     ttft_ms: dict = field(default_factory=lambda: defaultdict(list))
-    prediction_error: list = field(default_factory=list)  # |predicted / measured - 1| per request
     budget_met: list = field(default_factory=list)  # per answered request with a latency budget: within it?
     budget_choices: Counter = field(default_factory=Counter)  # budgeted auto requests by outcome (server's count)
     peak_rss_bytes: float = 0.0
+    records: list = field(default_factory=list)  # per answered request: what was asked, served and timed
+
+    def prediction_errors(self, steady: bool = False) -> list[float]:
+        """|predicted / measured - 1| of each answered request's end-to-end latency. `steady`: only those
+        sent after the first `concurrency` and before the last `concurrency` requests, while the running
+        set was neither filling up nor draining (the load's own ramps, which no prediction foresees)."""
+        records = sorted((r for r in self.records if r.get("predicted_total_ms")), key=lambda r: r["sent_at_s"])
+        if steady:
+            records = records[self.concurrency:-self.concurrency]
+        return [abs(r["predicted_total_ms"] / r["total_ms"] - 1) for r in records]
 
     def summary(self) -> dict:
         def pct(values: list[float], q: float, digits: int = 1) -> float | None:
@@ -101,8 +109,10 @@ class LevelResult:
             "downgrade_rate": round(self.downgraded / max(self.ok, 1), 3),
             "errors": dict(self.errors),
             "ttft_ms": {p: {"p50": pct(v, 50), "p99": pct(v, 99), "n": len(v)} for p, v in sorted(self.ttft_ms.items())},
-            "prediction_error_p50": pct(self.prediction_error, 50, 3),
-            "prediction_error_p90": pct(self.prediction_error, 90, 3),
+            "prediction_error_p50": pct(errors := self.prediction_errors(), 50, 3),
+            "prediction_error_p90": pct(errors, 90, 3),
+            "steady_prediction_error_p50": pct(steady := self.prediction_errors(steady=True), 50, 3),
+            "steady_prediction_error_p90": pct(steady, 90, 3),
             "budgeted": len(self.budget_met),
             "budget_met_rate": round(sum(self.budget_met) / len(self.budget_met), 3) if self.budget_met else None,
             "budget_choices": dict(self.budget_choices),
@@ -150,13 +160,14 @@ class Hog:
 
     async def run(self) -> None:
         await asyncio.sleep(self.delay_s)
-        hogs = [subprocess.Popen([sys.executable, "-c", HOG, str(self.seconds)]) for _ in range(self.procs)]
+        hogs = [await asyncio.create_subprocess_exec(sys.executable, "-c", HOG, str(self.seconds))
+                for _ in range(self.procs)]
         try:
-            while any(h.poll() is None for h in hogs):
-                await asyncio.sleep(0.2)
+            await asyncio.gather(*(h.wait() for h in hogs))
         finally:
             for h in hogs:
-                h.kill()
+                if h.returncode is None:
+                    h.kill()
 
 
 async def run_level(url: str, concurrency: int, total: int, max_new_tokens: int, deadline_s: float,
@@ -170,7 +181,8 @@ async def run_level(url: str, concurrency: int, total: int, max_new_tokens: int,
     queue: asyncio.Queue = asyncio.Queue()
     for body in bodies:
         queue.put_nowait(body)
-    stop_at = time.monotonic() + deadline_s
+    started = time.monotonic()
+    stop_at = started + deadline_s
     limits = httpx.Limits(max_connections=concurrency + 2)
     async with httpx.AsyncClient(base_url=url, timeout=deadline_s, limits=limits) as client:
 
@@ -181,6 +193,7 @@ async def run_level(url: str, concurrency: int, total: int, max_new_tokens: int,
                 except asyncio.QueueEmpty:
                     return
                 result.sent += 1
+                sent_at = time.monotonic()
                 try:
                     response = await client.post("/generate", json=body)
                 except httpx.HTTPError as error:
@@ -200,8 +213,10 @@ async def run_level(url: str, concurrency: int, total: int, max_new_tokens: int,
                     result.ttft_ms[served.split(":")[0]].append(timing["ttft_ms"])
                     if "latency_budget_ms" in body:
                         result.budget_met.append(timing["total_ms"] <= body["latency_budget_ms"])
-                    if timing.get("predicted_total_ms"):
-                        result.prediction_error.append(abs(timing["predicted_total_ms"] / timing["total_ms"] - 1))
+                    result.records.append({"level": concurrency, "sent_at_s": round(sent_at - started, 3),
+                                           "requested": body["precision"], "served": served,
+                                           "budget_ms": body.get("latency_budget_ms"),
+                                           "tokens": data["usage"]["completion_tokens"], **timing})
                 else:
                     result.errors[str(response.status_code)] += 1
 
@@ -213,7 +228,6 @@ async def run_level(url: str, concurrency: int, total: int, max_new_tokens: int,
         choices_before = await _budget_choices(client)
         sampler = asyncio.create_task(sample_memory())
         competitor = asyncio.create_task(hog.run()) if hog and hog.seconds > 0 else None
-        started = time.monotonic()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         result.wall_s = time.monotonic() - started
         sampler.cancel()
@@ -235,28 +249,37 @@ def check_loopback(url: str) -> None:
 
 async def main_async(args: argparse.Namespace) -> list[dict]:
     async with httpx.AsyncClient(base_url=args.url, timeout=30) as client:
+        ready = await client.get("/ready")
+        if ready.status_code != 200:
+            raise SystemExit(f"error: the server at {args.url} is not ready yet (GET /ready: {ready.text})")
         info = (await client.get("/info")).json()
     served_at_once = args.capacity or capacity(info)
     mix = request_mix(info)
-    results = []
+    results, records = [], []
     for level in args.levels:
         result = await run_level(args.url, level * served_at_once, args.requests, args.max_new_tokens,
                                  args.deadline_s, mix, args.seed, args.server_pid,
                                  Hog(args.hog_s, args.hog_procs, args.hog_delay_s))
         results.append({"level": f"{level}x", **result.summary()})
+        records.extend(result.records)
+    if args.records:
+        args.records.write_text("".join(json.dumps(r) + "\n" for r in records))
     return results
 
 
 def print_table(rows: list[dict]) -> None:
     header = (f"{'level':>5} {'conc':>4} {'sent':>4} {'ok':>4} {'req/s':>6} {'tok/s':>6} {'reject':>6} "
-              f"{'degrade':>7} {'errors':>8} {'RSS MB':>7} {'pred err p50/p90':>16} {'budget met':>10} {'best plan':>9}  ttft p50/p99 ms")
+              f"{'degrade':>7} {'errors':>8} {'RSS MB':>7} {'pred err p50/p90':>16} {'steady':>11} {'budget met':>10} "
+              f"{'best plan':>9}  ttft p50/p99 ms")
     print(header)
     for r in rows:
         ttft = ", ".join(f"{p} {v['p50']:.0f}/{v['p99']:.0f}" for p, v in r["ttft_ms"].items())
         error = f"{r['prediction_error_p50']}/{r['prediction_error_p90']}"
+        steady = f"{r['steady_prediction_error_p50']}/{r['steady_prediction_error_p90']}"
         print(f"{r['level']:>5} {r['concurrency']:>4} {r['sent']:>4} {r['ok']:>4} {r['goodput_req_s']:>6} "
               f"{r['goodput_tok_s']:>6} {r['rejection_rate']:>6} {r['downgrade_rate']:>7} "
-              f"{sum(r['errors'].values()):>8} {r['peak_rss_mb']:>7} {error:>16} {r['budget_met_rate']!s:>10} {r['best_choice_rate']!s:>9}  {ttft}")
+              f"{sum(r['errors'].values()):>8} {r['peak_rss_mb']:>7} {error:>16} {steady:>11} {r['budget_met_rate']!s:>10} "
+              f"{r['best_choice_rate']!s:>9}  {ttft}")
 
 
 def main() -> None:
@@ -276,6 +299,8 @@ def main() -> None:
                         help="seconds of competing busy-loop processes in each level (0: none)")
     parser.add_argument("--hog-procs", type=int, default=2, help="busy-loop processes of the hog")
     parser.add_argument("--hog-delay-s", type=float, default=5.0, help="seconds into each level the hog starts")
+    parser.add_argument("--records", type=Path, default=None,
+                        help="write each answered request (precision asked and served, timing) here as JSON lines")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     check_loopback(args.url)

@@ -135,6 +135,7 @@ class QueptEngine:
         self._pending: list[_Sequence] = []  # awaiting their prefill, in arrival order
         self._running: list[_Sequence] = []  # decoding, in row order
         self._dirty = True  # the running set changed since its layout was built
+        self._prepare_s = 0.0  # seconds spent preparing single plans' layouts and steps, all told (builds apart)
         self._steps: dict[Plan, _Step] = {}  # one plan's step, valid for a cache generation
         self._step: _Step | None = None  # the running set's
         self._slots: list[int] = []  # the running set's KV slots, in row order
@@ -349,7 +350,9 @@ class QueptEngine:
             self.cache.touch(self.pack_keys(plan))
             return cached
         self.check_plan(plan)
+        started, built_before = time.perf_counter(), self.cache.build_s
         prepared = self._step_for(self._layout([plan]))
+        self._prepare_s += time.perf_counter() - started - (self.cache.build_s - built_before)
         # Steps of an older generation may hold evicted packs: dropping them frees those packs.
         self._steps = {p: step for p, step in self._steps.items() if step.generation == self.cache.generation}
         self._steps[plan] = prepared
@@ -438,7 +441,7 @@ class QueptEngine:
     def step(self) -> list[TokenEvent]:
         events: list[TokenEvent] = []
         self._last_logits = []
-        started = time.perf_counter()
+        started, setup_before = time.perf_counter(), self.cache.build_s + self._prepare_s
         prefill_tokens = 0
         decoding = list(self._running)
         joined: list[_Sequence] = []
@@ -456,7 +459,8 @@ class QueptEngine:
             self._dirty = True
         done = time.perf_counter()
         self._last_step = StepStats(prefill_tokens, prefilled - started, len(decoding),
-                                    done - prefilled - layout_s, layout_s)
+                                    done - prefilled - layout_s, layout_s,
+                                    self.cache.build_s + self._prepare_s - setup_before)
         return events
 
     def _prefill(self, sequence: _Sequence, joined: list[_Sequence]) -> list[TokenEvent]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 
@@ -19,6 +20,7 @@ class PackCache:
         self._packs: OrderedDict[Hashable, PackedWeight] = OrderedDict()
         self.resident_bytes = 0
         self.builds = 0
+        self.build_s = 0.0  # seconds spent building packs, all told
         self.evictions = 0
         # Bumped on every eviction: a caller may keep a list of packs while the generation is unchanged.
         self.generation = 0
@@ -48,7 +50,9 @@ class PackCache:
                 self._packs.move_to_end(key)
         for key in keys:
             if key not in self._packs:
+                started = time.perf_counter()
                 pack = self._build(key)
+                self.build_s += time.perf_counter() - started
                 self.builds += 1
                 self._packs[key] = pack
                 self.resident_bytes += pack.nbytes

@@ -60,6 +60,9 @@ class StepStats:
     decode_rows: int = 0  # sequences that decoded a token in this step
     decode_s: float = 0.0
     layout_s: float = 0.0  # rebuilding the running set's weight layout after its mix of plans changed
+    # Of prefill_s and layout_s, one-off work: building packs that were not resident, preparing a plan's
+    # layout and step on its first use.
+    setup_s: float = 0.0
 
 
 class Engine(Protocol):

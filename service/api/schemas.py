@@ -114,6 +114,8 @@ class TimingView(BaseModel):
     total_ms: float
     decode_tokens_per_s: float | None
     predicted_total_ms: float | None = None  # what the controller predicted for the tokens generated
+    predicted_queue_ms: float | None = None  # what it predicted for the wait before its prefill step
+    predicted_ttft_ms: float | None = None  # what it predicted for the first token (queue and prefill)
 
 
 class GenerateResponse(BaseModel):

@@ -97,7 +97,7 @@ async def start_run(request: Request, spec: GenerationSpec) -> Run:
     pipeline = state.ready_pipeline()
     record.precision_requested = pipeline.requested_label(spec.precision)
     try:
-        prepared = pipeline.prepare(spec)
+        prepared = pipeline.prepare(spec, arrival)
     except ServiceError as error:
         if error.type in (INFEASIBLE, OVERLOADED):
             state.metrics.admission_rejections.labels("infeasible" if error.type == INFEASIBLE else "overloaded").inc()

@@ -42,4 +42,9 @@ def timing_view(finished: Finished) -> TimingView:
     return TimingView(queue_ms=round(t.queue_s * 1000, 3), ttft_ms=round(t.ttft_s * 1000, 3),
                       total_ms=round(t.total_s * 1000, 3),
                       decode_tokens_per_s=None if t.decode_tokens_per_s is None else round(t.decode_tokens_per_s, 2),
-                      predicted_total_ms=None if t.predicted_total_s is None else round(t.predicted_total_s * 1000, 3))
+                      predicted_total_ms=_ms(t.predicted_total_s), predicted_queue_ms=_ms(t.predicted_queue_s),
+                      predicted_ttft_ms=_ms(t.predicted_ttft_s))
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 3)

@@ -73,6 +73,9 @@ class Load:
     running: Mapping[Plan, int] = field(default_factory=dict)  # rows per plan in the engine's running set
     # The waiting requests that fit beside them: they join at the next step, as (plan, prompt tokens, sequences).
     joining: tuple[tuple[Plan, int, int], ...] = ()
+    in_flight_s: float = 0.0  # predicted seconds left of the engine's step in flight (0: idle)
+    arriving: float = 0.0  # requests expected to arrive before it ends, that join the next step too
+    elapsed_s: float = 0.0  # seconds since the request arrived (reading and planning it so far)
 
 
 @dataclass(frozen=True)
@@ -159,20 +162,20 @@ class Controller:
     def predict(self, candidate: Candidate, request: PlanRequest, load: Load) -> Prediction:
         """Every decode step of the request is a step of the whole running set, with its rows in it, plus
         what steps under load add (the prompts of others, switches, the server's own work). It waits for
-        the step in flight (half of one on average); the next step builds its packs if they are not
-        resident, prefills it and those joining with it and decodes the running set, and gives its first
-        token."""
+        the step in flight to end (or for a slot, when none is free); the next step builds its packs if
+        they are not resident, prefills it and those joining with it, decodes the running set, and gives
+        its first token."""
         plan, running = candidate.plan, load.running
-        in_flight = 0.5 * self.costs.step_period_s(running) if running else 0.0
-        joining = self.costs.prefill_s_of([(p, tokens) for p, tokens, _ in load.joining])
+        prompts = [(p, tokens) for p, tokens, _ in (*load.joining, (plan, request.prompt_tokens, 1))]
         rows = dict(running)
         for p, _, sequences in (*load.joining, (plan, request.prompt_tokens, request.sequences)):
             rows[p] = rows.get(p, 0) + sequences
+        # Those expected to arrive meanwhile are taken to be like this request.
+        arriving = load.arriving * self.costs.prefill_s(plan, request.prompt_tokens)
         return Prediction(
-            queue_s=load.queue_wait_s + in_flight,
-            prefill_s=self.costs.build_s(self.missing_shares(plan)) + joining
-            + self.costs.prefill_s(plan, request.prompt_tokens)
-            + (self.costs.decode_step_s(running) if running else 0.0),
+            # A slot frees when a running sequence ends, at the end of a step: the one in flight at the earliest.
+            queue_s=load.elapsed_s + max(load.queue_wait_s, load.in_flight_s),
+            prefill_s=self.costs.build_s(self.missing_shares(plan)) + self.costs.pass_s(prompts, running, None) + arriving,
             decode_s=(request.max_new_tokens - 1) * self.costs.step_period_s(rows),  # the prefill gives the first
             weight_bytes=candidate.weight_bytes,
             kv_bytes=request.sequences * (request.prompt_tokens + request.max_new_tokens) * self.kv_bytes_per_token,

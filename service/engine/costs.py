@@ -19,6 +19,10 @@ A prediction is a relative cost times one host-speed factor, learned at two spee
 - What a step takes beyond its modelled decode (the prompts that join it, layout switches, the
   server's own work between steps), in seconds: the mean over the latest steps of their wall time
   beyond their decode prediction. Under load a request's decode steps take the decode plus this.
+  Apart from it, for the step in flight and a request's first step: the layout rebuild a step makes
+  after sequences joined or left the running set (the mean of the latest rebuilds), and what a step
+  takes beyond its modelled prefill, decode and rebuild (the routing of tokens, the server's own
+  work): both relative to the host factor, so a busy host lengthens them at once too.
 
 The relative costs are refined slowly (`alpha`) from steps of one uniform plan, normalized by the
 host factor at the time. A width not seen in any step for `stale_after_s` seconds of engine work is
@@ -40,6 +44,7 @@ from quept_core.precision import FP, uniform_name
 from quept_core.runtime.protocol import StepStats
 
 HOST_WINDOW = 9  # observations in the host factor's median: it follows a change within about 5 steps
+HOST_MIN_OBSERVATIONS = 3  # before that many, the host is taken to be as fast as at warm-up
 EXTRA_WINDOW = 16  # steps in the mean of what steps take beyond their decode (a request's worth of them)
 STALE_AFTER_S = 30.0  # seconds of engine work without a step of a width before it is re-measured
 REMEASURE_STEPS = 3  # steps of a stale width that re-measure it (a probe's prefill and two decode steps)
@@ -90,6 +95,11 @@ class CostModel:
         self._shared_s = 0.0  # decode overhead of every step, part of each width's fixed figure
         self._ratios: deque[float] = deque(maxlen=HOST_WINDOW)
         self._extras: deque[float] = deque(maxlen=EXTRA_WINDOW)  # step seconds beyond the decode model
+        # Of those, host-relative seconds: beyond the modelled prefill and the layout rebuild too; and the
+        # layout rebuilds of the steps that made one.
+        self._overheads: deque[float] = deque(maxlen=EXTRA_WINDOW)
+        self._rebuilds: deque[float] = deque(maxlen=EXTRA_WINDOW)
+        self._rebuilt: deque[float] = deque(maxlen=EXTRA_WINDOW)  # 1 for each recent step that rebuilt, else 0
         self._busy_s = 0.0  # seconds of engine work observed so far: the clock of staleness
         self._last_seen: dict[str, float] = {}
         self._remeasuring: dict[str, int] = {}  # width -> steps of its re-measurement left
@@ -136,11 +146,8 @@ class CostModel:
 
     def prefill_s_of(self, prompts: Sequence[tuple[Plan, int]]) -> float:
         """Seconds of the prefill of these prompts (plan, tokens), in one step."""
-        by_plan: dict[Plan, list[int]] = {}
-        for plan, tokens in prompts:
-            by_plan.setdefault(plan, []).append(tokens)
         with self._lock:
-            return self._prefill_parts(by_plan)[1] * self._host()
+            return self._prefill_parts(_by_plan(prompts))[1] * self._host()
 
     def build_s(self, missing: Mapping[int | None, float]) -> float:
         """Seconds to build the packs a plan lacks, from the share of its parameters missing per bit-width
@@ -159,23 +166,42 @@ class CostModel:
         with self._lock:
             # The mean, not the median: the steps that carry a burst of prompts are few and long, and a
             # request's decode pays for all of them.
-            extra = statistics.fmean(self._extras) if self._extras else 0.0
-            return self._decode_parts(rows)[1] * self._host() + extra
+            return self._decode_parts(rows)[1] * self._host() + _mean(self._extras)
+
+    def pass_s(self, prompts: Sequence[tuple[Plan, int]], rows: Mapping[Plan, int], rebuilds: bool | None) -> float:
+        """Wall seconds of one step of the server's loop that prefills these prompts (plan, tokens),
+        decodes these rows and, if `rebuilds`, first rebuilds the layout of a changed running set (None:
+        not known yet, as often as recent steps did): their modelled seconds, the recent overhead of a
+        step and of a rebuild, on the host as it is now."""
+        with self._lock:
+            prefill = self._prefill_parts(_by_plan(prompts))[1]
+            decode = self._decode_parts(rows)[1]
+            share = _mean(self._rebuilt) if rebuilds is None else float(rebuilds)
+            return (prefill + decode + _mean(self._overheads) + share * _mean(self._rebuilds)) * self._host()
 
     # ---- observations (the engine's thread) -----------------------------------------------------
 
-    def observe_period(self, seconds: float, decode_rows: Mapping[Plan, int]) -> None:
-        """The wall time of one pass of the server's loop that decoded these rows (prefills, switches
-        and the routing of its tokens included)."""
+    def observe_period(self, seconds: float, stats: StepStats, prompts: Mapping[Plan, Sequence[int]],
+                       decode_rows: Mapping[Plan, int]) -> None:
+        """The wall time of one pass of the server's loop that made the step `stats` measured, which
+        prefilled these prompt lengths and decoded these rows (the routing of its tokens and the server's
+        work between steps included)."""
         rows = {p: r for p, r in decode_rows.items() if r > 0}
-        if not rows:
+        if not rows or stats.setup_s > 0:  # a step that set plans up says nothing of what steps take
             return
+        rebuild_s = stats.layout_s
         with self._lock:
             try:
-                expected = self._decode_parts(rows)[1] * self._host()
+                decode = self._decode_parts(rows)[1]
+                prefill = self._prefill_parts({p: lengths for p, lengths in prompts.items() if lengths})[1]
             except KeyError:
                 return
-            self._extras.append(max(0.0, seconds - expected))
+            host = self._host()
+            self._extras.append(max(0.0, seconds - decode * host))
+            self._overheads.append(max(0.0, seconds / host - decode - prefill - rebuild_s / host))
+            self._rebuilt.append(float(rebuild_s > 0))
+            if rebuild_s > 0:
+                self._rebuilds.append(rebuild_s / host)
 
     def observe(self, stats: StepStats, prompts: Mapping[Plan, Sequence[int]], decode_rows: Mapping[Plan, int]) -> None:
         """One engine step: the lengths of the prompts it prefilled and its decode rows per plan, and what
@@ -196,6 +222,8 @@ class CostModel:
                 if self._stale(label, seen_at):
                     self._remeasuring[label] = REMEASURE_STEPS
                 self._last_seen[label] = self._busy_s
+            if stats.setup_s > 0:  # its time went to one-off work (builds are predicted apart): nothing to learn
+                return
             if prefill and stats.prefill_s > 0:
                 self._learn(stats.prefill_s, self._prefill_parts(prefill), prefill, "prefill")
             if rows and stats.decode_s > 0:
@@ -220,7 +248,9 @@ class CostModel:
     # ---- the model (call with the lock held) ----------------------------------------------------
 
     def _host(self) -> float:
-        return statistics.median(self._ratios) if self._ratios else 1.0
+        # As at warm-up until a median can outvote one step: the first steps after a start include
+        # first calls of new shapes, and one of them alone must not set the host's speed.
+        return statistics.median(self._ratios) if len(self._ratios) >= HOST_MIN_OBSERVATIONS else 1.0
 
     def _stale(self, label: str, now: float) -> bool:
         return now - self._last_seen.get(label, now) > self.stale_after_s
@@ -310,3 +340,14 @@ class CostModel:
         else:
             self._widths[label] = replace(cost, decode_s_fixed=shared + (cost.decode_s_fixed - shared) * step,
                                           decode_s_per_row=cost.decode_s_per_row * step)
+
+
+def _mean(values: deque[float]) -> float:
+    return statistics.fmean(values) if values else 0.0
+
+
+def _by_plan(prompts: Sequence[tuple[Plan, int]]) -> dict[Plan, list[int]]:
+    by_plan: dict[Plan, list[int]] = {}
+    for plan, tokens in prompts:
+        by_plan.setdefault(plan, []).append(tokens)
+    return by_plan

@@ -7,6 +7,7 @@ and share everything below it.
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
@@ -22,6 +23,8 @@ from service.engine.controller import MIB, Budget, Controller, Decision, PlanReq
 from service.engine.scheduler import AdmissionError, Event, Failed, Finished, Job, Scheduler
 from service.engine.textstream import TextStream
 from service.errors import invalid
+
+log = logging.getLogger(__name__)
 from service.observability.metrics import Metrics, requested_label
 
 T = TypeVar("T")
@@ -111,7 +114,7 @@ class Pipeline:
         except PrecisionError as error:
             raise invalid(f"{field}: {error}", field) from None
 
-    def prepare(self, spec: GenerationSpec) -> Prepared:
+    def prepare(self, spec: GenerationSpec, arrival: float | None = None) -> Prepared:
         """Validate against this model and server, and choose the plan (no side effects)."""
         sampling, field = spec.sampling, spec.max_tokens_field
         if sampling.max_new_tokens > self.max_new_tokens_limit:
@@ -141,7 +144,16 @@ class Pipeline:
             None if spec.memory_budget_mb is None else int(spec.memory_budget_mb * MIB),
         )
         request = PlanRequest(requested, len(ids), sampling.max_new_tokens, budget, floor, spec.allow_degrade, spec.n)
-        decision = self.controller.decide(request, self.scheduler.load())
+        load = self.scheduler.load(since=arrival)
+        decision = self.controller.decide(request, load)
+        if log.isEnabledFor(logging.DEBUG):
+            p = decision.prediction
+            log.debug("planned", extra={"plan": decision.plan.name, "queue_ms": round(p.queue_s * 1000, 1),
+                                        "prefill_ms": round(p.prefill_s * 1000, 1), "decode_ms": round(p.decode_s * 1000, 1),
+                                        "in_flight_ms": round(load.in_flight_s * 1000, 1),
+                                        "slot_wait_ms": round(load.queue_wait_s * 1000, 1),
+                                        "running": sum(load.running.values()), "joining": len(load.joining),
+                                        "arriving": round(load.arriving, 2)})
         if sampling.temperature > 0 and sampling.seed is None:
             sampling = replace(sampling, seed=secrets.randbelow(2**31))
         return Prepared(spec, ids, sampling, decision)

@@ -17,6 +17,7 @@ import heapq
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
@@ -64,6 +65,8 @@ class Timing:
     total_s: float
     decode_tokens_per_s: float | None
     predicted_total_s: float | None = None  # the controller's prediction for the tokens generated
+    predicted_queue_s: float | None = None  # its prediction of the wait before the step that prefills it
+    predicted_ttft_s: float | None = None  # its prediction of the first token (queue and prefill)
 
 
 @dataclass(frozen=True)
@@ -106,6 +109,7 @@ class SchedulerLimits:
 
 
 _WAITING, _RUNNING, _DONE = "waiting", "running", "done"
+ARRIVAL_WINDOW = 16  # latest arrivals the arrival rate is taken over
 PROBE_PROMPT_TOKENS = 4
 PROBE_NEW_TOKENS = 3  # a prefill and two decode steps: what the cost model re-measures a width from
 
@@ -196,6 +200,9 @@ class Scheduler:
         # Off under a memory limit: a probe's packs might not fit beside the running set's.
         self._probes = probes
         self._probe: _Probe | None = None
+        self._pass_ends_at: float | None = None  # predicted end of the loop's pass in flight (None: idle)
+        self._decoded: frozenset[int] = frozenset()  # the sequences the latest step decoded
+        self._arrivals: deque[float] = deque(maxlen=ARRIVAL_WINDOW)  # when the latest requests were queued
         self._probe_prompt = warmup_prompt(engine.tokenizer, PROBE_PROMPT_TOKENS)
 
     # ---- called from the event loop -------------------------------------------------------------
@@ -226,6 +233,7 @@ class Scheduler:
                     f"{len(job.prompt_ids)} would pass the limit of {self.limits.max_queue_tokens}",
                     self._wait_estimate()))
             self._waiting.append(job)
+            self._arrivals.append(job.arrival)
             self._update_queue_gauges()
             self._cond.notify()
 
@@ -257,11 +265,24 @@ class Scheduler:
         with self._cond:
             return len(self._waiting) + len(self._running_jobs())
 
-    def load(self) -> Load:
+    def load(self, since: float | None = None) -> Load:
+        """What a request arriving now meets (`since`: when it arrived, if before now)."""
         with self._cond:
             joining = tuple((job.plan, len(job.prompt_ids), job.n)  # they join at the next step
                             for job in self._fitting(self.limits.max_running - len(self._running)))
-            return Load(self._wait_estimate(), len(self._waiting), self._rows_by_plan(), joining)
+            now = self.clock()
+            in_flight = 0.0 if self._pass_ends_at is None else max(0.0, self._pass_ends_at - now)
+            # Requests that arrive before the step in flight ends join the next step too, as far as slots are free.
+            free = self.limits.max_running - len(self._running) - sum(n for _, _, n in joining) - 1
+            arriving = min(max(0, free), self._arrival_rate(now) * in_flight)
+            return Load(self._wait_estimate(), len(self._waiting), self._rows_by_plan(), joining, in_flight, arriving,
+                        0.0 if since is None else max(0.0, now - since))
+
+    def _arrival_rate(self, now: float) -> float:
+        """Requests per second recently (0 before two arrivals). Call with the lock held."""
+        if len(self._arrivals) < 2:
+            return 0.0
+        return (len(self._arrivals) - 1) / max(now - self._arrivals[0], 1e-3)
 
     def _rows_by_plan(self, skip: Collection[Job] = ()) -> dict[Plan, int]:
         """Running sequences per plan, those of the jobs in `skip` apart."""
@@ -303,13 +324,17 @@ class Scheduler:
     # ---- the worker thread ----------------------------------------------------------------------
 
     def _loop(self) -> None:
+        ended: float | None = None  # when the previous pass ended, unless the loop waited for work since
         while True:
             with self._cond:
                 while not (self._stopping or self._waiting or self._running or self._cancels or self._probe):
+                    self._pass_ends_at = ended = None
                     self._cond.wait()
                 cancels, self._cancels = self._cancels, []
                 stopping = self._stopping
-            started = self.clock()
+            # Back to back, a pass starts where the previous one ended: the time the loop waits for the
+            # GIL or the lock (the HTTP side runs in the same process) is part of what steps take.
+            started = self.clock() if ended is None else ended
             for job, failure, reason in cancels:
                 self._cancel_running(job, failure, reason)
             if stopping:
@@ -327,7 +352,7 @@ class Scheduler:
             if probe:
                 self._add_probe(probe)
             if self._running or self._probe:
-                self._step(started)
+                ended = self._step(started)
 
     def _probe_due(self, overdue: bool) -> Plan | None:
         """The plan of a stale width, when a probe may join now."""
@@ -385,10 +410,18 @@ class Scheduler:
             self._prefilling.append(job)
             self._update_queue_gauges()
 
-    def _step(self, started: float) -> None:
-        """One engine step and the routing of its tokens; `started`: when this pass of the loop began."""
+    def _step(self, started: float) -> float:
+        """One engine step and the routing of its tokens; `started`: when this pass of the loop began.
+        Returns when it ended."""
         prefilled, self._prefilling = self._prefilling, []
+        decoding = self._decoding_ids(prefilled)  # before the composition, which moves a probe past its prefill
+        rebuilds, self._decoded = bool(decoding) and decoding != self._decoded, decoding
         prompts, decode_rows = self._composition(prefilled)
+        predicted_s = self.costs.pass_s([(plan, n) for plan, lengths in prompts.items() for n in lengths], decode_rows,
+                                        rebuilds)
+        stepping = self.clock()
+        with self._cond:
+            self._pass_ends_at = started + predicted_s
         try:
             events = self.engine.step()
         except Exception:
@@ -400,7 +433,7 @@ class Scheduler:
             self._abort_probe()
             self._fail(jobs, _internal_error(), "error")
             self._update_engine_gauges()
-            return
+            return self.clock()
         stats = self.engine.last_step
         self.costs.observe(stats, prompts, decode_rows)
         self.metrics.host_speed.set(1 / self.costs.host_factor)
@@ -415,7 +448,16 @@ class Scheduler:
                 continue
             self._route(event, now)
         self._update_engine_gauges()
-        self.costs.observe_period(self.clock() - started, decode_rows)
+        ended = self.clock()
+        period = ended - started
+        self.costs.observe_period(period, stats, prompts, decode_rows)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("step", extra={"ms": round(period * 1000, 2), "predicted_ms": round(predicted_s * 1000, 2),
+                                     "admit_ms": round((stepping - started) * 1000, 2),
+                                     "prefill_ms": round(stats.prefill_s * 1000, 2), "decode_ms": round(stats.decode_s * 1000, 2),
+                                     "layout_ms": round(stats.layout_s * 1000, 2), "prompt_tokens": stats.prefill_tokens,
+                                     "rows": stats.decode_rows, "host_factor": round(self.costs.host_factor, 3)})
+        return ended
 
     def _composition(self, prefilled: list[Job]) -> tuple[dict[Plan, list[int]], dict[Plan, int]]:
         """What the coming step runs: the prompt lengths per plan (each prompt once, however many choices
@@ -432,6 +474,13 @@ class Scheduler:
                 decode_rows[probe.plan] = decode_rows.get(probe.plan, 0) + 1
             probe.prefilling = False
         return prompts, decode_rows
+
+    def _decoding_ids(self, prefilled: list[Job]) -> frozenset[int]:
+        """The sequences the coming step decodes (the engine rebuilds its layout when they change)."""
+        ids = {seq_id for seq_id, (job, _) in self._running.items() if job not in prefilled}
+        if self._probe is not None and not self._probe.prefilling:
+            ids.add(self._probe.seq_id)
+        return frozenset(ids)
 
     def _abort_probe(self) -> None:
         if self._probe is not None:
@@ -484,6 +533,8 @@ class Scheduler:
             total_s=now - job.arrival,
             decode_tokens_per_s=(generated - job.n) / decode_s if decode_s > 0 else None,
             predicted_total_s=None if job.prediction is None else job.predicted_latency_s(),
+            predicted_queue_s=None if job.prediction is None else job.prediction.queue_s,
+            predicted_ttft_s=None if job.prediction is None else job.prediction.queue_s + job.prediction.prefill_s,
         )
         label = job.plan.label
         self.metrics.request_duration.labels(label).observe(timing.total_s)

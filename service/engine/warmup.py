@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import statistics
 from collections.abc import Mapping
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -40,7 +39,8 @@ PROMPT_TOKENS = 16
 LONG_PROMPT_TOKENS = 64  # the second prefill length
 DECODE_STEPS = 3
 ROWS = 4  # the second running-set size of each decode measurement
-COSTS_VERSION = 1  # bump when what a plan's figures mean changes
+REPEATS = 3  # timed runs of each measurement; the fastest counts
+COSTS_VERSION = 2  # bump when what a plan's figures mean changes (2: the fastest of REPEATS runs, not one)
 
 
 def warmup_prompt(tokenizer, tokens: int = PROMPT_TOKENS) -> list[int]:
@@ -64,37 +64,40 @@ def _run(engine: Engine, requests: list[tuple[SequenceRequest, int]]) -> list[St
     return stats
 
 
-def _decode_s(stats: list[StepStats]) -> float:
-    return statistics.median(s.decode_s for s in stats if s.decode_rows > 0)
+def _decode_s(runs: list[list[StepStats]]) -> float:
+    return min(s.decode_s for stats in runs for s in stats if s.decode_rows > 0)
+
+
+def _prefill_s(runs: list[list[StepStats]]) -> float:
+    return min(s.prefill_s for stats in runs for s in stats if s.prefill_tokens > 0)
 
 
 def measure_plan(engine: Engine, plan: Plan, prompt_ids: list[int]) -> PlanCost:
     """Prefill seconds of `prompt_ids` and of a prompt `LONG_PROMPT_TOKENS` long (it repeats them), and
-    the median decode step at 1 and at up to `ROWS` rows of short greedy runs.
+    the decode step at 1 and at up to `ROWS` rows of short greedy runs.
 
+    Each figure is the fastest of `REPEATS` runs (of their steps, for decode): whatever else runs on
+    the host only adds time, and figures measured during a burst of it would be kept for later starts.
     The plan's packs are built and its kernels run once before the timed runs: first calls pay
     one-off costs that real requests do not see.
     """
-    def request(new_tokens: int, prompt: list[int] = prompt_ids) -> SequenceRequest:
-        return SequenceRequest(prompt, plan, SamplingParams(max_new_tokens=new_tokens))
-
-    def prefill_s(stats: list[StepStats]) -> tuple[int, float]:
-        step = next(s for s in stats if s.prefill_tokens > 0)
-        return step.prefill_tokens, step.prefill_s
+    def runs(new_tokens: int, prompt: list[int] = prompt_ids, n: int = 1) -> list[list[StepStats]]:
+        request = SequenceRequest(prompt, plan, SamplingParams(max_new_tokens=new_tokens))
+        return [_run(engine, [(request, n)]) for _ in range(REPEATS)]
 
     rows = min(ROWS, engine.free_slots)
     long_prompt = (prompt_ids * -(-LONG_PROMPT_TOKENS // len(prompt_ids)))[:LONG_PROMPT_TOKENS]
-    _run(engine, [(request(2), 1)])
-    _run(engine, [(request(1, long_prompt), 1)])
-    one = _run(engine, [(request(DECODE_STEPS + 1), 1)])
-    (short, short_s), (long, long_s) = prefill_s(one), prefill_s(_run(engine, [(request(1, long_prompt), 1)]))
+    _first_calls(engine, plan, prompt_ids)
+    _run(engine, [(SequenceRequest(long_prompt, plan, SamplingParams(max_new_tokens=1)), 1)])
+    one = runs(DECODE_STEPS + 1)
+    short, long = len(prompt_ids), len(long_prompt)
+    short_s, long_s = _prefill_s(one), _prefill_s(runs(1, long_prompt))
     per_token = max(0.0, (long_s - short_s) / (long - short)) or short_s / short
     per_prompt = max(0.0, short_s - per_token * short)
     alone = _decode_s(one)
     per_row = 0.0  # a one-slot pool never steps more than one row
     if rows > 1:
-        full = _decode_s(_run(engine, [(request(DECODE_STEPS + 1), rows)]))
-        per_row = max(0.0, (full - alone) / (rows - 1))
+        per_row = max(0.0, (_decode_s(runs(DECODE_STEPS + 1, n=rows)) - alone) / (rows - 1))
     return PlanCost(per_token, max(alone - per_row, 0.0), per_row, per_prompt)
 
 
@@ -105,7 +108,8 @@ def measure_shared_overhead(engine: Engine, plans: list[Plan], costs: list[PlanC
         return 0.0
     sampling = SamplingParams(max_new_tokens=DECODE_STEPS + 1)
     try:
-        together = _decode_s(_run(engine, [(SequenceRequest(prompt_ids, plan, sampling), 1) for plan in plans]))
+        together = _decode_s([_run(engine, [(SequenceRequest(prompt_ids, plan, sampling), 1) for plan in plans])
+                              for _ in range(REPEATS)])
     except MemoryLimitError:
         return 0.0
     return sum(cost.decode_s(1) for cost in costs) - together

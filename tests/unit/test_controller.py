@@ -256,15 +256,20 @@ def test_a_downgrade_never_raises_bits_even_when_the_higher_plan_looks_better_an
 
 def test_a_prediction_under_load_waits_for_the_step_in_flight_and_joins_the_next_with_the_others(backend):
     controller = make_controller(backend)
-    costs, w8, w4 = controller.costs, backend.resolve("w8"), backend.resolve("w4")
-    load = Load(running={w8: 2}, joining=((w4, 20, 1),))
-    prediction = controller.predict(backend.describe(backend.resolve("w6")), auto(), load)
+    costs, w8, w4, w6 = controller.costs, backend.resolve("w8"), backend.resolve("w4"), backend.resolve("w6")
+    load = Load(running={w8: 2}, joining=((w4, 20, 1),), in_flight_s=0.030, elapsed_s=0.002)
+    prediction = controller.predict(backend.describe(w6), auto(), load)
     running_step = costs.decode_step_s({w8: 2})
-    assert prediction.queue_s == pytest.approx(0.5 * running_step)
+    assert prediction.queue_s == pytest.approx(0.002 + 0.030)  # planning it so far, then the step in flight
     assert prediction.prefill_s == pytest.approx(0.020 + 0.010 + running_step)  # w4's prompt, its own, the others
-    assert prediction.decode_s == pytest.approx((NEW - 1) * costs.decode_step_s({w8: 2, w4: 1,
-                                                                                 backend.resolve("w6"): 1}))
-    idle = controller.predict(backend.describe(backend.resolve("w6")), auto(), Load())
+    assert prediction.decode_s == pytest.approx((NEW - 1) * costs.decode_step_s({w8: 2, w4: 1, w6: 1}))
+    # A slot it waits for comes free at the end of a step: the longer of the two waits counts.
+    assert controller.predict(backend.describe(w6), auto(), replace(load, queue_wait_s=0.5)).queue_s == \
+        pytest.approx(0.002 + 0.5)
+    # Requests expected to arrive before the step in flight ends join the next step too, each like this one.
+    arriving = controller.predict(backend.describe(w6), auto(), replace(load, arriving=1.5))
+    assert arriving.prefill_s == pytest.approx(prediction.prefill_s + 1.5 * 0.010)
+    idle = controller.predict(backend.describe(w6), auto(), Load())
     assert idle.queue_s == 0 and idle.prefill_s == pytest.approx(0.010)
 
 

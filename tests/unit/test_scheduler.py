@@ -391,3 +391,22 @@ def test_waiting_requests_that_fit_count_among_the_rows_of_the_coming_steps(harn
         load = h.scheduler.load()
     assert load.waiting == 2 and {plan.name: rows for plan, rows in load.running.items()} == {"w4": 1}
     assert [(plan.name, sequences) for plan, _, sequences in load.joining] == [("w8", 1)]  # w6 finds no slot
+
+
+def test_a_request_waits_for_the_predicted_rest_of_the_step_in_flight_and_those_arriving_meanwhile_join_it(harness):
+    h = harness()
+    w4 = h.backend.resolve("w4")
+    h.costs.record(w4, PlanCost(0.1, 0.01, 0.0))  # a 2-token prompt's prefill: 0.2 s
+    start = h.clock()
+    h.submit("w4")  # its step is in flight, held by the gated engine
+    wait_until(lambda: h.scheduler.load().in_flight_s > 0)
+    assert h.scheduler.load().in_flight_s == pytest.approx(0.2)
+    for _ in range(2):  # two more arrive 50 ms apart: 20 requests a second
+        h.clock.advance(0.05)
+        h.submit("w4")
+    load = h.scheduler.load(since=start + 0.05)
+    assert load.elapsed_s == pytest.approx(0.05) and len(load.joining) == 2
+    assert load.in_flight_s == pytest.approx(0.1)
+    assert load.arriving == pytest.approx(20 * 0.1)  # expected before the step ends, beside the two waiting
+    h.clock.advance(0.2)  # past the step's predicted end: nothing more to wait for, as far as the model knows
+    assert h.scheduler.load().in_flight_s == 0 and h.scheduler.load().arriving == 0
