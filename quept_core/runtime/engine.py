@@ -137,6 +137,7 @@ class QueptEngine:
         self._dirty = True  # the running set changed since its layout was built
         self._prepare_s = 0.0  # seconds spent preparing single plans' layouts and steps, all told (builds apart)
         self._steps: dict[Plan, _Step] = {}  # one plan's step, valid for a cache generation
+        self._mixed_native: tuple[int, NativeStep] | None = None  # the mixed running set's program, by generation
         self._step: _Step | None = None  # the running set's
         self._slots: list[int] = []  # the running set's KV slots, in row order
         self._rows: tuple[torch.Tensor, torch.Tensor] | None = None  # slots and positions of the rows (PyTorch step)
@@ -304,20 +305,24 @@ class QueptEngine:
     def _layout(self, plans: list[Plan]) -> Layout:
         """The layout for rows whose plans are `plans` (row order), its packs made resident together."""
         sites = self._sites()
+        rows_of: dict[Plan, list[int]] = {}
+        for row, plan in enumerate(plans):
+            rows_of.setdefault(plan, []).append(row)
         groups: list[dict[tuple, list[int]]] = []
         for site in sites:
             by_bits: dict[tuple, list[int]] = {}
-            for row, plan in enumerate(plans):
-                by_bits.setdefault(self._site_bits(site, plan), []).append(row)
-            groups.append(by_bits)
+            for plan, members in rows_of.items():
+                by_bits.setdefault(self._site_bits(site, plan), []).extend(members)
+            groups.append({bits: sorted(members) for bits, members in by_bits.items()})
         keys = list(dict.fromkeys(key for site, by_bits in zip(sites, groups, strict=True)
                                   for bits in by_bits for key in self._site_keys(site, bits)))
         packs = dict(zip(keys, self._resident(keys), strict=True))
         rows = len(plans)
+        indices: dict[tuple[int, ...], torch.Tensor] = {}  # sites that group the rows alike share an index
         site_layouts = []
         for site, by_bits in zip(sites, groups, strict=True):
-            parts = tuple(site_part([packs[key] for key in self._site_keys(site, bits)], members, rows, self.device)
-                          for bits, members in by_bits.items())
+            parts = tuple(site_part([packs[key] for key in self._site_keys(site, bits)], members, rows, self.device,
+                                    indices) for bits, members in by_bits.items())
             out_features = sum(self.linear_shapes[m][0] for m in site.members) if site is not HEAD_SITE \
                 else self.model.dims.vocab
             site_layouts.append(SiteLayout(parts, out_features))
@@ -357,6 +362,19 @@ class QueptEngine:
         self._steps = {p: step for p, step in self._steps.items() if step.generation == self.cache.generation}
         self._steps[plan] = prepared
         return prepared
+
+    def _mixed_step(self, layout: Layout) -> _Step:
+        """The step of a running set of several plans. Its native program is kept while no pack is
+        evicted and given each new layout: the running set changes at almost every step under load, and
+        handing every pack over again cost more than the layout itself."""
+        kept = self._mixed_native
+        if not (self.native and native_supports(layout, self.pool)):
+            return _Step(self.cache.generation, layout, None)
+        if kept is None or kept[0] != self.cache.generation:
+            self._mixed_native = kept = (self.cache.generation, NativeStep(self.model, layout, self.max_running))
+        else:
+            kept[1].relayout(layout)
+        return _Step(self.cache.generation, layout, kept[1])
 
     def _step_for(self, layout: Layout) -> _Step:
         runs_native = self.native and native_supports(layout, self.pool)
@@ -488,7 +506,7 @@ class QueptEngine:
             return 0.0
         started = time.perf_counter()
         plans = [s.plan for s in decoding]
-        self._step = self._plan_step(plans[0]) if len(set(plans)) == 1 else self._step_for(self._layout(plans))
+        self._step = self._plan_step(plans[0]) if len(set(plans)) == 1 else self._mixed_step(self._layout(plans))
         if self._step.native is None:
             slots = torch.tensor([s.slot for s in decoding], dtype=torch.long, device=self.device)
             positions = torch.tensor([s.position for s in decoding], dtype=torch.long, device=self.device)

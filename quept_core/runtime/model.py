@@ -95,11 +95,19 @@ class SitePart:
         return torch.cat([pack(x) for pack in self.packs], dim=-1)
 
 
-def site_part(packs: Sequence[PackedWeight], rows: Sequence[int], total: int, device: torch.device) -> SitePart:
-    """A part over `rows` of `total` rows (every row in order: no index)."""
-    if list(rows) == list(range(total)):
+def site_part(packs: Sequence[PackedWeight], rows: Sequence[int], total: int, device: torch.device,
+              indices: dict[tuple[int, ...], torch.Tensor] | None = None) -> SitePart:
+    """A part over `rows` of `total` rows (every row in order: no index). `indices`: index tensors made
+    so far, by rows, to share."""
+    rows = tuple(rows)
+    if rows == tuple(range(total)):
         return SitePart(tuple(packs), None, None)
-    return SitePart(tuple(packs), tuple(rows), torch.tensor(list(rows), dtype=torch.long, device=device))
+    index = None if indices is None else indices.get(rows)
+    if index is None:
+        index = torch.tensor(rows, dtype=torch.long, device=device)
+        if indices is not None:
+            indices[rows] = index
+    return SitePart(tuple(packs), rows, index)
 
 
 @dataclass(frozen=True)

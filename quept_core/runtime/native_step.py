@@ -1,6 +1,6 @@
 """The decode step as one native call over the whole forward pass (kernels/csrc/decode.cpp).
 
-A `NativeStep` is built once per layout: it hands the native program every pack's storage (no
+A `NativeStep` is built once per layout (or handed a new one): it hands the native program every pack's storage (no
 copies) and, per call site, the rows each part serves. A step is then one call with the rows'
 tokens, positions and KV slots; it returns float32 logits [rows, vocab]. It runs where every pack
 is one the native kernels read (bit planes, lookup-table planes, or a dense weight for `fp`) and the
@@ -37,20 +37,30 @@ def supports(layout: Layout, pool: KVPool) -> bool:
 
 
 class NativeStep:
+    """A native decode program and the layout it runs. `relayout` gives it another layout over packs of
+    the same cache generation: the packs it already holds are not handed over again."""
+
     def __init__(self, model: CompactLlama, layout: Layout, max_rows: int):
         d = model.dims
         norms = [n.float().contiguous() for n in (*model.attn_norms, *model.mlp_norms, model.final_norm)]
         cos, sin = model.rope_f32
         self._program = decode_program_class()(
             [d.n_layers, d.hidden, d.ffn, d.n_heads, d.n_kv_heads, d.head_dim, d.vocab, max_rows], d.eps, norms, cos, sin)
+        self._layers = d.n_layers
         self._ids: dict[int, int] = {}  # id(pack) -> the program's weight index
         self._packs: list[PackedWeight] = []  # keeps every pack alive while the program points into it
+        self._embedding = None if model.embedding is None else self._program.add_dense(model.embedding.contiguous())
+        self.relayout(layout)
+
+    def relayout(self, layout: Layout) -> None:
+        """Run `layout` from now on (its packs of the generation this step was built in)."""
+        self._program.clear_parts()
         for index, block in enumerate(layout.blocks):
             for role_index, role in enumerate(ROLES):
                 self._add_site(index * len(ROLES) + role_index, block[role])
-        self._add_site(d.n_layers * len(ROLES), layout.head)
-        if model.embedding is not None:
-            self._program.add_embedding([], self._program.add_dense(model.embedding.contiguous()))
+        self._add_site(self._layers * len(ROLES), layout.head)
+        if self._embedding is not None:
+            self._program.add_embedding([], self._embedding)
         for part in layout.embed:
             self._program.add_embedding(list(part.rows or ()), self._weight(part.packs[0]))
 

@@ -9,6 +9,7 @@ from tiny_llama import tiny_elastic, tiny_loaded
 
 from quept_core.runtime.engine import QueptEngine
 from quept_core.runtime.kernels.native import decode_program_class
+from quept_core.runtime.native_step import NativeStep
 
 pytestmark = pytest.mark.skipif(decode_program_class() is None, reason="no C++ toolchain for the native kernels")
 
@@ -70,6 +71,17 @@ def test_a_rows_logits_are_bit_identical_alone_and_in_any_running_set(pair):
     assert tokens[2] == lone_tokens[0]
     for got, want in zip(logits[2], lone_logits[0], strict=True):
         assert torch.equal(got, want)
+
+
+def test_a_program_given_a_new_layout_runs_it_as_a_new_program_would(pair):
+    native, _ = pair
+    before = native._layout([native.plan("w3"), native.plan("w8")])
+    after = native._layout([native.plan("w8"), mixed_plan(native), native.plan("w3")])
+    relaid = NativeStep(native.model, before, native.max_running)
+    relaid.relayout(after)
+    fresh = NativeStep(native.model, after, native.max_running)
+    rows = ([5, 7, 11], [0, 0, 0], [0, 1, 2])  # tokens, positions, slots of an idle engine
+    assert torch.equal(relaid(*rows, native.pool), fresh(*rows, native.pool))
 
 
 def test_a_program_refuses_bad_rows_with_a_clear_error(pair):

@@ -149,6 +149,12 @@ class DecodeProgram : public torch::CustomClassHolder {
     sites_[site].push_back(Part{std::move(rows), std::move(weights), std::move(offsets)});
   }
 
+  // Forget every site's parts and the embedding's; the weights stay, for a new layout over them.
+  void clear_parts() {
+    for (auto& parts : sites_) parts.clear();
+    embedding_.clear();
+  }
+
   // The embedding rows of `rows` (empty: every row) are rows of this weight [vocab, hidden].
   void add_embedding(std::vector<int64_t> rows, int64_t weight) {
     TORCH_CHECK(0 <= weight && weight < static_cast<int64_t>(weights_.size()), "add_embedding: no weight ", weight);
@@ -515,6 +521,7 @@ TORCH_LIBRARY_FRAGMENT(QUEPT_OPS, m) {
       .def("add_dense", &DecodeProgram::add_dense)
       .def("add_part", &DecodeProgram::add_part)
       .def("add_embedding", &DecodeProgram::add_embedding)
+      .def("clear_parts", &DecodeProgram::clear_parts)
       .def("forward", &DecodeProgram::forward)
       .def("weight_count", &DecodeProgram::weight_count);
 }
