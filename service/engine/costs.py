@@ -17,12 +17,13 @@ A prediction is a relative cost times one host-speed factor, learned at two spee
   a collector pause) moves nothing.
 
 - What a step takes beyond its modelled decode (the prompts that join it, layout switches, the
-  server's own work between steps), in seconds: the mean over the latest steps of their wall time
-  beyond their decode prediction. Under load a request's decode steps take the decode plus this.
-  Apart from it, for the step in flight and a request's first step: the layout rebuild a step makes
-  after sequences joined or left the running set (the mean of the latest rebuilds), and what a step
-  takes beyond its modelled prefill, decode and rebuild (the routing of tokens, the server's own
-  work): both relative to the host factor, so a busy host lengthens them at once too.
+  server's own work between steps): the mean over the latest steps of their wall time beyond their
+  decode prediction. Under load a request's decode steps take the decode plus this. Apart from it,
+  for the step in flight and a request's first step: the layout rebuild a step makes after sequences
+  joined or left the running set (the mean of the latest rebuilds), and what a step takes beyond its
+  modelled prefill, decode and rebuild (the routing of tokens, the server's own work). All three are
+  kept relative to the host factor: a busy host lengthens them at once, and once it is quiet again
+  the steps it slowed do not keep the predictions long.
 
 The relative costs are refined slowly (`alpha`) from steps of one uniform plan, normalized by the
 host factor at the time. A width not seen in any step for `stale_after_s` seconds of engine work is
@@ -94,9 +95,9 @@ class CostModel:
         self._plans: dict[str, Plan] = {}  # the uniform plan of each width, for probes
         self._shared_s = 0.0  # decode overhead of every step, part of each width's fixed figure
         self._ratios: deque[float] = deque(maxlen=HOST_WINDOW)
-        self._extras: deque[float] = deque(maxlen=EXTRA_WINDOW)  # step seconds beyond the decode model
-        # Of those, host-relative seconds: beyond the modelled prefill and the layout rebuild too; and the
-        # layout rebuilds of the steps that made one.
+        # Host-relative seconds of steps beyond their modelled decode; of those, beyond the modelled prefill
+        # and the layout rebuild too; and the layout rebuilds of the steps that made one.
+        self._extras: deque[float] = deque(maxlen=EXTRA_WINDOW)
         self._overheads: deque[float] = deque(maxlen=EXTRA_WINDOW)
         self._rebuilds: deque[float] = deque(maxlen=EXTRA_WINDOW)
         self._rebuilt: deque[float] = deque(maxlen=EXTRA_WINDOW)  # 1 for each recent step that rebuilt, else 0
@@ -166,7 +167,7 @@ class CostModel:
         with self._lock:
             # The mean, not the median: the steps that carry a burst of prompts are few and long, and a
             # request's decode pays for all of them.
-            return self._decode_parts(rows)[1] * self._host() + _mean(self._extras)
+            return (self._decode_parts(rows)[1] + _mean(self._extras)) * self._host()
 
     def pass_s(self, prompts: Sequence[tuple[Plan, int]], rows: Mapping[Plan, int], rebuilds: bool | None) -> float:
         """Wall seconds of one step of the server's loop that prefills these prompts (plan, tokens),
@@ -197,7 +198,7 @@ class CostModel:
             except KeyError:
                 return
             host = self._host()
-            self._extras.append(max(0.0, seconds - decode * host))
+            self._extras.append(max(0.0, seconds / host - decode))
             self._overheads.append(max(0.0, seconds / host - decode - prefill - rebuild_s / host))
             self._rebuilt.append(float(rebuild_s > 0))
             if rebuild_s > 0:
