@@ -15,7 +15,7 @@ present in the running set (runtime/model.py).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from itertools import count
 from pathlib import Path
@@ -65,6 +65,30 @@ class _Step:
     generation: int  # the pack cache's generation it was built in
     layout: Layout
     native: NativeStep | None
+
+
+PADDING_LIMIT = 1.25  # a prefill batch computes at most this many token positions per prompt token
+
+
+def prefill_batches(prompts: Sequence[tuple[Plan, int]]) -> list[list[int]]:
+    """How a step prefills prompts (plan, tokens): the indices of each call. Prompts of one plan share a
+    call, right-padded to the longest, as long as the padding stays within PADDING_LIMIT: one call of
+    several short prompts costs little more than one of them. Plans never share a call (rows of
+    different plans in one prefill cost what separate calls do, measured)."""
+    by_plan: dict[Plan, list[int]] = {}
+    for index, (plan, _) in enumerate(prompts):
+        by_plan.setdefault(plan, []).append(index)
+    batches: list[list[int]] = []
+    for indices in by_plan.values():
+        batch: list[int] = []
+        for index in sorted(indices, key=lambda i: prompts[i][1]):
+            tokens = sum(prompts[i][1] for i in batch) + prompts[index][1]
+            if batch and (len(batch) + 1) * prompts[index][1] > PADDING_LIMIT * tokens:
+                batches.append(batch)
+                batch = []
+            batch.append(index)
+        batches.append(batch)
+    return batches
 
 
 @dataclass(eq=False)
@@ -460,12 +484,11 @@ class QueptEngine:
         events: list[TokenEvent] = []
         self._last_logits = []
         started, setup_before = time.perf_counter(), self.cache.build_s + self._prepare_s
-        prefill_tokens = 0
         decoding = list(self._running)
         joined: list[_Sequence] = []
-        for sequence in self._pending:
-            events += self._prefill(sequence, joined)
-            prefill_tokens += len(sequence.prompt)
+        for batch in prefill_batches([(s.plan, len(s.prompt)) for s in self._pending]):
+            events += self._prefill([self._pending[i] for i in batch], joined)
+        prefill_tokens = sum(len(s.prompt) for s in self._pending)
         self._pending = []
         prefilled = time.perf_counter()
         layout_s = 0.0
@@ -481,23 +504,26 @@ class QueptEngine:
                                     self.cache.build_s + self._prepare_s - setup_before)
         return events
 
-    def _prefill(self, sequence: _Sequence, joined: list[_Sequence]) -> list[TokenEvent]:
-        """Run a prompt once for a sequence and its forks; those not finished join `joined`."""
-        layout = self._plan_layout(sequence.plan)
-        tokens = torch.tensor([sequence.prompt], device=self.device)
-        logits = self.model.prefill(layout, tokens, self.pool, sequence.slot)
-        length = len(sequence.prompt)
-        members = [sequence, *sequence.forks]
-        self._last_logits.append(([m.seq_id for m in members], logits.expand(len(members), -1)))
+    def _prefill(self, batch: list[_Sequence], joined: list[_Sequence]) -> list[TokenEvent]:
+        """Run the prompts of sequences of one plan in one call (each for its sequence and its forks,
+        right-padded to the longest); those not finished join `joined`."""
+        layout = self._plan_layout(batch[0].plan)
+        lengths = [len(s.prompt) for s in batch]
+        tokens = torch.tensor([s.prompt + [0] * (max(lengths) - len(s.prompt)) for s in batch], device=self.device)
+        logits = self.model.prefill(layout, tokens, self.pool, [s.slot for s in batch], lengths)
         events = []
-        for member in members:
-            if member is not sequence:
-                self.pool.copy_prefix(sequence.slot, member.slot, length)
-            member.position = length
-            self.pool.lengths[member.slot] = length
-            events.append(self._advance(member, self.sampler.sample_slot(logits, member.slot)))
-            if member.seq_id in self._sequences:
-                joined.append(member)
+        for row, (sequence, length) in enumerate(zip(batch, lengths, strict=True)):
+            members = [sequence, *sequence.forks]
+            last = logits[row:row + 1]
+            self._last_logits.append(([m.seq_id for m in members], last.expand(len(members), -1)))
+            for member in members:
+                if member is not sequence:
+                    self.pool.copy_prefix(sequence.slot, member.slot, length)
+                member.position = length
+                self.pool.lengths[member.slot] = length
+                events.append(self._advance(member, self.sampler.sample_slot(last, member.slot)))
+                if member.seq_id in self._sequences:
+                    joined.append(member)
         return events
 
     def _ensure_step_layout(self, decoding: list[_Sequence]) -> float:

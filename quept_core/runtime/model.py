@@ -222,27 +222,31 @@ class CompactLlama:
     # ---- prefill --------------------------------------------------------------------------------
 
     def prefill(self, layout: Layout, tokens: torch.Tensor, pool: KVPool | None = None,
-                slot: int | None = None) -> torch.Tensor:
-        """Run prompts [rows, seq] from position 0 (every row a full sequence of one layout).
+                slots: Sequence[int] | None = None, lengths: Sequence[int] | None = None) -> torch.Tensor:
+        """Run prompts [rows, seq] from position 0, each row under its own plan's parts of `layout`.
 
-        With a pool, `tokens` is one sequence and its keys and values are written to `slot`; returns
-        float32 logits at the last position [1, vocab]. Without, returns logits at every position
+        With a pool, row i's keys and values are written to KV slot `slots[i]`, its prompt is its first
+        `lengths[i]` tokens (the rest is padding, after it: the causal mask keeps it out of the prompt's
+        positions, and the slot's length hides it from later steps), and the float32 logits at each
+        prompt's last position come back [rows, vocab]. Without a pool, logits at every position
         [rows, seq, vocab] (perplexity).
         """
         rows, seq = tokens.shape
         cos, sin = self._rope_at(torch.arange(seq, device=self.device).expand(rows, seq))
         x = self.embed(layout, tokens)
+        if pool is not None:
+            slot_index = torch.tensor(list(slots), dtype=torch.long, device=self.device)
         for index, sites in enumerate(layout.blocks):
             q, k, v = (t.transpose(1, 2) for t in self._qkv(sites, index, x, cos, sin))
             if pool is not None:
-                pool.k[index, slot, :, :seq] = k[0]
-                pool.v[index, slot, :, :seq] = v[0]
+                pool.k[index][slot_index, :, :seq] = k.to(pool.k.dtype)
+                pool.v[index][slot_index, :, :seq] = v.to(pool.v.dtype)
             attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
             x = self._finish_block(sites, index, x, attn.transpose(1, 2).reshape(rows, seq, -1))
-        if pool is not None:
-            x = x[:, -1:]
-        logits = self._head(layout, x)
-        return logits[:, -1] if pool is not None else logits
+        if pool is None:
+            return self._head(layout, x)
+        last = torch.tensor([length - 1 for length in (lengths or [seq] * rows)], device=self.device)
+        return self._head(layout, x[torch.arange(rows, device=self.device), last].unsqueeze(1))[:, -1]
 
     # ---- decode ---------------------------------------------------------------------------------
 

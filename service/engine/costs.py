@@ -42,6 +42,7 @@ from dataclasses import dataclass, replace
 from quept_core.planning.bits import Shapes
 from quept_core.planning.plan import Plan
 from quept_core.precision import FP, uniform_name
+from quept_core.runtime.engine import prefill_batches
 from quept_core.runtime.protocol import StepStats
 
 HOST_WINDOW = 9  # observations in the host factor's median: it follows a change within about 5 steps
@@ -284,12 +285,15 @@ class CostModel:
         return presence
 
     def _prefill_parts(self, prompts: Mapping[Plan, Sequence[int]]) -> tuple[dict[str, float], float]:
-        """Relative prefill seconds by width of prompts of these lengths, and their sum."""
+        """Relative prefill seconds by width of prompts of these lengths, and their sum: in the engine's
+        calls (`prefill_batches`), each a fixed part and the positions of its prompts padded to the longest."""
         parts: dict[str, float] = {}
         for plan, lengths in prompts.items():
+            calls = [(len(batch), max(lengths[i] for i in batch)) for batch in prefill_batches([(plan, n) for n in lengths])]
             for label, share in self._shares_of(plan).items():
                 cost = self._widths[label]
-                seconds = sum(cost.prefill_s(tokens) for tokens in lengths)
+                seconds = sum(cost.prefill_s_per_prompt + cost.prefill_s_per_token * rows * longest
+                              for rows, longest in calls)
                 parts[label] = parts.get(label, 0.0) + share * seconds
         return parts, sum(parts.values())
 

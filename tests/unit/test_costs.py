@@ -188,14 +188,18 @@ def test_full_precision_is_never_probed(backend):
     assert costs.stalest() is None and costs.stalest(overdue=True) is None
 
 
-def test_each_prompt_pays_its_own_prefill_call(backend):
+def test_prompts_pay_the_prefill_calls_the_engine_makes(backend):
     costs = CostModel(backend.shapes)
-    w4 = backend.resolve("w4")
-    costs.record(w4, PlanCost(0.001, 0.030, 0.002, prefill_s_per_prompt=0.020))
-    assert costs.prefill_s(w4, 10) == pytest.approx(0.020 + 10 * 0.001)
-    assert costs.prefill_s_of([(w4, 10), (w4, 10)]) == pytest.approx(2 * (0.020 + 10 * 0.001))
+    w4, w8 = backend.resolve("w4"), backend.resolve("w8")
+    for plan in (w4, w8):
+        costs.record(plan, PlanCost(0.001, 0.030, 0.002, prefill_s_per_prompt=0.020))
+    call = 0.020 + 10 * 0.001
+    assert costs.prefill_s(w4, 10) == pytest.approx(call)
+    assert costs.prefill_s_of([(w4, 10), (w4, 10)]) == pytest.approx(0.020 + 20 * 0.001)  # one call, two rows
+    assert costs.prefill_s_of([(w4, 10), (w8, 10)]) == pytest.approx(2 * call)  # plans never share a call
+    assert costs.prefill_s_of([(w4, 10), (w4, 100)]) == pytest.approx(call + 0.020 + 100 * 0.001)  # too uneven
     for _ in range(HOST_WINDOW):
-        costs.observe(StepStats(prefill_tokens=20, prefill_s=0.120), {w4: [10, 10]}, {})  # 2x what 2 prompts cost
+        costs.observe(StepStats(prefill_tokens=20, prefill_s=0.120), {w4: [10], w8: [10]}, {})  # 2x the two calls
     assert costs.host_factor == pytest.approx(2.0, rel=0.1)
 
 

@@ -13,7 +13,7 @@ from tiny_llama import tiny_elastic, tiny_loaded
 
 from quept_core.planning.plan import Plan
 from quept_core.precision import Precision, PrecisionError
-from quept_core.runtime.engine import QueptEngine
+from quept_core.runtime.engine import QueptEngine, prefill_batches
 from quept_core.runtime.kvpool import KVPoolFull
 from quept_core.runtime.packcache import MemoryLimitError
 from quept_core.runtime.protocol import SamplingParams, SequenceRequest
@@ -80,6 +80,28 @@ def test_a_sequence_gets_its_own_plans_tokens_in_any_running_set(engine, plans):
         assert tokens[index] == want_tokens
         for got, want in zip(logits[index], want_logits, strict=True):
             torch.testing.assert_close(got, want, rtol=0, atol=2e-2)
+
+
+def test_prompts_prefilled_in_one_padded_call_get_their_tokens_alone(engine):
+    """Three prompts of one plan arriving together share a prefill call, right-padded to the longest:
+    each gets the tokens it gets alone, its first logits within bf16 noise of them."""
+    plan = engine.plan("w4")
+    reqs = [request(prompt, plan) for prompt in (PROMPTS[0], PROMPTS[2], [60, 61, 62, 63, 64])]
+    assert prefill_batches([(plan, len(r.prompt_ids)) for r in reqs]) == [[1, 2, 0]]  # 4, 5, 6 tokens in 18 positions
+    expected = [alone(engine, r) for r in reqs]
+    tokens, logits = drain(engine, {0: reqs})
+    for index, (want_tokens, want_logits) in enumerate(expected):
+        assert tokens[index] == want_tokens
+        for got, want in zip(logits[index], want_logits, strict=True):
+            torch.testing.assert_close(got, want, rtol=0, atol=2e-2)
+
+
+def test_prefill_batches_group_one_plans_prompts_of_similar_length():
+    engine_plan, other = object(), object()  # any hashable plan
+    prompts = [(engine_plan, 10), (engine_plan, 12), (other, 11), (engine_plan, 150), (engine_plan, 9)]
+    # 9, 10 and 12 tokens pad to 36 positions for 31 tokens; adding 150 would pad 31 + 150 to 600.
+    assert prefill_batches(prompts) == [[4, 0, 1], [3], [2]]
+    assert prefill_batches([(engine_plan, 5)]) == [[0]] and prefill_batches([]) == []
 
 
 @pytest.mark.parametrize("sampling", [{}, {"temperature": 0.8, "seed": 3, "repetition_penalty": 1.3}])
