@@ -7,9 +7,9 @@
 
 Packed weights live in an LRU cache keyed by (weight name, bits) and bounded by bytes; a plan is a
 choice of packs, so switching precision rebuilds nothing that is resident. Each step prefills the
-sequences added since the previous one (one prompt at a time, between decode steps), then decodes one
-token for every running sequence in one pass over the layers, each linear called once per bit-width
-present in the running set (runtime/model.py).
+sequences added since the previous one (prompts of one plan in one padded call, `prefill_batches`),
+then decodes one token for every running sequence in one pass over the layers, each linear called
+once per bit-width present in the running set (runtime/model.py).
 """
 
 from __future__ import annotations
@@ -391,9 +391,9 @@ class QueptEngine:
         """The step of a running set of several plans. Its native program is kept while no pack is
         evicted and given each new layout: the running set changes at almost every step under load, and
         handing every pack over again cost more than the layout itself."""
-        kept = self._mixed_native
         if not (self.native and native_supports(layout, self.pool)):
             return _Step(self.cache.generation, layout, None)
+        kept = self._mixed_native
         if kept is None or kept[0] != self.cache.generation:
             self._mixed_native = kept = (self.cache.generation, NativeStep(self.model, layout, self.max_running))
         else:

@@ -23,10 +23,9 @@ from service.engine.controller import MIB, Budget, Controller, Decision, PlanReq
 from service.engine.scheduler import AdmissionError, Event, Failed, Finished, Job, Scheduler
 from service.engine.textstream import TextStream
 from service.errors import invalid
-
-log = logging.getLogger(__name__)
 from service.observability.metrics import Metrics, requested_label
 
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
