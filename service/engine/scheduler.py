@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import heapq
 import logging
+import statistics
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 
 from quept_core.planning.plan import Plan
@@ -110,6 +111,7 @@ class SchedulerLimits:
 
 _WAITING, _RUNNING, _DONE = "waiting", "running", "done"
 ARRIVAL_WINDOW = 16  # latest arrivals the arrival rate is taken over
+LENGTH_WINDOW = 64  # latest finished sequences whose lengths predict how long running ones go on
 PROBE_PROMPT_TOKENS = 4
 PROBE_NEW_TOKENS = 3  # a prefill and two decode steps: what the cost model re-measures a width from
 
@@ -160,10 +162,28 @@ class Job:
     def finished(self) -> bool:
         return self.state == _DONE
 
-    def remaining_s(self) -> list[float]:
-        """Predicted seconds until each of its unfinished sequences ends."""
-        per_token = self.work_s / max(1, self.sampling.max_new_tokens)
-        return [max(0.0, self.work_s - per_token * len(c.tokens)) for c in self.choices if not c.done]
+    def remaining_s(self, length_shares: Sequence[float] = ()) -> list[float]:
+        """Predicted seconds until each of its unfinished sequences ends. `length_shares`: how much of
+        their `max_new_tokens` recent requests generated (a stop or eos ends many early); a sequence
+        with k tokens is expected to reach the mean length of those that went beyond k (its
+        `max_new_tokens` when none did, or with no history)."""
+        longest = max(1, self.sampling.max_new_tokens)
+        p = self.prediction
+        # The prefill gives the first token and each decode step one more; without the controller's
+        # prediction, the work is spread evenly over the tokens.
+        first_s, per_token = (p.prefill_s, p.decode_s / max(1, longest - 1)) if p else (0.0, self.work_s / longest)
+        remaining = []
+        for choice in self.choices:
+            if choice.done:
+                continue
+            generated = len(choice.tokens)
+            beyond = [share * longest for share in length_shares if share * longest > generated]
+            expected = statistics.fmean(beyond) if beyond else longest
+            if p and generated == 0:
+                remaining.append(first_s + per_token * max(0.0, expected - 1))
+            else:
+                remaining.append(max(0.0, per_token * (expected - generated)))
+        return remaining
 
     def predicted_latency_s(self) -> float:
         """The prediction for the tokens the request generated (a stop or eos ends it early)."""
@@ -203,6 +223,8 @@ class Scheduler:
         self._pass_ends_at: float | None = None  # predicted end of the loop's pass in flight (None: idle)
         self._decoded: frozenset[int] = frozenset()  # the sequences the latest step decoded
         self._arrivals: deque[float] = deque(maxlen=ARRIVAL_WINDOW)  # when the latest requests were queued
+        # Of the latest finished sequences, the share of their max_new_tokens they generated.
+        self._length_shares: deque[float] = deque(maxlen=LENGTH_WINDOW)
         self._probe_prompt = warmup_prompt(engine.tokenizer, PROBE_PROMPT_TOKENS)
 
     # ---- called from the event loop -------------------------------------------------------------
@@ -309,16 +331,17 @@ class Scheduler:
 
     def _wait_estimate(self) -> float:
         """Seconds until a new request starts: when the first slot is free after the waiting requests
-        (oldest first) took theirs, each slot freeing when its sequence's predicted work ends. Zero while
-        slots are free for all. Call with the lock held."""
-        busy = [s for job in self._running_jobs() for s in job.remaining_s()]
+        (oldest first) took theirs, each slot freeing when its sequence's predicted work ends (for the
+        length recent requests reached, `Job.remaining_s`). Zero while slots are free for all. Call with
+        the lock held."""
+        busy = [s for job in self._running_jobs() for s in job.remaining_s(self._length_shares)]
         free_at = [0.0] * max(0, self.limits.max_running - len(busy)) + busy
         heapq.heapify(free_at)
         for job in self._waiting:
             slots = [heapq.heappop(free_at) for _ in range(min(job.n, len(free_at)))]
             start = max(slots, default=0.0)
-            for _ in slots:
-                heapq.heappush(free_at, start + job.work_s)
+            for work_s in job.remaining_s(self._length_shares)[:len(slots)]:
+                heapq.heappush(free_at, start + work_s)
         return free_at[0] if free_at else 0.0
 
     # ---- the worker thread ----------------------------------------------------------------------
@@ -525,6 +548,8 @@ class Scheduler:
     def _finish(self, job: Job, now: float) -> None:
         job.state = _DONE
         outputs = tuple(c.output for c in job.choices)
+        with self._cond:
+            self._length_shares.extend(o.completion_tokens / max(1, job.sampling.max_new_tokens) for o in outputs)
         generated = sum(o.completion_tokens for o in outputs)
         decode_s = now - job.first_token_at
         timing = Timing(

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from quept_core.runtime.protocol import SamplingParams
-from service.engine.controller import Controller, PlanRequest
+from service.engine.controller import Controller, PlanRequest, Prediction
 from service.engine.costs import CostModel, PlanCost
 from service.engine.scheduler import (
     AdmissionError,
@@ -410,3 +410,14 @@ def test_a_request_waits_for_the_predicted_rest_of_the_step_in_flight_and_those_
     assert load.arriving == pytest.approx(20 * 0.1)  # expected before the step ends, beside the two waiting
     h.clock.advance(0.2)  # past the step's predicted end: nothing more to wait for, as far as the model knows
     assert h.scheduler.load().in_flight_s == 0 and h.scheduler.load().arriving == 0
+
+
+def test_a_running_request_is_expected_to_reach_the_length_recent_requests_reached_beyond_its_own(harness):
+    h = harness()
+    job, _ = h.job("w4", max_new=16)
+    job.prediction = Prediction(queue_s=0.0, prefill_s=0.1, decode_s=1.5, weight_bytes=0, kv_bytes=0)  # 0.1 s a step
+    assert job.remaining_s() == pytest.approx([0.1 + 15 * 0.1])  # no history: all 16 tokens
+    shares = [1 / 16] * 4 + [1.0] * 4  # half the recent requests stopped at their first token
+    assert job.remaining_s(shares) == pytest.approx([0.1 + 7.5 * 0.1])  # the mean length, 8.5 tokens
+    job.choices[0].tokens = [None, None]  # past its first token: those that went on reached 16
+    assert job.remaining_s(shares) == pytest.approx([14 * 0.1])
