@@ -44,8 +44,9 @@ class Settings(BaseSettings):
                                                                   "for the runtime's pack cache (null: no limit)")
     max_new_tokens_limit: int = Field(512, ge=1, description="largest max_new_tokens / max_tokens accepted")
     max_body_bytes: int = Field(2 * 1024 * 1024, ge=1024, description="largest request body; beyond it, 413")
-    brownout_queue_depth: int = Field(8, ge=1, description="waiting requests at which auto and degradable "
-                                                          "requests get cheaper plans (one step per multiple)")
+    brownout_queue_depth: int = Field(8, ge=1, description="requests waiting for a slot (beyond those the next "
+                                                          "step admits) at which auto and degradable requests "
+                                                          "get cheaper plans (one step per multiple)")
     ewma_alpha: float = Field(0.05, gt=0, le=1, description="weight of one step in the slow refinement of a "
                                                             "bit-width's relative cost")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level")

@@ -212,7 +212,9 @@ class Controller:
                     raise self._refusal(request, pool, predictions, load, requested)
                 chosen, reason, origin = quality.best(cheaper, predictions), violated, requested.plan
         if request.allow_degrade:  # brownout: auto included, unless the client refuses any downgrade
-            level = load.waiting // self.brownout_queue_depth
+            # Queue pressure: the waiting requests the next step cannot admit (a burst that fits the
+            # free slots is no pressure: it joins at once).
+            level = (load.waiting - len(load.joining)) // self.brownout_queue_depth
             latency = predictions[chosen.plan.name].latency_s
             cheaper = sorted((c for c in feasible
                               if predictions[c.plan.name].latency_s < latency and _may_replace(c, chosen, quality)),

@@ -172,6 +172,10 @@ def test_brownout_steps_auto_down_one_plan_per_queue_depth_multiple(backend):
     first = controller.decide(auto(), Load(waiting=8))
     assert first.plan.name == "w7" and first.reason == BROWNOUT and first.downgraded_from.name == "w8"
     assert controller.decide(auto(), Load(waiting=16)).plan.name == "w6"
+    # A burst that the free slots take at the next step is no queue pressure; the rest is.
+    w4 = backend.resolve("w4")
+    assert controller.decide(auto(), Load(waiting=12, joining=((w4, 10, 1),) * 12)).plan.name == "w8"
+    assert controller.decide(auto(), Load(waiting=12, joining=((w4, 10, 1),) * 4)).plan.name == "w7"
 
 
 def test_brownout_respects_allow_degrade_and_min_precision(backend):
