@@ -159,12 +159,13 @@ class Controller:
                   if target.plan != source.plan and target.nominal_bits <= source.nominal_bits}
         return sorted((source, target, reason) for source, target in pairs for reason in DOWNGRADE_REASONS)
 
-    def predict(self, candidate: Candidate, request: PlanRequest, load: Load) -> Prediction:
+    def predict(self, candidate: Candidate, request: PlanRequest, load: Load, alone: bool = False) -> Prediction:
         """Every decode step of the request is a step of the whole running set, with its rows in it, plus
         what steps under load add (the prompts of others, switches, the server's own work). It waits for
         the step in flight to end (or for a slot, when none is free); the next step builds its packs if
         they are not resident, prefills it and those joining with it, decodes the running set, and gives
-        its first token."""
+        its first token. `alone`: on an idle server that stays idle (without what recent steps took
+        beyond their model under load)."""
         plan, running = candidate.plan, load.running
         prompts = [(p, tokens) for p, tokens, _ in (*load.joining, (plan, request.prompt_tokens, 1))]
         rows = dict(running)
@@ -176,7 +177,8 @@ class Controller:
             # A slot frees when a running sequence ends, at the end of a step: the one in flight at the earliest.
             queue_s=load.elapsed_s + max(load.queue_wait_s, load.in_flight_s),
             prefill_s=self.costs.build_s(self.missing_shares(plan)) + self.costs.pass_s(prompts, running, None) + arriving,
-            decode_s=(request.max_new_tokens - 1) * self.costs.step_period_s(rows),  # the prefill gives the first
+            # The prefill gives the first token.
+            decode_s=(request.max_new_tokens - 1) * self.costs.step_period_s(rows, under_load=not alone),
             weight_bytes=candidate.weight_bytes,
             kv_bytes=request.sequences * (request.prompt_tokens + request.max_new_tokens) * self.kv_bytes_per_token,
         )
@@ -234,9 +236,8 @@ class Controller:
     def _refusal(self, request: PlanRequest, pool: list[Candidate], predictions: dict[str, Prediction],
                  load: Load, requested: Candidate | None = None) -> ServiceError:
         """503 when some allowed plan would meet every budget on an idle server, else the 422."""
-        idle = Load()
         allowed = pool if request.allow_degrade or requested is None else [requested]
-        if load != idle and any(_violated(self.predict(c, request, idle), request.budget) is None for c in allowed):
+        if any(_violated(self.predict(c, request, Load(), alone=True), request.budget) is None for c in allowed):
             fastest = min(allowed, key=lambda c: predictions[c.plan.name].latency_s)
             return unavailable(OVERLOADED, f"latency_budget_ms {request.budget.latency_s * 1000:g} cannot be met "
                                f"under the current load: the fastest allowed plan, {fastest.plan.name}, is "

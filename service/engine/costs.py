@@ -163,12 +163,14 @@ class CostModel:
         with self._lock:
             return self._decode_parts(rows)[1] * self._host()
 
-    def step_period_s(self, rows: Mapping[Plan, int]) -> float:
-        """Wall seconds of one step of the server's loop with these decode rows, under the recent load."""
+    def step_period_s(self, rows: Mapping[Plan, int], under_load: bool = True) -> float:
+        """Wall seconds of one step of the server's loop with these decode rows, under the recent load
+        (`under_load=False`: the decode step alone, as on an otherwise idle server)."""
         with self._lock:
             # The mean, not the median: the steps that carry a burst of prompts are few and long, and a
             # request's decode pays for all of them.
-            return (self._decode_parts(rows)[1] + _mean(self._extras)) * self._host()
+            extra = _mean(self._extras) if under_load else 0.0
+            return (self._decode_parts(rows)[1] + extra) * self._host()
 
     def pass_s(self, prompts: Sequence[tuple[Plan, int]], rows: Mapping[Plan, int], rebuilds: bool | None) -> float:
         """Wall seconds of one step of the server's loop that prefills these prompts (plan, tokens),

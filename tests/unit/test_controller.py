@@ -4,6 +4,7 @@ from dataclasses import replace
 
 import pytest
 
+from quept_core.runtime.protocol import StepStats
 from service.engine.controller import (
     BEST,
     BETTER_FITTED,
@@ -112,6 +113,17 @@ def test_a_budget_only_the_queue_puts_out_of_reach_is_a_503_with_retry_after(bac
     with pytest.raises(ServiceError) as never:  # 2 s is out of reach of every plan even when idle
         controller.decide(auto(budget=Budget(latency_s=2.0)), Load(queue_wait_s=2.0))
     assert never.value.status == 422 and never.value.type == "infeasible_budget"
+
+
+def test_a_budget_only_the_recent_steps_under_load_put_out_of_reach_is_a_503(backend):
+    controller = make_controller(backend)
+    w8 = backend.resolve("w8")
+    for _ in range(4):  # steps that took 0.2 s beyond their decode (others' prompts, switches)
+        controller.costs.observe_period(controller.costs.decode_step_s({w8: 2}) + 0.2, StepStats(), {}, {w8: 2})
+    # w3 alone takes 2.81 s and its one step 0.2 s beyond the model: within 3.1 s on an idle server.
+    with pytest.raises(ServiceError) as raised:
+        controller.decide(auto(budget=Budget(latency_s=3.1)), Load(running={w8: 2}))
+    assert raised.value.status == 503 and raised.value.type == "overloaded"
 
 
 def test_min_precision_is_a_floor_for_auto(backend):
