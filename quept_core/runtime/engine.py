@@ -161,7 +161,7 @@ class QueptEngine:
         self._dirty = True  # the running set changed since its layout was built
         self._prepare_s = 0.0  # seconds spent preparing single plans' layouts and steps, all told (builds apart)
         self._steps: dict[Plan, _Step] = {}  # one plan's step, valid for a cache generation
-        self._mixed_native: tuple[int, NativeStep] | None = None  # the mixed running set's program, by generation
+        self._mixed: _Step | None = None  # the latest step of a mixed running set (its program is reused)
         self._step: _Step | None = None  # the running set's
         self._slots: list[int] = []  # the running set's KV slots, in row order
         self._rows: tuple[torch.Tensor, torch.Tensor] | None = None  # slots and positions of the rows (PyTorch step)
@@ -391,19 +391,21 @@ class QueptEngine:
         """The step of a running set of several plans. Its native program is kept while no pack is
         evicted and given each new layout: the running set changes at almost every step under load, and
         handing every pack over again cost more than the layout itself."""
+        kept = self._mixed
+        reuse = kept.native if kept is not None and kept.generation == self.cache.generation else None
+        self._mixed = self._step_for(layout, reuse)
+        return self._mixed
+
+    def _step_for(self, layout: Layout, reuse: NativeStep | None = None) -> _Step:
+        """A step for `layout`; its native program `reuse` given the layout, when one of this pack
+        generation is at hand, else a new one."""
         if not (self.native and native_supports(layout, self.pool)):
             return _Step(self.cache.generation, layout, None)
-        kept = self._mixed_native
-        if kept is None or kept[0] != self.cache.generation:
-            self._mixed_native = kept = (self.cache.generation, NativeStep(self.model, layout, self.max_running))
+        if reuse is None:
+            reuse = NativeStep(self.model, layout, self.max_running)
         else:
-            kept[1].relayout(layout)
-        return _Step(self.cache.generation, layout, kept[1])
-
-    def _step_for(self, layout: Layout) -> _Step:
-        runs_native = self.native and native_supports(layout, self.pool)
-        native = NativeStep(self.model, layout, self.max_running) if runs_native else None
-        return _Step(self.cache.generation, layout, native)
+            reuse.relayout(layout)
+        return _Step(self.cache.generation, layout, reuse)
 
     # ---- the running set ------------------------------------------------------------------------
 
@@ -415,6 +417,10 @@ class QueptEngine:
     def last_logits(self) -> dict[int, torch.Tensor]:
         """The float32 logits [vocab] each sequence's latest token was chosen from, by seq id."""
         return {seq_id: logits[row] for ids, logits in self._last_logits for row, seq_id in enumerate(ids)}
+
+    @property
+    def relayout_due(self) -> bool:
+        return bool(self._running) and (self._dirty or self._step is None)
 
     @property
     def step_route(self) -> str:

@@ -97,5 +97,9 @@ class Engine(Protocol):
         """Sequences in the running set (those awaiting their prefill included)."""
 
     @property
+    def relayout_due(self) -> bool:
+        """Whether the next step rebuilds the running set's layout (sequences joined or left since the last)."""
+
+    @property
     def kv_usage(self) -> float:
         """The share of the KV pool's positions that running sequences may fill (prompt + max_new_tokens)."""

@@ -221,7 +221,6 @@ class Scheduler:
         self._probes = probes
         self._probe: _Probe | None = None
         self._pass_ends_at: float | None = None  # predicted end of the loop's pass in flight (None: idle)
-        self._decoded: frozenset[int] = frozenset()  # the sequences the latest step decoded
         self._arrivals: deque[float] = deque(maxlen=ARRIVAL_WINDOW)  # when the latest requests were queued
         # Of the latest finished sequences, the share of their max_new_tokens they generated.
         self._length_shares: deque[float] = deque(maxlen=LENGTH_WINDOW)
@@ -437,12 +436,9 @@ class Scheduler:
         """One engine step and the routing of its tokens; `started`: when this pass of the loop began.
         Returns when it ended."""
         prefilled, self._prefilling = self._prefilling, []
-        decoding = self._decoding_ids(prefilled)  # before the composition, which moves a probe past its prefill
-        rebuilds, self._decoded = bool(decoding) and decoding != self._decoded, decoding
         prompts, decode_rows = self._composition(prefilled)
         predicted_s = self.costs.pass_s([(plan, n) for plan, lengths in prompts.items() for n in lengths], decode_rows,
-                                        rebuilds)
-        stepping = self.clock()
+                                        self.engine.relayout_due)
         with self._cond:
             self._pass_ends_at = started + predicted_s
         try:
@@ -476,7 +472,6 @@ class Scheduler:
         self.costs.observe_period(period, stats, prompts, decode_rows)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("step", extra={"ms": round(period * 1000, 2), "predicted_ms": round(predicted_s * 1000, 2),
-                                     "admit_ms": round((stepping - started) * 1000, 2),
                                      "prefill_ms": round(stats.prefill_s * 1000, 2), "decode_ms": round(stats.decode_s * 1000, 2),
                                      "layout_ms": round(stats.layout_s * 1000, 2), "prompt_tokens": stats.prefill_tokens,
                                      "rows": stats.decode_rows, "host_factor": round(self.costs.host_factor, 3)})
@@ -497,13 +492,6 @@ class Scheduler:
                 decode_rows[probe.plan] = decode_rows.get(probe.plan, 0) + 1
             probe.prefilling = False
         return prompts, decode_rows
-
-    def _decoding_ids(self, prefilled: list[Job]) -> frozenset[int]:
-        """The sequences the coming step decodes (the engine rebuilds its layout when they change)."""
-        ids = {seq_id for seq_id, (job, _) in self._running.items() if job not in prefilled}
-        if self._probe is not None and not self._probe.prefilling:
-            ids.add(self._probe.seq_id)
-        return frozenset(ids)
 
     def _abort_probe(self) -> None:
         if self._probe is not None:

@@ -121,6 +121,10 @@ class FakeEngine:
         if self._sequences.pop(seq_id, None) is not None:
             self.aborted.append(seq_id)
 
+    @property
+    def relayout_due(self) -> bool:
+        return bool(self._sequences) and frozenset(s.request.plan.name for s in self._sequences.values()) != self._layout
+
     def step(self) -> list[TokenEvent]:
         self.wait_for_turn()
         running = dict(self._sequences)

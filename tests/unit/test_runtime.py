@@ -381,3 +381,18 @@ def test_uninitialised_kv_positions_never_reach_a_sequence():
     tokens, logits = drain(engine, {0: [request(PROMPTS[3], plan), request(PROMPTS[1], plan)]})
     assert tokens[1] == expected[0]
     assert all(torch.isfinite(row).all() for row in logits[0] + logits[1])
+
+
+def test_relayout_due_says_when_the_next_step_rebuilds_the_layout(engine):
+    plan = engine.plan("w4")
+    assert not engine.relayout_due  # nothing decodes
+    (first,) = engine.add(request(PROMPTS[0], plan, max_new_tokens=6))
+    engine.step()  # its prefill: it joins the decoding set
+    assert engine.relayout_due
+    engine.step()
+    assert not engine.relayout_due and engine.last_step.layout_s > 0
+    engine.step()
+    assert not engine.relayout_due and engine.last_step.layout_s == 0
+    engine.abort(first)
+    assert not engine.relayout_due  # nothing left to decode
+    drain(engine)
