@@ -224,25 +224,32 @@ def _no_sensitivity() -> SensitivityTable:
 
 
 def llmc_rows(method: str, base: LoadedModel, calib: CalibrationInputs, precisions: list[Precision],
-              windows: torch.Tensor, bit_config: BitConfig, batch_size: int) -> list[EvalRow]:
-    """One row per uniform width, each width quantized by llm-compressor on its own copy of the model."""
-    rows = []
+              windows: torch.Tensor, bit_config: BitConfig, batch_size: int) -> tuple[list[EvalRow], list[str]]:
+    """One row per uniform width, each width quantized by llm-compressor on its own copy of the model;
+    and why the other precisions were skipped."""
+    rows, skipped = [], []
     for precision in precisions:
-        if precision.kind != "uniform":
-            log.warning("%s %s skipped: llm-compressor rows are uniform bit-widths only", method,
-                        precision.name)
+        group = None if precision.kind != "uniform" else bit_config.group_size_for(precision.width)
+        undivided = [] if group is None else llmc.undivided_widths(base.model, group)
+        if group is None:
+            skipped.append(f"{method} {precision.name} skipped: llm-compressor rows are uniform bit-widths only")
+        elif undivided:
+            skipped.append(f"{method} {precision.name} skipped: llm-compressor needs groups that divide every "
+                           f"row, and groups of {group} do not divide rows of {', '.join(map(str, undivided))} "
+                           f"columns")
+        if group is None or undivided:
+            log.warning("%s", skipped[-1])
             continue
         bits = precision.width
         start = time.perf_counter()
-        model, table = llmc.llmc_quantize(base.model, base.tokenizer, calib.tokens, method, bits,
-                                          bit_config.group_size_for(bits))
+        model, table = llmc.llmc_quantize(base.model, base.tokenizer, calib.tokens, method, bits, group)
         log.info("%s w%d: quantized in %.1f s", method, bits, time.perf_counter() - start)
         source = TableWeights({(name, bits): weight for name, weight in table.items()})
         setup = MethodSetup(model, source, _no_sensitivity)
         rows += evaluate_method(method, setup, [precision], windows, bit_config, batch_size)
         del model, source, setup
         gc.collect()
-    return rows
+    return rows, skipped
 
 
 def kquant_rows(methods: list[str], files: kquants.KQuantFiles, windows: torch.Tensor) -> list[EvalRow]:
@@ -331,7 +338,7 @@ class ComparisonResult:
     tokens: int  # tokens in the evaluated windows
     rows: list[EvalRow]
     bit_config: BitConfig
-    skipped: tuple[str, ...] = ()  # one message per requested method that could not run
+    skipped: tuple[str, ...] = ()  # one message per requested method (or method and precision) that could not run
 
     def to_json(self) -> dict:
         return {"model": self.model, "seqlen": self.seqlen, "tokens": self.tokens,
@@ -370,7 +377,7 @@ def run_comparison(request: EvalRequest) -> ComparisonResult:
     if request.quept_path not in PATHS:
         raise ComparisonError(f"--quept-path must be one of {', '.join(PATHS)}, got '{request.quept_path}'")
     reasons = {method: unavailable(method, request.model) for method in methods}
-    skipped = tuple(reason for reason in reasons.values() if reason is not None)
+    skipped = [reason for reason in reasons.values() if reason is not None]
     for reason in skipped:
         log.warning("%s", reason)
     methods = [method for method in methods if reasons[method] is None]
@@ -394,7 +401,7 @@ def run_comparison(request: EvalRequest) -> ComparisonResult:
         files = kquants.KQuantFiles(resolve_model(request.model).path, base.folder / "llamacpp")
         rows += kquant_rows(llamacpp_methods, files, windows)
     if not quantized or not methods:
-        return ComparisonResult(base.name, request.seqlen, windows.numel(), rows, bit_config, skipped)
+        return ComparisonResult(base.name, request.seqlen, windows.numel(), rows, bit_config, tuple(skipped))
 
     calibrated = None
     if "quept" in methods:
@@ -410,7 +417,10 @@ def run_comparison(request: EvalRequest) -> ComparisonResult:
             base, request.calib_text, n_samples=config.n_samples, seqlen=config.seqlen, seed=config.seed))
     for method in methods:
         if method in llmc.LLMC_METHODS:
-            rows += llmc_rows(method, base, calib, quantized, windows, bit_config, request.batch_size)
+            method_rows, method_skipped = llmc_rows(method, base, calib, quantized, windows, bit_config,
+                                                    request.batch_size)
+            rows += method_rows
+            skipped += method_skipped
             continue
         if method == "quept":
             setup = quept_setup(calibrated, request.calib_text, request.quept_path)
@@ -423,4 +433,4 @@ def run_comparison(request: EvalRequest) -> ComparisonResult:
         rows += evaluate_method(method, setup, quantized, windows, bit_config, request.batch_size)
         del setup
         gc.collect()
-    return ComparisonResult(base.name, request.seqlen, windows.numel(), rows, bit_config, skipped)
+    return ComparisonResult(base.name, request.seqlen, windows.numel(), rows, bit_config, tuple(skipped))

@@ -3,9 +3,10 @@
 import json
 
 import pytest
-from tiny_lm import tiny_folder, tiny_text
+from tiny_lm import tiny_folder, tiny_model, tiny_text
 from typer.testing import CliRunner
 
+from quept_core.eval.baselines.llmc import undivided_widths
 from service.cli import app
 
 
@@ -77,10 +78,10 @@ def test_baselines_without_their_package_are_skipped_with_a_message(model_dir, t
     data = json.loads(result.stdout)
     assert [(r["precision"], r["method"]) for r in data["results"]] == [("fp", "fp"), ("w4", "rtn")]
     assert data["skipped"] == [
-        "llmc-gptq skipped: llm-compressor is not installed (install the baselines extra: "
-        "bash deploy/install-baselines.sh)",
-        "llamacpp-q4_k_m skipped: llama-cpp-python is not installed (install the baselines extra: "
-        "bash deploy/install-baselines.sh)",
+        ("llmc-gptq skipped: llm-compressor is not installed (install the baselines extra: "
+         "bash deploy/install-baselines.sh)"),
+        ("llamacpp-q4_k_m skipped: llama-cpp-python is not installed (install the baselines extra: "
+         "bash deploy/install-baselines.sh)"),
     ]
 
 
@@ -94,12 +95,29 @@ def test_llamacpp_rows_need_a_gguf_model(model_dir, text_file):
 def test_llmc_rows_at_each_width(model_dir, text_file, tmp_path):
     pytest.importorskip("llmcompressor")
     calib_text = tiny_text(tmp_path / "calib.txt", words=2048, seed=1)  # the fast preset's 8 x 256 tokens
-    result = run("--text", text_file, "--model", model_dir, "--precision", "w4,w8,mixed:5", "--method",
+    result = run("--text", text_file, "--model", model_dir, "--precision", "w4,w7,w8,mixed:5", "--method",
                  "llmc-gptq-act,llmc-awq", "--calib-text", calib_text, "--seqlen", 64, "--max-tokens", 128,
                  "--json")
     assert result.exit_code == 0, result.output
-    rows = json.loads(result.stdout)["results"]
+    data = json.loads(result.stdout)
+    rows = data["results"]
     assert [(r["precision"], r["method"]) for r in rows] == [
         ("w4", "llmc-gptq-act"), ("w8", "llmc-gptq-act"), ("w4", "llmc-awq"), ("w8", "llmc-awq")]
+    # w7's groups of 128 do not divide the tiny model's 64 columns: a message, not llm-compressor's error.
+    assert data["skipped"] == [
+        f"{method} {precision} skipped: " + reason
+        for method in ("llmc-gptq-act", "llmc-awq")
+        for precision, reason in (
+            ("w7", ("llm-compressor needs groups that divide every row, and groups of 128 do not divide rows of "
+                    "64 columns")),
+            ("mixed:5.00", "llm-compressor rows are uniform bit-widths only"))]
     assert rows[0]["storage_bits"] == pytest.approx(4 + 24 / 64)
     assert all(1 < r["ppl"] < 1e4 for r in rows)
+
+
+def test_llmc_widths_whose_groups_do_not_divide_a_row_are_found_without_llm_compressor():
+    model = tiny_model()  # linears of 64 (q, k, v, o, gate, up) and 128 (down) columns
+    assert undivided_widths(model, 128) == [64]
+    assert undivided_widths(model, 64) == []
+    assert undivided_widths(model, -1) == []
+    assert undivided_widths(model, 48) == [64, 128]

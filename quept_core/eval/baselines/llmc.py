@@ -79,11 +79,20 @@ def _recipe(method: LlmcMethod, bits: int, group_size: int) -> list:
     from llmcompressor.modifiers.transform import AWQModifier
 
     scheme = {"weights": QuantizationScheme(targets=["Linear"], weights=_weight_args(bits, group_size))}
-    # Groups that do not divide the row (128 at 7 bits on 576 columns) end in a short last group, as ours do.
-    common = {"config_groups": scheme, "ignore": ["lm_head"], "bypass_divisibility_checks": True}
+    common = {"config_groups": scheme, "ignore": ["lm_head"]}
     if method.algorithm == "gptq":
         return [GPTQModifier(**common, actorder=method.actorder, dampening_frac=DAMPING)]
     return [AWQModifier(), QuantizationModifier(**common)]
+
+
+def undivided_widths(model: nn.Module, group_size: int) -> list[int]:
+    """The input widths of the model's block linears that `group_size` does not divide. llm-compressor's
+    observers cut every row into whole groups, so it cannot quantize them (ours zero-pad a short last
+    group: 128 at 7 bits on SmolLM2's 576 columns)."""
+    if group_size == -1:
+        return []
+    widths = {model.get_submodule(name).in_features for name in model_linear_names(model)}
+    return sorted(width for width in widths if width % group_size)
 
 
 def _allow_cpu_only() -> None:
