@@ -229,20 +229,15 @@ def llmc_rows(method: str, base: LoadedModel, calib: CalibrationInputs, precisio
     and why the other precisions were skipped."""
     rows, skipped = [], []
     for precision in precisions:
-        group = None if precision.kind != "uniform" else bit_config.group_size_for(precision.width)
-        undivided = [] if group is None else llmc.undivided_widths(base.model, group)
-        if group is None:
-            skipped.append(f"{method} {precision.name} skipped: llm-compressor rows are uniform bit-widths only")
-        elif undivided:
-            skipped.append(f"{method} {precision.name} skipped: llm-compressor needs groups that divide every "
-                           f"row, and groups of {group} do not divide rows of {', '.join(map(str, undivided))} "
-                           f"columns")
-        if group is None or undivided:
+        reason = _llmc_unsupported(precision, base.model, bit_config)
+        if reason is not None:
+            skipped.append(f"{method} {precision.name} skipped: {reason}")
             log.warning("%s", skipped[-1])
             continue
         bits = precision.width
         start = time.perf_counter()
-        model, table = llmc.llmc_quantize(base.model, base.tokenizer, calib.tokens, method, bits, group)
+        model, table = llmc.llmc_quantize(base.model, base.tokenizer, calib.tokens, method, bits,
+                                          bit_config.group_size_for(bits))
         log.info("%s w%d: quantized in %.1f s", method, bits, time.perf_counter() - start)
         source = TableWeights({(name, bits): weight for name, weight in table.items()})
         setup = MethodSetup(model, source, _no_sensitivity)
@@ -250,6 +245,18 @@ def llmc_rows(method: str, base: LoadedModel, calib: CalibrationInputs, precisio
         del model, source, setup
         gc.collect()
     return rows, skipped
+
+
+def _llmc_unsupported(precision: Precision, model: nn.Module, bit_config: BitConfig) -> str | None:
+    """Why llm-compressor cannot give a row at `precision`, else None."""
+    if precision.kind != "uniform":
+        return "llm-compressor rows are uniform bit-widths only"
+    group = bit_config.group_size_for(precision.width)
+    undivided = llmc.undivided_widths(model, group)
+    if undivided:
+        return (f"llm-compressor needs groups that divide every row, and groups of {group} do not divide rows of "
+                f"{', '.join(map(str, undivided))} columns")
+    return None
 
 
 def kquant_rows(methods: list[str], files: kquants.KQuantFiles, windows: torch.Tensor) -> list[EvalRow]:
