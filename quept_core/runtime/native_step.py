@@ -1,10 +1,11 @@
 """The decode step as one native call over the whole forward pass (kernels/csrc/decode.cpp).
 
 A `NativeStep` is built for a layout and may be handed another (`relayout`): it hands the native
-program every pack's storage (no copies) and, per call site, the rows each part serves. A step is then one call with the rows'
-tokens, positions and KV slots; it returns float32 logits [rows, vocab]. It runs where every pack
-is one the native kernels read (bit planes, lookup-table planes, or a dense weight for `fp`) and the
-KV pool is float32 on the CPU; elsewhere the engine steps through `CompactLlama.decode`.
+program every pack's storage (no copies) and, per call site, the rows each part serves. A step is
+then one call with the rows' tokens, positions and KV slots; it returns float32 logits [rows, vocab].
+It runs where every pack is one the native kernels read (bit planes, lookup-table planes, or a dense
+weight for `fp`) and the KV pool is float32 on the CPU; elsewhere the engine steps through
+`CompactLlama.decode`.
 """
 
 from __future__ import annotations

@@ -291,11 +291,12 @@ class CostModel:
         calls (`prefill_batches`), each a fixed part and the positions of its prompts padded to the longest."""
         parts: dict[str, float] = {}
         for plan, lengths in prompts.items():
-            calls = [(len(batch), max(lengths[i] for i in batch)) for batch in prefill_batches([(plan, n) for n in lengths])]
+            # A call computes every row at the longest prompt's length.
+            positions = [len(batch) * max(lengths[i] for i in batch)
+                         for batch in prefill_batches([(plan, n) for n in lengths])]
             for label, share in self._shares_of(plan).items():
                 cost = self._widths[label]
-                seconds = sum(cost.prefill_s_per_prompt + cost.prefill_s_per_token * rows * longest
-                              for rows, longest in calls)
+                seconds = sum(cost.prefill_s(tokens) for tokens in positions)
                 parts[label] = parts.get(label, 0.0) + share * seconds
         return parts, sum(parts.values())
 
