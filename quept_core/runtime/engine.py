@@ -40,7 +40,9 @@ from quept_core.runtime.model import (
     linear_shape,
     site_part,
 )
+from quept_core.runtime.native_step import POOL_DTYPE as NATIVE_POOL_DTYPE
 from quept_core.runtime.native_step import NativeStep
+from quept_core.runtime.native_step import available as native_available
 from quept_core.runtime.native_step import supports as native_supports
 from quept_core.runtime.packcache import PackCache
 from quept_core.runtime.packfiles import PackFiles
@@ -130,8 +132,11 @@ class QueptEngine:
         self.weights = weights
         self.device = torch.device(device) if device is not None else default_device()
         self.dtype = dtype
-        # Small single-query attention products run far faster in float32 than in bf16 on CPUs.
-        self.kv_dtype = torch.float32 if self.device.type == "cpu" else dtype
+        # The KV pool keeps the compute dtype's precision. On CPU, a bf16 engine's pool is what the native
+        # step reads (attention over a long context is bound by reading it: half the bytes of float32);
+        # elsewhere on CPU it is float32, where PyTorch's small single-query products run far faster.
+        native_pool = native and native_available() and dtype == NATIVE_POOL_DTYPE
+        self.kv_dtype = dtype if self.device.type != "cpu" or native_pool else torch.float32
         self.bit_config: BitConfig = weights.bit_config
         if head_bits is not None and head_bits not in self.bit_config.bits:
             raise ValueError(f"head_bits must be one of {self.bit_config.bits} or None, got {head_bits}")

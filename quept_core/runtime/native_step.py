@@ -29,9 +29,17 @@ def _native_pack(pack: PackedWeight) -> bool:
         and pack.weight.dtype in (torch.float32, torch.bfloat16)
 
 
+POOL_DTYPE = torch.bfloat16  # the KV pool the native step reads and writes
+
+
+def available() -> bool:
+    """Whether the native step built on this machine."""
+    return decode_program_class() is not None
+
+
 def supports(layout: Layout, pool: KVPool) -> bool:
     """Whether the native step can run this layout over this pool."""
-    if decode_program_class() is None or pool.k.device.type != "cpu" or pool.k.dtype != torch.float32:
+    if not available() or pool.k.device.type != "cpu" or pool.k.dtype != POOL_DTYPE:
         return False
     sites = [site for block in layout.blocks for site in block.values()] + [layout.head]
     return all(_native_pack(pack) for site in sites for part in site.parts for pack in part.packs)

@@ -10,6 +10,7 @@ from quept_core.io.models import load_model
 from quept_core.planning.plan import Plan
 from quept_core.precision import Precision, PrecisionError
 from quept_core.quant.elastic import make_elastic
+from quept_core.runtime import native_step
 from quept_core.runtime.engine import QueptEngine
 from quept_core.runtime.protocol import SamplingParams
 from service.engine.loading import ModelBackend
@@ -28,8 +29,8 @@ def backend() -> ModelBackend:
 
 def test_shapes_and_kv_bytes_of_the_default_model(backend):
     assert backend.model_id == "smollm2-135m" and backend.context_length == 8192
-    # K and V, 30 layers, 3 KV heads of 64, float32 (the CPU KV cache)
-    assert backend.kv_bytes_per_token == 2 * 30 * 3 * 64 * 4
+    # K and V, 30 layers, 3 KV heads of 64, in bf16 where the native step runs (float32 for PyTorch's)
+    assert backend.kv_bytes_per_token == 2 * 30 * 3 * 64 * (2 if native_step.available() else 4)
     assert len(backend.shapes) == 210
     assert sum(out * inp for out, inp in backend.shapes.values()) == 30 * (2 * 576 * 576 + 2 * 192 * 576 + 3 * 576 * 1536)
 

@@ -75,10 +75,10 @@ def test_greedy_generation_matches_transformers_generate():
 
 
 def test_ragged_decode_in_bfloat16_writes_the_float32_cache():
-    """Sequences at different positions take the indexed cache write; on CPU the cache is float32
-    while the model computes in bfloat16."""
+    """Sequences at different positions take the PyTorch step's indexed cache write; on CPU its cache
+    is float32 while the model computes in bfloat16 (the native step's is bf16: test_native_step.py)."""
     loaded = tiny_loaded()
-    engine = QueptEngine.from_elastic(loaded, tiny_elastic(loaded), device="cpu")
+    engine = QueptEngine.from_elastic(loaded, tiny_elastic(loaded), device="cpu", native=False)
     assert engine.pool.k.dtype == torch.float32
     for prompt in ([5, 9, 17, 3, 44], [7, 8]):
         engine.add(SequenceRequest(prompt, engine.plan("w4"), SamplingParams(max_new_tokens=3)))

@@ -95,6 +95,17 @@ def test_a_program_refuses_bad_rows_with_a_clear_error(pair):
         step([1], [0], [99], pool)
 
 
+def test_the_native_step_reads_a_bf16_pool_and_no_other(pair):
+    """Half the bytes of float32 (attention over a long context reads the whole cache every step); the
+    PyTorch step keeps float32 on CPU. The kernel would read a float32 pool's bytes as bf16: refused."""
+    native, reference = pair
+    assert native.pool.k.dtype == native.pool.v.dtype == torch.bfloat16
+    assert reference.pool.k.dtype == torch.float32
+    step = native._plan_step(native.plan("w4")).native
+    with pytest.raises(RuntimeError, match="bf16 contiguous pools"):
+        step([1], [0], [0], reference.pool)
+
+
 def test_decode_path_perplexity_agrees_with_prefill_and_between_routes(pair):
     native, reference = pair
     text = PROMPTS[3] + PROMPTS[0]

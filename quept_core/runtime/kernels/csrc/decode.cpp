@@ -162,15 +162,17 @@ class DecodeProgram : public torch::CustomClassHolder {
   }
 
   // One token for each row; keys and values are written to, and read from, the pools
-  // [layers, slots, kv_heads, max_len, head_dim] (float32). Returns float32 logits [rows, vocab].
+  // [layers, slots, kv_heads, max_len, head_dim] (bf16: attention over a long context is bound by
+  // reading them). Returns float32 logits [rows, vocab].
   at::Tensor forward(std::vector<int64_t> tokens, std::vector<int64_t> positions, std::vector<int64_t> slots,
                      at::Tensor k_pool, at::Tensor v_pool) {
     const int64_t rows = static_cast<int64_t>(tokens.size());
     TORCH_CHECK(0 < rows && rows <= max_rows_, "forward: 1..", max_rows_, " rows, got ", rows);
     TORCH_CHECK(positions.size() == tokens.size() && slots.size() == tokens.size(), "forward: one position and slot per row");
-    TORCH_CHECK(k_pool.scalar_type() == at::kFloat && k_pool.is_contiguous() && v_pool.is_contiguous() &&
-                    k_pool.sizes() == v_pool.sizes() && k_pool.dim() == 5,
-                "forward: float32 contiguous pools [layers, slots, kv_heads, max_len, head_dim]");
+    TORCH_CHECK(k_pool.scalar_type() == at::kBFloat16 && v_pool.scalar_type() == at::kBFloat16 &&
+                    k_pool.is_contiguous() && v_pool.is_contiguous() && k_pool.sizes() == v_pool.sizes() &&
+                    k_pool.dim() == 5,
+                "forward: bf16 contiguous pools [layers, slots, kv_heads, max_len, head_dim]");
     const int64_t max_len = k_pool.size(3);
     for (int64_t m = 0; m < rows; ++m) {
       TORCH_CHECK(0 <= tokens[m] && tokens[m] < vocab_, "forward: token ", tokens[m], " outside the vocabulary");
@@ -337,8 +339,8 @@ class DecodeProgram : public torch::CustomClassHolder {
     const int64_t slots_total = k_pool.size(1), max_len = k_pool.size(3), width = qkv_.size(1);
     const int64_t group = heads_ / kv_heads_;
     const float scale = 1.f / std::sqrt(static_cast<float>(head_dim_));
-    float* kp = k_pool.data_ptr<float>();
-    float* vp = v_pool.data_ptr<float>();
+    uint16_t* kp = reinterpret_cast<uint16_t*>(k_pool.data_ptr<at::BFloat16>());  // bf16 bits
+    uint16_t* vp = reinterpret_cast<uint16_t*>(v_pool.data_ptr<at::BFloat16>());
     const float* qkv = qkv_.data_ptr<float>();
     float* attn = attn_.data_ptr<float>();
     float* scores_all = scores_.data_ptr<float>();
@@ -348,15 +350,15 @@ class DecodeProgram : public torch::CustomClassHolder {
     for (int64_t m = 0; m < rows; ++m)
       for (int64_t kv_head = 0; kv_head < kv_heads_; ++kv_head) {
         const int64_t at = base(slots[m], kv_head) + positions[m] * head_dim_;
-        std::memcpy(kp + at, qkv + m * width + (heads_ + kv_head) * head_dim_, head_dim_ * sizeof(float));
-        std::memcpy(vp + at, qkv + m * width + (heads_ + kv_heads_ + kv_head) * head_dim_, head_dim_ * sizeof(float));
+        to_bf16(qkv + m * width + (heads_ + kv_head) * head_dim_, kp + at);
+        to_bf16(qkv + m * width + (heads_ + kv_heads_ + kv_head) * head_dim_, vp + at);
       }
     at::parallel_for(0, rows * heads_, 1, [&](int64_t begin, int64_t end) {
       for (int64_t task = begin; task < end; ++task) {
         const int64_t m = task / heads_, head = task % heads_, kv_head = head / group, length = positions[m] + 1;
         const float* q = qkv + m * width + head * head_dim_;
-        const float* keys = kp + base(slots[m], kv_head);
-        const float* values = vp + base(slots[m], kv_head);
+        const uint16_t* keys = kp + base(slots[m], kv_head);
+        const uint16_t* values = vp + base(slots[m], kv_head);
         float* scores = scores_all + task * max_len;
         score_keys(q, keys, length, scale, scores);
         softmax(scores, length);
@@ -397,39 +399,57 @@ class DecodeProgram : public torch::CustomClassHolder {
   }
 
   // scores[t] = scale * q . keys[t]; the head's 64 or 128 dimensions stay in registers.
-  void score_keys(const float* q, const float* keys, int64_t length, float scale, float* scores) const {
+  // One head vector in bf16, rounded to nearest even (as torch's conversion, so prefill's keys and these match).
+  void to_bf16(const float* from, uint16_t* to) const {
+    int64_t i = 0;
+#ifdef QUEPT_AVX512
+    for (; i + 16 <= head_dim_; i += 16)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(to + i), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(from + i)));
+#endif
+    for (; i < head_dim_; ++i) to[i] = c10::BFloat16(from[i]).x;
+  }
+
+  static float from_bf16(uint16_t bits) { return c10::BFloat16(bits, c10::BFloat16::from_bits()); }
+
+  void score_keys(const float* q, const uint16_t* keys, int64_t length, float scale, float* scores) const {
 #ifdef QUEPT_AVX512
     if (head_dim_ == 64) return score_keys_avx512<4>(q, keys, length, scale, scores);
     if (head_dim_ == 128) return score_keys_avx512<8>(q, keys, length, scale, scores);
 #endif
     for (int64_t t = 0; t < length; ++t) {
       float dot = 0.f;
-      const float* key = keys + t * head_dim_;
+      const uint16_t* key = keys + t * head_dim_;
 #pragma omp simd reduction(+ : dot)
-      for (int64_t i = 0; i < head_dim_; ++i) dot += q[i] * key[i];
+      for (int64_t i = 0; i < head_dim_; ++i) dot += q[i] * from_bf16(key[i]);
       scores[t] = dot * scale;
     }
   }
 
   // out = sum_t weights[t] * values[t], accumulated in registers.
-  void weigh_values(const float* weights, const float* values, int64_t length, float* out) const {
+  void weigh_values(const float* weights, const uint16_t* values, int64_t length, float* out) const {
 #ifdef QUEPT_AVX512
     if (head_dim_ == 64) return weigh_values_avx512<4>(weights, values, length, out);
     if (head_dim_ == 128) return weigh_values_avx512<8>(weights, values, length, out);
 #endif
     for (int64_t i = 0; i < head_dim_; ++i) out[i] = 0.f;
     for (int64_t t = 0; t < length; ++t) {
-      const float* value = values + t * head_dim_;
+      const uint16_t* value = values + t * head_dim_;
 #pragma omp simd
-      for (int64_t i = 0; i < head_dim_; ++i) out[i] += weights[t] * value[i];
+      for (int64_t i = 0; i < head_dim_; ++i) out[i] += weights[t] * from_bf16(value[i]);
     }
   }
 
 #ifdef QUEPT_AVX512
+  // 16 bf16 values as float32 (their bits moved to the top halves of the lanes).
+  static __m512 load_bf16(const uint16_t* at) {
+    return _mm512_castsi512_ps(
+        _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(at))), 16));
+  }
+
   template <int D16>
-  static __m512 key_products(const __m512* query, const float* key) {
-    __m512 dot = _mm512_mul_ps(query[0], _mm512_loadu_ps(key));
-    for (int i = 1; i < D16; ++i) dot = _mm512_fmadd_ps(query[i], _mm512_loadu_ps(key + 16 * i), dot);
+  static __m512 key_products(const __m512* query, const uint16_t* key) {
+    __m512 dot = _mm512_mul_ps(query[0], load_bf16(key));
+    for (int i = 1; i < D16; ++i) dot = _mm512_fmadd_ps(query[i], load_bf16(key + 16 * i), dot);
     return dot;
   }
 
@@ -441,7 +461,7 @@ class DecodeProgram : public torch::CustomClassHolder {
   // Keys in blocks of 16: the 16 product vectors are summed by a transposition tree into one vector of
   // 16 scores (about 3 instructions a key instead of a horizontal sum each).
   template <int D16>
-  static void score_keys_avx512(const float* q, const float* keys, int64_t length, float scale, float* scores) {
+  static void score_keys_avx512(const float* q, const uint16_t* keys, int64_t length, float scale, float* scores) {
     __m512 query[D16];
     for (int i = 0; i < D16; ++i) query[i] = _mm512_mul_ps(_mm512_loadu_ps(q + 16 * i), _mm512_set1_ps(scale));
     int64_t t = 0;
@@ -464,12 +484,12 @@ class DecodeProgram : public torch::CustomClassHolder {
   }
 
   template <int D16>
-  static void weigh_values_avx512(const float* weights, const float* values, int64_t length, float* out) {
+  static void weigh_values_avx512(const float* weights, const uint16_t* values, int64_t length, float* out) {
     __m512 acc[D16];
     for (int i = 0; i < D16; ++i) acc[i] = _mm512_setzero_ps();
     for (int64_t t = 0; t < length; ++t) {
       const __m512 weight = _mm512_set1_ps(weights[t]);
-      for (int i = 0; i < D16; ++i) acc[i] = _mm512_fmadd_ps(weight, _mm512_loadu_ps(values + (t * D16 + i) * 16), acc[i]);
+      for (int i = 0; i < D16; ++i) acc[i] = _mm512_fmadd_ps(weight, load_bf16(values + (t * D16 + i) * 16), acc[i]);
     }
     for (int i = 0; i < D16; ++i) _mm512_storeu_ps(out + 16 * i, acc[i]);
   }
