@@ -398,7 +398,6 @@ class DecodeProgram : public torch::CustomClassHolder {
 #endif
   }
 
-  // scores[t] = scale * q . keys[t]; the head's 64 or 128 dimensions stay in registers.
   // One head vector in bf16, rounded to nearest even (as torch's conversion, so prefill's keys and these match).
   void to_bf16(const float* from, uint16_t* to) const {
     int64_t i = 0;
@@ -411,6 +410,7 @@ class DecodeProgram : public torch::CustomClassHolder {
 
   static float from_bf16(uint16_t bits) { return c10::BFloat16(bits, c10::BFloat16::from_bits()); }
 
+  // scores[t] = scale * q . keys[t]; the head's 64 or 128 dimensions stay in registers.
   void score_keys(const float* q, const uint16_t* keys, int64_t length, float scale, float* scores) const {
 #ifdef QUEPT_AVX512
     if (head_dim_ == 64) return score_keys_avx512<4>(q, keys, length, scale, scores);
