@@ -2,26 +2,10 @@
 
 import pytest
 import torch
-from torch.utils import cpp_extension
 
-from quept_core.io.paths import cache_dir
 from quept_core.quant.grid import quantize
 from quept_core.runtime.kernels.formats import PACK_REL_TOL, BitPlanes, Int4Packed, relative_error
-from quept_core.runtime.kernels.native import CSRC, SOURCES, planes_gemv
-
-
-@pytest.fixture(scope="module")
-def portable():
-    folder = cache_dir() / "kernels" / f"torch-{torch.__version__}-portable-test"
-    folder.mkdir(parents=True, exist_ok=True)
-    try:
-        cpp_extension.load(name="quept_planes_portable", sources=[str(s) for s in SOURCES], build_directory=str(folder),
-                           extra_include_paths=[str(CSRC)],
-                           extra_cflags=["-O2", "-DQUEPT_PORTABLE", "-DQUEPT_OPS=quept_portable"],
-                           is_python_module=False)
-    except (OSError, RuntimeError) as error:
-        pytest.skip(f"no C++ toolchain: {error}")
-    return torch.ops.quept_portable.planes_gemv.default
+from quept_core.runtime.kernels.native import planes_gemv
 
 
 @pytest.fixture(scope="module")

@@ -1,13 +1,15 @@
 """The native decode step (csrc/decode.cpp) against the PyTorch step, on a tiny random model: the same
-tokens and close logits for every kind of plan and for mixed running sets, and rows that do not
-depend on their neighbours."""
+tokens and close logits for every kind of plan and for mixed running sets (the AVX-512 program and the
+portable one), and rows that do not depend on their neighbours."""
 
 import pytest
 import torch
 from test_runtime import PROMPTS, drain, mixed_plan, request
 from tiny_llama import tiny_elastic, tiny_loaded
 
+from quept_core.runtime import native_step
 from quept_core.runtime.engine import QueptEngine
+from quept_core.runtime.kernels import formats
 from quept_core.runtime.kernels.native import decode_program_class
 from quept_core.runtime.native_step import NativeStep
 
@@ -124,3 +126,23 @@ def test_decode_path_perplexity_refuses_a_busy_engine(pair):
     with pytest.raises(RuntimeError, match="idle engine"):
         native.decode_nll(PROMPTS[1], native.plan("w4"))
     native.abort(busy)
+
+
+
+def test_the_portable_program_matches_the_pytorch_step(portable, monkeypatch):
+    """The decode program CPUs without AVX-512 build (float loops; the bf16 pool converted one value at
+    a time) against the PyTorch step: the same greedy tokens and close logits."""
+    monkeypatch.setattr(native_step, "decode_program_class", lambda: torch.classes.quept_portable.DecodeProgram)
+    monkeypatch.setattr(formats, "_candidates", lambda qw: [formats.BitPlanes])  # lookup tables: AVX-512 only
+    native, reference = engines()
+    arrivals = {0: [request(PROMPTS[0], native.plan("w3"), max_new_tokens=6)],
+                1: [request(PROMPTS[3], native.plan("w8"), max_new_tokens=6)]}
+    tokens, logits = drain(native, arrivals)
+    assert native.step_route == "native" and native.pool.k.dtype == torch.bfloat16
+    program = native._plan_step(native.plan("w3")).native._program
+    assert "quept_portable" in program._type().qualified_name()
+    want_tokens, want_logits = drain(reference, arrivals)
+    assert tokens == want_tokens
+    for index in arrivals:
+        for got, want in zip(logits[index], want_logits[index], strict=True):
+            assert (got - want).abs().max() <= 0.03 * want.abs().max()
