@@ -4,7 +4,7 @@ A `NativeStep` is built for a layout and may be handed another (`relayout`): it 
 program every pack's storage (no copies) and, per call site, the rows each part serves. A step is
 then one call with the rows' tokens, positions and KV slots; it returns float32 logits [rows, vocab].
 It runs where every pack is one the native kernels read (bit planes, lookup-table planes, or a dense
-weight for `fp`) and the KV pool is float32 on the CPU; elsewhere the engine steps through
+weight for `fp`) and the KV pool is bf16 on the CPU (`POOL_DTYPE`); elsewhere the engine steps through
 `CompactLlama.decode`.
 """
 
