@@ -129,11 +129,14 @@ def test_decode_path_perplexity_refuses_a_busy_engine(pair):
 
 
 
-def test_the_portable_program_matches_the_pytorch_step(portable, monkeypatch):
+def test_the_portable_program_matches_the_pytorch_step(portable, monkeypatch, tmp_path):
     """The decode program CPUs without AVX-512 build (float loops; the bf16 pool converted one value at
     a time) against the PyTorch step: the same greedy tokens and close logits."""
     monkeypatch.setattr(native_step, "decode_program_class", lambda: torch.classes.quept_portable.DecodeProgram)
     monkeypatch.setattr(formats, "_candidates", lambda qw: [formats.BitPlanes])  # lookup tables: AVX-512 only
+    # The choices made among bit planes alone are not this machine's: they go to a cache of their own.
+    monkeypatch.setenv("QUEPT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(formats, "_BOOKS", {})
     native, reference = engines()
     arrivals = {0: [request(PROMPTS[0], native.plan("w3"), max_new_tokens=6)],
                 1: [request(PROMPTS[3], native.plan("w8"), max_new_tokens=6)]}
