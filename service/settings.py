@@ -33,6 +33,8 @@ class Settings(BaseSettings):
     preset: str = Field("fast", description="calibration preset used when the artifact must be created")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="compute device; auto picks CUDA if present")
     threads: int | None = Field(None, ge=1, description="CPU threads for PyTorch (null: PyTorch's choice)")
+    adaptive_threads: bool = Field(True, description="run a step's prefill or decode on one thread while that "
+                                                     "measures faster (other work competing for the cores)")
     drain_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM, how long in-flight requests may finish "
                                                            "before they are aborted")
     max_queue: int = Field(64, ge=1, description="requests waiting for a free slot; beyond it, 503")

@@ -9,6 +9,8 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
+import torch
+
 from quept_core import __version__
 from quept_core.artifact.store import ArtifactError
 from quept_core.io.models import ModelError
@@ -20,6 +22,7 @@ from service.engine.controller import BUDGET_CHOICES, MIB, Controller
 from service.engine.costs import CostModel
 from service.engine.pipeline import Pipeline
 from service.engine.scheduler import Scheduler, SchedulerLimits
+from service.engine.threads import ThreadTuner
 from service.engine.warmup import measure_costs
 from service.errors import ServiceError, unavailable
 from service.observability.metrics import Metrics
@@ -92,8 +95,12 @@ class ServiceState:
                                 backend.engine.missing_shares)
         self.metrics.start_controller_series_at_zero(controller.downgrades(), BUDGET_CHOICES)
         limits = SchedulerLimits(settings.max_queue, settings.max_queue_tokens, settings.max_running)
+        # On a GPU the threads only launch kernels: nothing to tune.
+        tuned = settings.adaptive_threads and backend.device.startswith("cpu")
+        threads = ThreadTuner(torch.get_num_threads()) if tuned else None
         self.scheduler = Scheduler(backend.engine, limits, self.metrics, self.costs, self.clock,
-                                   on_layout_change=self.refresh_gauges, probes=settings.memory_limit_mb is None)
+                                   on_layout_change=self.refresh_gauges, probes=settings.memory_limit_mb is None,
+                                   threads=threads)
         self.pipeline = Pipeline(backend, controller, self.scheduler, self.metrics,
                                  settings.max_new_tokens_limit, settings.queue_timeout_s, settings.max_running)
         self.refresh_gauges()

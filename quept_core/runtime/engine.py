@@ -46,7 +46,14 @@ from quept_core.runtime.native_step import available as native_available
 from quept_core.runtime.native_step import supports as native_supports
 from quept_core.runtime.packcache import PackCache
 from quept_core.runtime.packfiles import PackFiles
-from quept_core.runtime.protocol import SamplingParams, SequenceRequest, StepStats, TokenEvent
+from quept_core.runtime.protocol import (
+    SAME_THREADS,
+    SamplingParams,
+    SequenceRequest,
+    StepStats,
+    StepThreads,
+    TokenEvent,
+)
 from quept_core.runtime.sampling import Choice, RequestError, Sampler, check_sampling
 from quept_core.runtime.weights import ElasticWeights, ServingWeights
 
@@ -67,6 +74,11 @@ class _Step:
     generation: int  # the pack cache's generation it was built in
     layout: Layout
     native: NativeStep | None
+
+
+def _use_threads(threads: int | None) -> None:
+    if threads is not None and threads != torch.get_num_threads():
+        torch.set_num_threads(threads)
 
 
 PADDING_LIMIT = 1.25  # a prefill batch computes at most this many token positions per prompt token
@@ -491,12 +503,14 @@ class QueptEngine:
         self.pool.release(sequence.slot)
 
     @torch.inference_mode()
-    def step(self) -> list[TokenEvent]:
+    def step(self, threads: StepThreads = SAME_THREADS) -> list[TokenEvent]:
         events: list[TokenEvent] = []
         self._last_logits = []
         started, setup_before = time.perf_counter(), self.cache.build_s + self._prepare_s
         decoding = list(self._running)
         joined: list[_Sequence] = []
+        if self._pending:
+            _use_threads(threads.prefill)
         for batch in prefill_batches([(s.plan, len(s.prompt)) for s in self._pending]):
             events += self._prefill([self._pending[i] for i in batch], joined)
         prefill_tokens = sum(len(s.prompt) for s in self._pending)
@@ -504,6 +518,7 @@ class QueptEngine:
         prefilled = time.perf_counter()
         layout_s = 0.0
         if decoding:
+            _use_threads(threads.decode)
             layout_s = self._ensure_step_layout(decoding)
             events += self._decode()
         if joined:

@@ -65,6 +65,17 @@ class StepStats:
     setup_s: float = 0.0
 
 
+@dataclass(frozen=True)
+class StepThreads:
+    """CPU threads for each phase of one step; None leaves PyTorch's setting as it is."""
+
+    prefill: int | None = None
+    decode: int | None = None
+
+
+SAME_THREADS = StepThreads()
+
+
 class Engine(Protocol):
     model_name: str
     tokenizer: PreTrainedTokenizerBase
@@ -78,8 +89,9 @@ class Engine(Protocol):
         """Stop a sequence now: it yields no further events and its KV slot is free. Ids that are
         unknown or already finished are ignored."""
 
-    def step(self) -> list[TokenEvent]:
-        """Prefill what was added since the last step, then one token for every running sequence."""
+    def step(self, threads: StepThreads = SAME_THREADS) -> list[TokenEvent]:
+        """Prefill what was added since the last step, then one token for every running sequence (each
+        phase on `threads` CPU threads where given)."""
 
     def missing_shares(self, plan: Plan) -> dict[int | None, float]:
         """The share of a plan's parameters whose packs are not resident, by bit-width (None: fp)."""

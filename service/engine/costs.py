@@ -53,6 +53,7 @@ REMEASURE_STEPS = 3  # steps of a stale width that re-measure it (a probe's pref
 REMEASURE_WEIGHT = 0.5  # weight of each of them (three steps: 7/8 of the way to the new figure)
 MAX_REMEASURE_FACTOR = 4.0  # a re-measurement moves a figure at most this many times up or down
 MAX_REFINE_FACTOR = 2.0  # the same for one slow refinement step, before its weight alpha
+PREFILL, DECODE = "prefill", "decode"  # the phases of a step
 
 
 @dataclass(frozen=True)
@@ -207,9 +208,12 @@ class CostModel:
             if rebuild_s > 0:
                 self._rebuilds.append(rebuild_s / host)
 
-    def observe(self, stats: StepStats, prompts: Mapping[Plan, Sequence[int]], decode_rows: Mapping[Plan, int]) -> None:
+    def observe(self, stats: StepStats, prompts: Mapping[Plan, Sequence[int]], decode_rows: Mapping[Plan, int],
+                learn: bool = True) -> dict[str, float]:
         """One engine step: the lengths of the prompts it prefilled and its decode rows per plan, and what
-        it measured."""
+        it measured. Returns the measured over modelled seconds (at host factor 1) of each phase it could
+        model, by PREFILL and DECODE. `learn=False`: a step run differently on purpose (on other CPU
+        threads) keeps the clock of staleness and teaches nothing."""
         with self._lock:
             seen_at = self._busy_s
             self._busy_s += stats.prefill_s + stats.decode_s + stats.layout_s
@@ -218,24 +222,29 @@ class CostModel:
             if stats.decode_rows != sum(rows.values()):
                 rows = {}  # the step did not run the set the caller saw: its time says nothing
             try:
-                present = {label for parts, _ in (self._prefill_parts(prefill), self._decode_parts(rows))
-                           for label in parts}
+                parts = {PREFILL: self._prefill_parts(prefill), DECODE: self._decode_parts(rows)}
             except KeyError:  # a plan of a width never measured: nothing to learn from this step
-                return
+                return {}
+            present = {label for by_width, _ in parts.values() for label in by_width}
             for label in present:
                 if self._stale(label, seen_at):
                     self._remeasuring[label] = REMEASURE_STEPS
                 self._last_seen[label] = self._busy_s
             if stats.setup_s > 0:  # its time went to one-off work (builds are predicted apart): nothing to learn
-                return
-            if prefill and stats.prefill_s > 0:
-                self._learn(stats.prefill_s, self._prefill_parts(prefill), prefill, "prefill")
-            if rows and stats.decode_s > 0:
-                self._learn(stats.decode_s, self._decode_parts(rows), rows, "decode")
+                return {}
+            measured = {PREFILL: (stats.prefill_s, prefill), DECODE: (stats.decode_s, rows)}
+            ratios = {phase: seconds / parts[phase][1] for phase, (seconds, plans) in measured.items()
+                      if plans and seconds > 0 and parts[phase][1] > 0}
+            if not learn:
+                return ratios
+            for phase in ratios:
+                seconds, plans = measured[phase]
+                self._learn(seconds, parts[phase], plans, phase)
             for label in present & self._remeasuring.keys():
                 self._remeasuring[label] -= 1
                 if self._remeasuring[label] == 0:
                     del self._remeasuring[label]
+            return ratios
 
     def stalest(self, overdue: bool = False) -> Plan | None:
         """The uniform plan of the width unseen for longest, if stale (`overdue`: for 1.5x as long)."""
@@ -342,7 +351,7 @@ class CostModel:
         """Move a width's prefill or decode figures toward `factor` times themselves, in log space."""
         step = math.exp(weight * math.log(min(limit, max(1 / limit, factor))))
         cost, shared = self._widths[label], self._shared_s
-        if kind == "prefill":
+        if kind == PREFILL:
             self._widths[label] = replace(cost, prefill_s_per_token=cost.prefill_s_per_token * step,
                                           prefill_s_per_prompt=cost.prefill_s_per_prompt * step)
         else:

@@ -23,11 +23,19 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 
 from quept_core.planning.plan import Plan
-from quept_core.runtime.protocol import Engine, SamplingParams, SequenceRequest, TokenEvent, TokenLogprob
+from quept_core.runtime.protocol import (
+    SAME_THREADS,
+    Engine,
+    SamplingParams,
+    SequenceRequest,
+    TokenEvent,
+    TokenLogprob,
+)
 from quept_core.runtime.sampling import RequestError
 from service.engine.controller import Load, Prediction
 from service.engine.costs import CostModel
 from service.engine.textstream import TextStream
+from service.engine.threads import ThreadChoice, ThreadTuner
 from service.engine.warmup import warmup_prompt
 from service.errors import ServiceError, invalid, unavailable
 from service.observability.metrics import Metrics
@@ -203,8 +211,10 @@ class _Probe:
 class Scheduler:
     def __init__(self, engine: Engine, limits: SchedulerLimits, metrics: Metrics, costs: CostModel,
                  clock: Callable[[], float] = time.monotonic,
-                 on_layout_change: Callable[[], None] = lambda: None, probes: bool = True):
+                 on_layout_change: Callable[[], None] = lambda: None, probes: bool = True,
+                 threads: ThreadTuner | None = None):
         self.engine = engine
+        self.threads = threads  # None: every step on PyTorch's threads as they are
         self.on_layout_change = on_layout_change  # after a step rebuilt the weight layout, in the engine's thread
         self.limits = limits
         self.metrics = metrics
@@ -229,6 +239,8 @@ class Scheduler:
     # ---- called from the event loop -------------------------------------------------------------
 
     def start(self) -> None:
+        if self.threads:
+            self._update_thread_gauges()
         self._thread = threading.Thread(target=self._loop, name="quept-engine", daemon=True)
         self._thread.start()
 
@@ -441,8 +453,10 @@ class Scheduler:
                                         self.engine.relayout_due)
         with self._cond:
             self._pass_ends_at = started + predicted_s
+        choice = (self.threads.next_step(bool(prompts), bool(decode_rows), may_try=self._probe is None)
+                  if self.threads else ThreadChoice(SAME_THREADS))
         try:
-            events = self.engine.step()
+            events = self.engine.step(choice.threads)
         except Exception:
             with self._cond:
                 jobs = self._running_jobs()
@@ -454,7 +468,9 @@ class Scheduler:
             self._update_engine_gauges()
             return self.clock()
         stats = self.engine.last_step
-        self.costs.observe(stats, prompts, decode_rows)
+        ratios = self.costs.observe(stats, prompts, decode_rows, learn=not choice.trying)
+        if self.threads and self.threads.observe(choice, ratios):
+            self._update_thread_gauges()
         self.metrics.host_speed.set(1 / self.costs.host_factor)
         if stats.layout_s > 0:
             self.metrics.precision_switch.observe(stats.layout_s)
@@ -469,12 +485,14 @@ class Scheduler:
         self._update_engine_gauges()
         ended = self.clock()
         period = ended - started
-        self.costs.observe_period(period, stats, prompts, decode_rows)
+        if not choice.trying:
+            self.costs.observe_period(period, stats, prompts, decode_rows)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("step", extra={"ms": round(period * 1000, 2), "predicted_ms": round(predicted_s * 1000, 2),
                                      "prefill_ms": round(stats.prefill_s * 1000, 2), "decode_ms": round(stats.decode_s * 1000, 2),
                                      "layout_ms": round(stats.layout_s * 1000, 2), "prompt_tokens": stats.prefill_tokens,
-                                     "rows": stats.decode_rows, "host_factor": round(self.costs.host_factor, 3)})
+                                     "rows": stats.decode_rows, "host_factor": round(self.costs.host_factor, 3),
+                                     "threads": [choice.threads.prefill, choice.threads.decode]})
         return ended
 
     def _composition(self, prefilled: list[Job]) -> tuple[dict[Plan, list[int]], dict[Plan, int]]:
@@ -585,6 +603,10 @@ class Scheduler:
             self.metrics.request_failures.labels(reason).inc()
         with self._cond:
             self._update_queue_gauges()
+
+    def _update_thread_gauges(self) -> None:
+        for phase, threads in self.threads.chosen.items():
+            self.metrics.engine_threads.labels(phase).set(threads)
 
     def _update_queue_gauges(self) -> None:
         """Call with the lock held."""

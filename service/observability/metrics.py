@@ -89,6 +89,9 @@ class Metrics:
         self.host_speed = Gauge("quept_host_speed_ratio", "Speed of this host now over its speed at warm-up "
                                 "(expected over measured step seconds).", registry=r)
         self.host_speed.set(1.0)
+        self.engine_threads = Gauge("quept_engine_threads", "CPU threads each phase of an engine step runs on "
+                                    "(prefill, decode), as chosen from the host's recent speed.", ["phase"],
+                                    registry=r)
         self.build_info = Gauge("quept_build_info", "Version, model and artifact of this server (always 1).",
                                 ["version", "model", "artifact"], registry=r)
 

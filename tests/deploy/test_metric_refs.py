@@ -29,6 +29,7 @@ CONTRACT_METRICS = {
     # added by docs/controller.md ("Metrics")
     "quept_latency_prediction_ratio",
     "quept_host_speed_ratio",
+    "quept_engine_threads",
     "quept_budget_choices_total",
 }
 

@@ -14,7 +14,14 @@ from quept_core.layers import linear_names, linear_type
 from quept_core.planning.bits import nominal_bits
 from quept_core.planning.plan import Plan, uniform_plan
 from quept_core.precision import FP, Precision, PrecisionError
-from quept_core.runtime.protocol import SequenceRequest, StepStats, TokenEvent, TokenLogprob
+from quept_core.runtime.protocol import (
+    SAME_THREADS,
+    SequenceRequest,
+    StepStats,
+    StepThreads,
+    TokenEvent,
+    TokenLogprob,
+)
 from service.engine.controller import Candidate
 
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -104,6 +111,8 @@ class FakeEngine:
         self._layout: frozenset[str] = frozenset()
         self._last = StepStats()
         self.ran: set[str] = set()  # plans of every step so far
+        self.threads: list[StepThreads] = []  # what every step was asked to run on
+        self.thread_slowdown: dict[int, float] = {}  # how much slower a phase runs on this many threads
 
     def add(self, request: SequenceRequest, n: int = 1) -> list[int]:
         if n > self.free_slots:
@@ -125,7 +134,8 @@ class FakeEngine:
     def relayout_due(self) -> bool:
         return bool(self._sequences) and frozenset(s.request.plan.name for s in self._sequences.values()) != self._layout
 
-    def step(self) -> list[TokenEvent]:
+    def step(self, threads: StepThreads = SAME_THREADS) -> list[TokenEvent]:
+        self.threads.append(threads)
         self.wait_for_turn()
         running = dict(self._sequences)
         plans = {seq_id: seq.request.plan.name for seq_id, seq in running.items()}
@@ -137,9 +147,11 @@ class FakeEngine:
         prefill_tokens = sum(prompts.values())
         layout = frozenset(plans.values())
         self._last = StepStats(
-            prefill_tokens=prefill_tokens, prefill_s=prefill_tokens * self.prefill_s_per_token,
+            prefill_tokens=prefill_tokens,
+            prefill_s=prefill_tokens * self.prefill_s_per_token * self.thread_slowdown.get(threads.prefill, 1.0),
             decode_rows=len(running) - len(fresh),
-            decode_s=max((self.step_s.get(name, 0.01) for name in layout), default=0.0),
+            decode_s=max((self.step_s.get(name, 0.01) for name in layout), default=0.0)
+            * self.thread_slowdown.get(threads.decode, 1.0),
             layout_s=0.0005 if layout != self._layout else 0.0)
         self._layout = layout
         self.ran |= layout

@@ -244,6 +244,20 @@ def test_a_step_that_set_plans_up_teaches_nothing(backend):
     assert costs.host_factor == 1.0 and costs.step_period_s({w4: 1}) == pytest.approx(period)
 
 
+def test_a_step_run_on_other_threads_reports_its_ratios_and_teaches_nothing(backend):
+    costs = measured(backend, alpha=0.5)
+    w4 = backend.resolve("w4")
+    before = costs.cost(w4)
+    for _ in range(HOST_WINDOW):
+        ratios = costs.observe(StepStats(prefill_tokens=10, prefill_s=10 * FIGURES["w4"][0] * 3,
+                                         decode_rows=1, decode_s=(FIGURES["w4"][1] + FIGURES["w4"][2]) * 2),
+                               {w4: [10]}, {w4: 1}, learn=False)
+        assert ratios == {"prefill": pytest.approx(3.0), "decode": pytest.approx(2.0)}
+    assert costs.host_factor == 1.0 and costs.cost(w4) == before
+    taught = costs.observe(StepStats(decode_rows=1, decode_s=FIGURES["w4"][1] + FIGURES["w4"][2]), {}, {w4: 1})
+    assert taught == {"decode": pytest.approx(1.0)}
+
+
 def test_building_missing_packs_costs_their_share_of_each_widths_build(backend):
     costs = CostModel(backend.shapes)
     costs.record(backend.resolve("w4"), PlanCost(0.001, 0.030, 0.002, build_s=0.5))

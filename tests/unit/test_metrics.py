@@ -51,7 +51,8 @@ def test_the_contract_table_is_read():
 
 def test_every_metric_has_the_contract_name_type_and_labels():
     added = contract_table(CONTROLLER_DOC)
-    assert set(added) == {"quept_latency_prediction_ratio", "quept_host_speed_ratio", "quept_budget_choices_total"}
+    assert set(added) == {"quept_latency_prediction_ratio", "quept_host_speed_ratio", "quept_engine_threads",
+                          "quept_budget_choices_total"}
     assert defined() == {**contract_table(), **added}
 
 

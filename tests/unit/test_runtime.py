@@ -16,7 +16,7 @@ from quept_core.precision import Precision, PrecisionError
 from quept_core.runtime.engine import QueptEngine, prefill_batches
 from quept_core.runtime.kvpool import KVPoolFull
 from quept_core.runtime.packcache import MemoryLimitError
-from quept_core.runtime.protocol import SamplingParams, SequenceRequest
+from quept_core.runtime.protocol import SamplingParams, SequenceRequest, StepThreads
 from quept_core.runtime.sampling import RequestError
 
 PROMPTS = [[5, 9, 17, 3, 44, 12], [7, 8, 200], [100, 101, 102, 103], list(range(10, 40))]
@@ -94,6 +94,32 @@ def test_prompts_prefilled_in_one_padded_call_get_their_tokens_alone(engine):
         assert tokens[index] == want_tokens
         for got, want in zip(logits[index], want_logits, strict=True):
             torch.testing.assert_close(got, want, rtol=0, atol=2e-2)
+
+
+def test_each_phase_of_a_step_runs_on_the_threads_asked_for(engine, monkeypatch):
+    seen: list[tuple[str, int]] = []
+
+    def recording(phase: str, run):
+        def wrapped(*args):
+            seen.append((phase, torch.get_num_threads()))
+            return run(*args)
+        return wrapped
+
+    monkeypatch.setattr(engine, "_prefill", recording("prefill", engine._prefill))
+    monkeypatch.setattr(engine, "_decode", recording("decode", engine._decode))
+    configured = torch.get_num_threads()
+    w4 = engine.plan("w4")
+    try:
+        engine.add(request(PROMPTS[0], w4))
+        engine.step(StepThreads(prefill=1, decode=2))
+        engine.add(request(PROMPTS[1], w4))
+        engine.step(StepThreads(prefill=2, decode=1))
+        engine.step()  # as it is
+    finally:
+        torch.set_num_threads(configured)
+        while engine.running:
+            engine.step()
+    assert seen[:4] == [("prefill", 1), ("prefill", 2), ("decode", 1), ("decode", 1)]
 
 
 def test_prefill_batches_group_one_plans_prompts_of_similar_length():

@@ -20,6 +20,7 @@ from service.engine.scheduler import (
     TokenOut,
 )
 from service.engine.textstream import TextStream
+from service.engine.threads import EXPLORE_EVERY, ThreadTuner
 from service.errors import unavailable
 from service.observability.metrics import Metrics
 from tests.unit.fakes import FakeBackend, FakeClock, FakeEngine, expected_text
@@ -53,7 +54,8 @@ class Collector:
 
 
 class Harness:
-    def __init__(self, gated: bool = True, stale_after_s: float = 1000.0, probes: bool = True, **limits) -> None:
+    def __init__(self, gated: bool = True, stale_after_s: float = 1000.0, probes: bool = True,
+                 threads: ThreadTuner | None = None, **limits) -> None:
         self.clock = FakeClock()
         self.limits = SchedulerLimits(**limits)
         self.engine = FakeEngine(gated=gated, clock=self.clock, max_running=self.limits.max_running)
@@ -62,7 +64,8 @@ class Harness:
         self.costs = CostModel(self.backend.shapes, alpha=0.5, stale_after_s=stale_after_s)
         for precision in ("w4", "w6", "w8"):
             self.costs.record(self.backend.resolve(precision), PlanCost(0.001, 0.01, 0.0))
-        self.scheduler = Scheduler(self.engine, self.limits, self.metrics, self.costs, self.clock, probes=probes)
+        self.scheduler = Scheduler(self.engine, self.limits, self.metrics, self.costs, self.clock, probes=probes,
+                                   threads=threads)
         self.scheduler.start()
 
     def job(self, precision: str = "w4", max_new: int = 4, prompt: str = "hi", stop: tuple[str, ...] = (),
@@ -277,6 +280,17 @@ def test_an_engine_failure_fails_the_running_requests_and_the_worker_goes_on(har
     assert isinstance(failed, Failed) and failed.error.status == 500
     assert isinstance(h.submit("w4").last(), Finished)
     assert h.counter("quept_request_failures_total", reason="error") == 1
+
+
+def test_a_host_where_one_thread_runs_faster_moves_the_steps_to_one_thread(harness):
+    h = harness(gated=False, threads=ThreadTuner(2))
+    assert h.counter("quept_engine_threads", phase="decode") == 2
+    h.engine.thread_slowdown = {2: 3.0}  # two threads wait for each other on a busy host
+    h.submit("w4", max_new=4 * EXPLORE_EVERY).last()
+    ran = [(t.prefill, t.decode) for t in h.engine.threads]
+    assert ran[0] == (2, 2) and ran[-8:] == [(2, 1)] * 8  # this request's one prefill never got tried
+    assert h.counter("quept_engine_threads", phase="decode") == 1
+    assert h.costs.host_factor == pytest.approx(1.0)  # the host as the chosen threads run on it
 
 
 def test_stop_string_and_eos_end_a_request(harness):
