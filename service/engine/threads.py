@@ -9,8 +9,9 @@ the engine alone 0.85-0.90x (`benchmarks/threads_under_contention.py`; docs/cont
 under contention").
 
 So for prefill and decode apart, the tuner runs the phase on a chosen count (PyTorch's at first) and
-now and then tries the other (one, or back): every EXPLORE_EVERY-th step of the phase, and at once when
-the chosen count's recent speed moved by HOST_CHANGE since the latest try (the host changed). Speed is
+now and then tries the other (one, or back): every EXPLORE_EVERY-th step of the phase (twice as far
+apart after each try that lost by 1.5x or more, up to MAX_EXPLORE_EVERY), and at once when the chosen
+count's recent speed moved by HOST_CHANGE since the latest try (the host changed). Speed is
 the cost model's ratio of a step's measured over modelled seconds, which puts steps of any size on one
 scale; a try is scored against the chosen count's median ratio of the steps just before it, so both
 sides see the same host. Two tries in a row at 1.5x the speed leave the configured count; two no
@@ -29,7 +30,8 @@ from quept_core.runtime.protocol import StepThreads
 from service.engine.costs import DECODE, PREFILL
 
 WINDOW = 5  # latest ratios of the chosen count whose median a try is compared with
-EXPLORE_EVERY = 16  # steps of a phase on the chosen count between two tries of the other
+EXPLORE_EVERY = 16  # steps of a phase on the chosen count between two tries of the other...
+MAX_EXPLORE_EVERY = 128  # ...doubling up to this while the tries lose by 1.5x or more (a steady host)
 HOST_CHANGE = 1.5  # the chosen count's median moved this many times since the last try: try again now
 SWITCH_BELOW = 0.67  # two tries in a row under this share of the chosen count's ratio leave the configured count
 RETURN_BELOW = 1.05  # and under this share (at par), return to it: leave it only for a clear gain
@@ -50,6 +52,7 @@ class _Phase:
     chosen: int = 0
     ratios: deque[float] = field(default_factory=lambda: deque(maxlen=WINDOW))  # the chosen count's
     since_tried: int = 0
+    interval: int = EXPLORE_EVERY  # steps between scheduled tries
     tried_at: float | None = None  # the chosen count's median at the latest try
     tries: deque[float] = field(default_factory=lambda: deque(maxlen=2))  # each try's ratio over that median
 
@@ -63,7 +66,7 @@ class _Phase:
     def due(self) -> bool:
         if self.other is None or not self.ratios:
             return False
-        if self.since_tried >= EXPLORE_EVERY or (self.tries and self.tries[-1] < self.threshold):
+        if self.since_tried >= self.interval or (self.tries and self.tries[-1] < self.threshold):
             return True  # on schedule, or to confirm a try that beat the chosen count
         change = statistics.median(self.ratios) / self.tried_at if self.tried_at else 1.0
         return not 1 / HOST_CHANGE < change < HOST_CHANGE
@@ -78,6 +81,8 @@ class _Phase:
         self.tried_at = statistics.median(self.ratios)
         self.tries.append(ratio / self.tried_at)
         self.since_tried = 0
+        clearly_slower = self.tries[-1] * SWITCH_BELOW >= 1
+        self.interval = min(2 * self.interval, MAX_EXPLORE_EVERY) if clearly_slower else EXPLORE_EVERY
         if len(self.tries) < 2 or max(self.tries) >= self.threshold:
             return False
         self.chosen, self.other = threads, self.chosen
