@@ -18,6 +18,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -25,7 +26,11 @@ from quept_core.runtime.protocol import SamplingParams, SequenceRequest
 from service.engine.loading import load_backend
 from service.settings import load_settings
 
-HOG = "while True:\n    pass\n"
+# A module of its own when run as a script: benchmarks/ is on sys.path then, not the repository root.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.loadtest import HOG  # noqa: E402
+
+HOG_BOUND_S = 600  # the busy loops end by themselves after this long, whatever happens to this script
 
 
 def run_round(engine, plan, batch: int, prompt: list[int], new_tokens: int, threads: int) -> tuple[float, list[float]]:
@@ -63,7 +68,7 @@ def main() -> None:
     run_round(engine, plan, args.batch, prompt, 2, every)  # first calls of these shapes
     rows = []
     for host, procs in (("quiet", 0), (f"{args.hog_procs} busy loops", args.hog_procs)):
-        hogs = [subprocess.Popen([sys.executable, "-c", HOG]) for _ in range(procs)]
+        hogs = [subprocess.Popen([sys.executable, "-c", HOG, str(HOG_BOUND_S)]) for _ in range(procs)]
         try:
             time.sleep(0.5 if procs else 0.0)
             runs: dict[int, list[tuple[float, list[float]]]] = {n: [] for n in counts}

@@ -121,6 +121,7 @@ _WAITING, _RUNNING, _DONE = "waiting", "running", "done"
 ARRIVAL_WINDOW = 16  # latest arrivals the arrival rate is taken over
 LENGTH_WINDOW = 64  # latest finished sequences whose lengths predict how long running ones go on
 PROBE_PROMPT_TOKENS = 4
+UNTUNED = ThreadChoice(SAME_THREADS)  # the steps of a scheduler without a thread tuner
 PROBE_NEW_TOKENS = 3  # a prefill and two decode steps: what the cost model re-measures a width from
 
 
@@ -454,7 +455,7 @@ class Scheduler:
         with self._cond:
             self._pass_ends_at = started + predicted_s
         choice = (self.threads.next_step(bool(prompts), bool(decode_rows), may_try=self._probe is None)
-                  if self.threads else ThreadChoice(SAME_THREADS))
+                  if self.threads else UNTUNED)
         try:
             events = self.engine.step(choice.threads)
         except Exception:

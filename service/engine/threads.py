@@ -5,7 +5,7 @@ matmul gains about 1.7x from the second core here. When other work competes for 
 job, a load generator, the server's own HTTP side), a parallel region waits at each barrier for
 whichever of its threads the kernel preempted, and one thread does more. On this 2-core host, with two
 busy loops running, the server's prefill took about a third of the time per token on one thread, and
-the engine alone 0.85-0.90x (`benchmarks/threads_under_contention.py`; docs/controller.md, "Threads
+the engine alone 0.73-0.90x (`benchmarks/threads_under_contention.py`; docs/controller.md, "Threads
 under contention").
 
 So for prefill and decode apart, the tuner runs the phase on a chosen count (PyTorch's at first) and
