@@ -1,11 +1,12 @@
-"""The native bit-plane kernel: the vectorized path (this CPU's) and the portable path (other CPUs)."""
+"""The native kernels: bit planes on the vectorized path (this CPU's) and the portable path (other CPUs),
+and the dense bf16 kernel of the fp plan's decode step."""
 
 import pytest
 import torch
 
 from quept_core.quant.grid import quantize
 from quept_core.runtime.kernels.formats import PACK_REL_TOL, BitPlanes, Int4Packed, relative_error
-from quept_core.runtime.kernels.native import planes_gemv
+from quept_core.runtime.kernels.native import dense_gemv, planes_gemv
 
 
 @pytest.fixture(scope="module")
@@ -54,3 +55,37 @@ def test_int4_dequantize_matches_the_kernel_formula(request, path, group):
     rows = torch.arange(192)
     expected = pack._dequant(pack._codes(rows), rows)  # (c - 8) * s + m from the unpacked layout
     assert torch.equal(ops.int4pack_dequant(pack.packed, pack.scale_zero, group), expected)
+
+
+@pytest.fixture(scope="module")
+def dense():
+    op = dense_gemv()
+    if op is None:
+        pytest.skip("the dense bf16 kernel needs an AVX-512 build")
+    return op
+
+
+# 40 and 100 inputs end in a partial vector; 13 and 37 outputs in a partial block of 4.
+@pytest.mark.parametrize(("in_features", "out_features"), [(40, 13), (100, 37), (576, 64)])
+# 17 rows: blocks of 4 output rows (16 rows and more), then one block of 1 activation row.
+@pytest.mark.parametrize("rows", [1, 3, 4, 9, 17])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_dense_kernel_matches_a_matmul(dense, dtype, rows, in_features, out_features):
+    weight = (torch.randn(out_features, in_features) * 0.05).to(dtype)
+    x = torch.randn(rows, in_features)
+    out = dense(x, weight)
+    assert out.shape == (rows, out_features) and out.dtype == torch.float32
+    # Against a bf16 weight the activations are rounded to bf16 as a bf16 matmul rounds them; only the
+    # order of the float32 sums differs.
+    want = x.to(dtype).double() @ weight.double().T
+    assert torch.allclose(out.double(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_dense_kernel_gives_a_row_the_same_bits_alone_and_among_others(dense, dtype):
+    weight = (torch.randn(37, 100) * 0.05).to(dtype)
+    x = torch.randn(17, 100)
+    together = dense(x, weight)
+    assert torch.equal(dense(x[:9], weight), together[:9])
+    for row in range(17):
+        assert torch.equal(dense(x[row : row + 1], weight)[0], together[row])

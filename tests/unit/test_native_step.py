@@ -64,11 +64,13 @@ def test_vectorized_attention_matches_the_pytorch_step():
             assert (got - want).abs().max() <= 0.03 * want.abs().max()
 
 
-def test_a_rows_logits_are_bit_identical_alone_and_in_any_running_set(pair):
+@pytest.mark.parametrize("plan", ["w5", "fp"])
+def test_a_rows_logits_are_bit_identical_alone_and_in_any_running_set(pair, plan):
     native, _ = pair
-    lone_tokens, lone_logits = drain(native, {0: [request(PROMPTS[1], native.plan("w5"), max_new_tokens=8)]})
-    mates = [request(PROMPTS[i], resolve(native, p), max_new_tokens=8) for i, p in ((0, "w3"), (2, "fp"), (3, "mixed"))]
-    tokens, logits = drain(native, {0: mates[:2], 1: [request(PROMPTS[1], native.plan("w5"), max_new_tokens=8)],
+    lone_tokens, lone_logits = drain(native, {0: [request(PROMPTS[1], native.plan(plan), max_new_tokens=8)]})
+    mates = [request(PROMPTS[i], resolve(native, p), max_new_tokens=8)
+             for i, p in ((0, "w3"), (2, "fp"), (3, "mixed"), (0, "fp"), (2, "fp"))]
+    tokens, logits = drain(native, {0: mates[:2], 1: [request(PROMPTS[1], native.plan(plan), max_new_tokens=8)],
                                     3: mates[2:]})
     assert tokens[2] == lone_tokens[0]
     for got, want in zip(logits[2], lone_logits[0], strict=True):
@@ -139,7 +141,8 @@ def test_the_portable_program_matches_the_pytorch_step(portable, monkeypatch, tm
     monkeypatch.setattr(formats, "_BOOKS", {})
     native, reference = engines()
     arrivals = {0: [request(PROMPTS[0], native.plan("w3"), max_new_tokens=6)],
-                1: [request(PROMPTS[3], native.plan("w8"), max_new_tokens=6)]}
+                1: [request(PROMPTS[3], native.plan("w8"), max_new_tokens=6),
+                    request(PROMPTS[1], native.plan("fp"), max_new_tokens=6)]}
     tokens, logits = drain(native, arrivals)
     assert native.step_route == "native" and native.pool.k.dtype == torch.bfloat16
     program = native._plan_step(native.plan("w3")).native._program

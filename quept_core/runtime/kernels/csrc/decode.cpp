@@ -7,6 +7,7 @@
 // computed the same way whatever other rows share the step, so a sequence's logits do not depend on
 // its neighbours.
 
+#include "dense.h"
 #include "lut.h"
 #include "planes.h"
 
@@ -93,6 +94,7 @@ class DecodeProgram : public torch::CustomClassHolder {
     steps_ = at::empty({max_rows_, deepest / quept::kChunk}, f32);
     lut_weights_ = at::empty({max_rows_, deepest / quept::kBlock * 8}, at::TensorOptions().dtype(at::kInt));
     sums_ = at::empty({max_rows_, deepest / quept::kChunk}, f32);
+    bf16_in_ = at::empty({max_rows_, deepest}, at::TensorOptions().dtype(at::kBFloat16));
     scores_ = at::empty({0}, f32);
     rotated_.resize(head_dim_);
   }
@@ -269,6 +271,12 @@ class DecodeProgram : public torch::CustomClassHolder {
       });
       return;
     }
+    if (w.bf16) {
+      quept::dense_bf16_matmul(reinterpret_cast<const uint16_t*>(w.bf16), w.n, w.k, x, rows,
+                               reinterpret_cast<uint16_t*>(bf16_in_.data_ptr<at::BFloat16>()), y, ldy);
+      return;
+    }
+    if (w.f32) return quept::dense_f32_matmul(w.f32, w.n, w.k, x, rows, y, ldy);
 #endif
     at::parallel_for(0, w.n, 16, [&](int64_t begin, int64_t end) {
       for (int64_t m = 0; m < rows; ++m) {
@@ -524,7 +532,7 @@ class DecodeProgram : public torch::CustomClassHolder {
   std::vector<Weight> weights_;
   std::vector<at::Tensor> keep_;  // the storage the weights point into
   std::vector<float> rotated_;  // RoPE scratch, one head
-  at::Tensor x_, h_, qkv_, attn_, gate_up_, act_, delta_, gathered_in_, gathered_out_, quantized_, steps_, lut_weights_, sums_, scores_;
+  at::Tensor x_, h_, qkv_, attn_, gate_up_, act_, delta_, gathered_in_, gathered_out_, quantized_, steps_, lut_weights_, sums_, bf16_in_, scores_;
 };
 
 }  // namespace

@@ -1,7 +1,8 @@
 // The CPU ops over bit-plane weights (planes_gemv, planes_dequant), bit-serial lookup-table weights
-// (lut_gemv, lut_dequant; AVX-512 VBMI and VNNI only) and PyTorch's int4 layout (int4pack_dequant).
-// The kernels are in planes.h and lut.h.
+// (lut_gemv, lut_dequant; AVX-512 VBMI and VNNI only), dense weights (dense_gemv, AVX-512
+// only) and PyTorch's int4 layout (int4pack_dequant). The kernels are in planes.h, lut.h and dense.h.
 
+#include "dense.h"
 #include "lut.h"
 #include "planes.h"
 
@@ -74,6 +75,25 @@ at::Tensor lut_dequant(const at::Tensor& planes, int64_t bits, const at::Tensor&
   return out;
 }
 
+// x [rows, k] times a dense bf16 or float32 weight [n, k], as the fp plan's decode step runs it.
+at::Tensor dense_gemv(const at::Tensor& x, const at::Tensor& weight) {
+  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1),
+              "dense_gemv: x [rows, in_features] and weight [out_features, in_features]");
+  TORCH_CHECK((weight.scalar_type() == at::kBFloat16 || weight.scalar_type() == at::kFloat) && weight.is_contiguous(),
+              "dense_gemv: a contiguous bf16 or float32 weight");
+  const int64_t rows = x.size(0), k = x.size(1), n = weight.size(0);
+  const at::Tensor xf = x.to(at::kFloat).contiguous();
+  at::Tensor out = at::empty({rows, n}, xf.options());
+  if (weight.scalar_type() == at::kFloat) {
+    quept::dense_f32_matmul(weight.data_ptr<float>(), n, k, xf.data_ptr<float>(), rows, out.data_ptr<float>(), n);
+    return out;
+  }
+  at::Tensor scratch = at::empty({rows, k}, weight.options());
+  quept::dense_bf16_matmul(reinterpret_cast<const uint16_t*>(weight.data_ptr<at::BFloat16>()), n, k, xf.data_ptr<float>(),
+                           rows, reinterpret_cast<uint16_t*>(scratch.data_ptr<at::BFloat16>()), out.data_ptr<float>(), n);
+  return out;
+}
+
 #endif
 
 bool has_lut() {
@@ -134,6 +154,7 @@ QUEPT_LIBRARY(QUEPT_OPS, m) {
   m.def("int4pack_dequant(Tensor packed, Tensor scale_zero, int group) -> Tensor");
   m.def("lut_gemv(Tensor x, Tensor planes, int bits, Tensor scale, Tensor zero, int group) -> Tensor");
   m.def("lut_dequant(Tensor planes, int bits, Tensor scale, Tensor zero, int group, int in_features) -> Tensor");
+  m.def("dense_gemv(Tensor x, Tensor weight) -> Tensor");
   m.def("has_lut() -> bool", &has_lut);
 }
 
@@ -144,5 +165,6 @@ QUEPT_LIBRARY_IMPL(QUEPT_OPS, CPU, m) {
 #ifdef QUEPT_AVX512
   m.impl("lut_gemv", &lut_gemv);
   m.impl("lut_dequant", &lut_dequant);
+  m.impl("dense_gemv", &dense_gemv);
 #endif
 }
