@@ -149,6 +149,10 @@ class QueptEngine:
         # elsewhere on CPU it is float32, where PyTorch's small single-query products run far faster.
         native_pool = native and native_available() and dtype == NATIVE_POOL_DTYPE
         self.kv_dtype = dtype if self.device.type != "cpu" or native_pool else torch.float32
+        # The native step runs fp on weights in the compute dtype, as the server holds them (its serving
+        # store is bf16): an engine over float32 masters copies them. The PyTorch step keeps a float32
+        # master by reference (DenseWeight).
+        self._fp_dtype = dtype if native_pool else None
         self.bit_config: BitConfig = weights.bit_config
         if head_bits is not None and head_bits not in self.bit_config.bits:
             raise ValueError(f"head_bits must be one of {self.bit_config.bits} or None, got {head_bits}")
@@ -330,7 +334,7 @@ class QueptEngine:
             if bits is None:
                 weight = torch.cat([self.weights.dense(m) for m in members]) if len(members) > 1 \
                     else self.weights.dense(name)
-                return DenseWeight(weight.to(self.device), self.dtype)
+                return DenseWeight(weight.to(self.device, self._fp_dtype), self.dtype)
             parts = [self.weights.quantized(m, bits) for m in members]
             qw = QuantizedWeight(
                 codes=torch.cat([q.codes for q in parts]).to(self.device),

@@ -26,7 +26,7 @@ def _native_pack(pack: PackedWeight) -> bool:
     if isinstance(pack, LutPlanes):
         return True  # CPU only
     return isinstance(pack, DenseWeight) and pack.weight.device.type == "cpu" and pack.weight.is_contiguous() \
-        and pack.weight.dtype in (torch.float32, torch.bfloat16)
+        and pack.weight.dtype == torch.bfloat16
 
 
 POOL_DTYPE = torch.bfloat16  # the KV pool the native step reads and writes

@@ -77,6 +77,18 @@ def test_a_rows_logits_are_bit_identical_alone_and_in_any_running_set(pair, plan
         assert torch.equal(got, want)
 
 
+def test_fp_runs_natively_on_bf16_weights_as_served(pair):
+    """An engine over float32 masters copies them to bf16 for the native step (the server's store is
+    bf16 already); the PyTorch step keeps the float32 masters by reference."""
+    native, reference = pair
+    for engine, dtype in ((native, torch.bfloat16), (reference, torch.float32)):
+        engine.prepare(engine.plan("fp"))
+        fp_keys = [key for key in engine.cache.keys() if key[1] is None]
+        assert fp_keys and {engine.cache.ensure([key])[0].weight.dtype for key in fp_keys} == {dtype}
+    drain(native, {0: [request(PROMPTS[0], native.plan("fp"), max_new_tokens=2)]})
+    assert native.step_route == "native"
+
+
 def test_a_program_given_a_new_layout_runs_it_as_a_new_program_would(pair):
     native, _ = pair
     before = native._layout([native.plan("w3"), native.plan("w8")])

@@ -84,9 +84,9 @@ def lut_dequant() -> Callable | None:
 
 
 def dense_gemv() -> Callable | None:
-    """`torch.ops.quept.dense_gemv(x, weight)` -> float32, the fp plan's decode kernel (a bf16 weight
-    with activations rounded to bf16, or a float32 one), or None where it does not run (AVX-512 builds
-    only, as the lookup tables)."""
+    """`torch.ops.quept.dense_gemv(x, weight)` -> float32, the fp plan's decode kernel (a bf16 weight,
+    activations rounded to bf16), or None where it does not run (AVX-512 builds only, as the lookup
+    tables)."""
     return torch.ops.quept.dense_gemv.default if _lut_built() else None
 
 

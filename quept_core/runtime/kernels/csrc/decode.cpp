@@ -19,12 +19,11 @@
 
 namespace {
 
-// A weight the program multiplies by: bit planes, lookup-table planes, or a dense float32 / bf16
-// matrix (the fp plan).
+// A weight the program multiplies by: bit planes, lookup-table planes, or a dense bf16 matrix (the fp
+// plan, or an untied embedding).
 struct Weight {
   quept::Problem planes;  // planes.bits == 0: not bit planes
   quept::LutProblem lut;  // lut.bits == 0: not lookup-table planes
-  const float* f32 = nullptr;
   const at::BFloat16* bf16 = nullptr;
   int64_t n = 0, k = 0;
 };
@@ -132,12 +131,8 @@ class DecodeProgram : public torch::CustomClassHolder {
     Weight w;
     w.n = weight.size(0);
     w.k = weight.size(1);
-    if (weight.scalar_type() == at::kFloat) {
-      w.f32 = weight.data_ptr<float>();
-    } else {
-      TORCH_CHECK(weight.scalar_type() == at::kBFloat16, "add_dense: float32 or bf16");
-      w.bf16 = weight.data_ptr<at::BFloat16>();
-    }
+    TORCH_CHECK(weight.scalar_type() == at::kBFloat16, "add_dense: a bf16 weight");
+    w.bf16 = weight.data_ptr<at::BFloat16>();
     keep_.push_back(weight);
     weights_.push_back(w);
     return static_cast<int64_t>(weights_.size()) - 1;
@@ -221,8 +216,6 @@ class DecodeProgram : public torch::CustomClassHolder {
           quept::dequant_row(w.planes, token, out);
         } else if (w.lut.bits) {
           quept::lut_dequant_row(w.lut, token, out);
-        } else if (w.f32) {
-          std::memcpy(out, w.f32 + token * hidden_, hidden_ * sizeof(float));
         } else {
           for (int64_t j = 0; j < hidden_; ++j) out[j] = static_cast<float>(w.bf16[token * hidden_ + j]);
         }
@@ -276,27 +269,20 @@ class DecodeProgram : public torch::CustomClassHolder {
                                reinterpret_cast<uint16_t*>(bf16_in_.data_ptr<at::BFloat16>()), y, ldy);
       return;
     }
-    if (w.f32) return quept::dense_f32_matmul(w.f32, w.n, w.k, x, rows, y, ldy);
 #endif
     at::parallel_for(0, w.n, 16, [&](int64_t begin, int64_t end) {
       for (int64_t m = 0; m < rows; ++m) {
         const float* xr = x + m * w.k;
         for (int64_t j = begin; j < end; ++j) {
           float sum = 0.f;
-          if (w.f32) {
-            const float* wr = w.f32 + j * w.k;
+          // bf16 is the top half of a float32
+          const uint16_t* wr = reinterpret_cast<const uint16_t*>(w.bf16 + j * w.k);
 #pragma omp simd reduction(+ : sum)
-            for (int64_t i = 0; i < w.k; ++i) sum += wr[i] * xr[i];
-          } else {
-            // bf16 is the top half of a float32
-            const uint16_t* wr = reinterpret_cast<const uint16_t*>(w.bf16 + j * w.k);
-#pragma omp simd reduction(+ : sum)
-            for (int64_t i = 0; i < w.k; ++i) {
-              const uint32_t bits = static_cast<uint32_t>(wr[i]) << 16;
-              float value;
-              std::memcpy(&value, &bits, sizeof(value));
-              sum += value * xr[i];
-            }
+          for (int64_t i = 0; i < w.k; ++i) {
+            const uint32_t bits = static_cast<uint32_t>(wr[i]) << 16;
+            float value;
+            std::memcpy(&value, &bits, sizeof(value));
+            sum += value * xr[i];
           }
           y[m * ldy + j] = sum;
         }

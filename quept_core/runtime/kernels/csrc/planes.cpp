@@ -1,5 +1,5 @@
 // The CPU ops over bit-plane weights (planes_gemv, planes_dequant), bit-serial lookup-table weights
-// (lut_gemv, lut_dequant; AVX-512 VBMI and VNNI only), dense weights (dense_gemv, AVX-512
+// (lut_gemv, lut_dequant; AVX-512 VBMI and VNNI only), dense bf16 weights (dense_gemv, AVX-512
 // only) and PyTorch's int4 layout (int4pack_dequant). The kernels are in planes.h, lut.h and dense.h.
 
 #include "dense.h"
@@ -75,20 +75,15 @@ at::Tensor lut_dequant(const at::Tensor& planes, int64_t bits, const at::Tensor&
   return out;
 }
 
-// x [rows, k] times a dense bf16 or float32 weight [n, k], as the fp plan's decode step runs it.
+// x [rows, k] times a dense bf16 weight [n, k], as the fp plan's decode step runs it.
 at::Tensor dense_gemv(const at::Tensor& x, const at::Tensor& weight) {
   TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1),
               "dense_gemv: x [rows, in_features] and weight [out_features, in_features]");
-  TORCH_CHECK((weight.scalar_type() == at::kBFloat16 || weight.scalar_type() == at::kFloat) && weight.is_contiguous(),
-              "dense_gemv: a contiguous bf16 or float32 weight");
+  TORCH_CHECK(weight.scalar_type() == at::kBFloat16 && weight.is_contiguous(), "dense_gemv: a contiguous bf16 weight");
   const int64_t rows = x.size(0), k = x.size(1), n = weight.size(0);
   const at::Tensor xf = x.to(at::kFloat).contiguous();
-  at::Tensor out = at::empty({rows, n}, xf.options());
-  if (weight.scalar_type() == at::kFloat) {
-    quept::dense_f32_matmul(weight.data_ptr<float>(), n, k, xf.data_ptr<float>(), rows, out.data_ptr<float>(), n);
-    return out;
-  }
   at::Tensor scratch = at::empty({rows, k}, weight.options());
+  at::Tensor out = at::empty({rows, n}, xf.options());
   quept::dense_bf16_matmul(reinterpret_cast<const uint16_t*>(weight.data_ptr<at::BFloat16>()), n, k, xf.data_ptr<float>(),
                            rows, reinterpret_cast<uint16_t*>(scratch.data_ptr<at::BFloat16>()), out.data_ptr<float>(), n);
   return out;
