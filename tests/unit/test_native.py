@@ -87,3 +87,12 @@ def test_dense_kernel_gives_a_row_the_same_bits_alone_and_among_others(dense):
     assert torch.equal(dense(x[:9], weight), together[:9])
     for row in range(17):
         assert torch.equal(dense(x[row : row + 1], weight)[0], together[row])
+
+
+def test_kernels_run_their_loops_on_every_thread(native):
+    """Built without OpenMP, ATen's parallel loop runs on one thread in the kernels, whatever the
+    thread count: the decode step then leaves every other core idle."""
+    threads = torch.get_num_threads()
+    if threads < 2:
+        pytest.skip("one CPU thread here")
+    assert torch.ops.quept.parallel_threads(64) == threads

@@ -27,8 +27,11 @@ log = logging.getLogger(__name__)
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = [CSRC / "planes.cpp", CSRC / "decode.cpp"]
 # No -ffast-math: a row's arithmetic must not depend on which kernel tile it falls in (rows are
-# bit-identical alone and batched); `omp simd` marks the reductions that may be vectorized.
-CFLAGS = ("-O3", "-march=native", "-fopenmp-simd")
+# bit-identical alone and batched); `omp simd` marks the reductions that may be vectorized. OpenMP
+# itself: ATen's `parallel_for` is a header that runs its loop on one thread in code compiled
+# without it; linked with it, the kernels share PyTorch's OpenMP runtime and thread count.
+CFLAGS = ("-O3", "-march=native", "-fopenmp")
+LDFLAGS = ("-fopenmp",)
 
 
 def _cpu_key() -> str:
@@ -45,7 +48,7 @@ def _cpu_key() -> str:
 
 def _source_key() -> str:
     """Changes with the flags and any kernel source, headers included (the JIT build tracks the listed sources only)."""
-    digest = hashlib.sha256(" ".join(CFLAGS).encode())
+    digest = hashlib.sha256(" ".join(CFLAGS + LDFLAGS).encode())
     for path in sorted(CSRC.iterdir()):
         digest.update(path.name.encode() + path.read_bytes())
     return digest.hexdigest()[:10]
@@ -119,6 +122,7 @@ def _build() -> bool:
             sources=[str(s) for s in SOURCES],
             extra_include_paths=[str(CSRC)],
             extra_cflags=list(CFLAGS),
+            extra_ldflags=list(LDFLAGS),
             build_directory=str(folder),
             is_python_module=False,
             verbose=False,
@@ -126,4 +130,7 @@ def _build() -> bool:
     except (OSError, RuntimeError, ImportError, SystemExit) as error:
         log.warning("native bit-plane kernel unavailable (%s); using dequantize-then-matmul", error)
         return False
+    threads = torch.get_num_threads()
+    if torch.ops.quept.parallel_threads(4 * threads) < threads:
+        log.warning("the native kernels run their loops on fewer than the %d CPU threads", threads)
     return True

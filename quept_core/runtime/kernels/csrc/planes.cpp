@@ -99,6 +99,15 @@ bool has_lut() {
 #endif
 }
 
+// How many threads run an at::parallel_for of `items` items here: 1 whatever the thread count when
+// the kernels were compiled without OpenMP (ATen's parallel loop is a header that falls back to a
+// serial loop then).
+int64_t parallel_threads(int64_t items) {
+  std::vector<char> ran(static_cast<size_t>(at::get_num_threads()), 0);
+  at::parallel_for(0, items, 1, [&](int64_t, int64_t) { ran[static_cast<size_t>(at::get_thread_num())] = 1; });
+  return std::count(ran.begin(), ran.end(), 1);
+}
+
 // ---------------------------------------------------------------------------------------------
 // PyTorch's CPU int4 layout (aten._convert_weight_to_int4pack_for_cpu): blocks of 64 output rows,
 // byte (k, j) of a block holding rows j (low nibble) and j + 32 (high nibble) at input k.
@@ -151,6 +160,7 @@ QUEPT_LIBRARY(QUEPT_OPS, m) {
   m.def("lut_dequant(Tensor planes, int bits, Tensor scale, Tensor zero, int group, int in_features) -> Tensor");
   m.def("dense_gemv(Tensor x, Tensor weight) -> Tensor");
   m.def("has_lut() -> bool", &has_lut);
+  m.def("parallel_threads(int items) -> int", &parallel_threads);
 }
 
 QUEPT_LIBRARY_IMPL(QUEPT_OPS, CPU, m) {
