@@ -65,9 +65,9 @@ def dense():
     return op
 
 
-# 40 and 100 inputs end in a partial vector of 32; 13 and 37 outputs in a partial block of 4.
+# 40 and 100 inputs end in a partial vector of 32; 13 and 37 outputs split unevenly over the threads.
 @pytest.mark.parametrize(("in_features", "out_features"), [(40, 13), (100, 37), (576, 64)])
-# 17 rows: blocks of 4 output rows (16 rows and more), then one block of 1 activation row.
+# 17 rows: four blocks of 4 activation rows, then a block of 1.
 @pytest.mark.parametrize("rows", [1, 3, 4, 9, 17])
 def test_dense_kernel_matches_a_bf16_matmul(dense, rows, in_features, out_features):
     weight = (torch.randn(out_features, in_features) * 0.05).bfloat16()
