@@ -43,6 +43,13 @@ LABEL org.opencontainers.image.title="quept-serve" \
 RUN groupadd --system --gid 10001 quept \
  && useradd --system --uid 10001 --gid quept --create-home --home-dir /home/quept \
             --shell /usr/sbin/nologin quept
+# The native kernels compile at the first start, for the CPU the container runs on (-march=native,
+# docs/runtime.md): without a compiler the server steps op by op in PyTorch, several times slower per
+# token. The release is pinned by the base image's tag.
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends g++ \
+ && rm -rf /var/lib/apt/lists/*
 COPY --from=builder /opt/venv /opt/venv
 COPY --from=calibrate --chown=10001:10001 /var/cache/quept /var/cache/quept
 ENV PATH=/opt/venv/bin:$PATH \
