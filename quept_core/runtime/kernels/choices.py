@@ -23,7 +23,7 @@ from quept_core.runtime.kernels.native import machine_key
 
 log = logging.getLogger(__name__)
 
-RULES = 2  # how formats.py chooses; a change of the rules measures every shape again
+RULES = 3  # how formats.py chooses; a change of the rules measures every shape again
 
 
 @dataclass(frozen=True)

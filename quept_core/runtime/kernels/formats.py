@@ -41,8 +41,11 @@ PACKED_MAX_TOKENS = 16
 PREFILL_PROBE_ROWS = 256
 # Prefill takes a format's own kernel only when it beats dequantize + dense bf16 matmul by this factor:
 # bf16 activations keep prefill (and the perplexity measured through it) closest to the float model, and
-# a near tie must not flip with the machine's load from one measurement to the next.
-PREFILL_PACKED_GAIN = 1.25
+# a near tie must not flip with the machine's load from one measurement to the next. At 1.25x, once the
+# bit-plane kernels ran on both threads they won most shapes on the 2-core Zen 4 machine, and their int8
+# activations moved the engine's perplexity by +0.3 % at w8 and +0.6 % at w3 for no measurable prefill
+# speed (`quept bench`).
+PREFILL_PACKED_GAIN = 2.0
 # Decode kernels are timed at these running-set sizes (a sequence alone, and a busy server's step) and
 # the format with the least total wins.
 DECODE_PROBE_ROWS = (1, 8)
