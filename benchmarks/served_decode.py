@@ -4,7 +4,8 @@ Loads the engine as the server does (its serving store and packs; the same setti
 flags after `--`, e.g. `-- --max-running 32`), then for --rounds rounds, each plan and each batch in
 turn: batch prompts of --prompt-tokens tokens prefilled in one step and --new-tokens decode steps of
 them all. Prints the best rate of each (plan, batch) and its ratio to the same plan at batch 1.
-`quept bench` measures an engine over the calibrated float masters instead (its fp plan is float32).
+`quept bench` builds its engine from the calibrated float masters instead, next to transformers and
+llama.cpp in the same run; this one reads what a running server reads, at any running-set size.
 
     python benchmarks/served_decode.py [--precisions fp,w4,w8] [--batches 1,8,16] [--rounds 2] [--json]
 """
