@@ -26,9 +26,8 @@ inline void round_to_bf16(const float* from, int64_t count, uint16_t* to) {
   }
 }
 
-// 32 bf16 values from `at`, the lanes past `left` zero.
-inline __m512bh load_bf16_pairs(const uint16_t* at, int64_t left) {
-  const __mmask32 lanes = left >= 32 ? ~static_cast<__mmask32>(0) : static_cast<__mmask32>((1ull << left) - 1);
+// 32 bf16 values from `at`, the lanes outside `lanes` zero.
+inline __m512bh load_bf16_pairs(const uint16_t* at, __mmask32 lanes) {
   return (__m512bh)_mm512_maskz_loadu_epi16(lanes, at);
 }
 
@@ -39,8 +38,9 @@ inline void dense_block(const uint16_t* w, const uint16_t* x, int64_t k, int64_t
   __m512 acc[M];
   for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
   for (int64_t i = 0; i < k; i += 32) {
-    const __m512bh wv = load_bf16_pairs(w + j * k + i, k - i);
-    for (int m = 0; m < M; ++m) acc[m] = _mm512_dpbf16_ps(acc[m], wv, load_bf16_pairs(x + (m0 + m) * k + i, k - i));
+    const __mmask32 lanes = k - i >= 32 ? ~static_cast<__mmask32>(0) : static_cast<__mmask32>((1ull << (k - i)) - 1);
+    const __m512bh wv = load_bf16_pairs(w + j * k + i, lanes);
+    for (int m = 0; m < M; ++m) acc[m] = _mm512_dpbf16_ps(acc[m], wv, load_bf16_pairs(x + (m0 + m) * k + i, lanes));
   }
   for (int m = 0; m < M; ++m) y[(m0 + m) * ldy + j] = _mm512_reduce_add_ps(acc[m]);
 }
