@@ -48,6 +48,7 @@ from quept_core.runtime.packcache import PackCache
 from quept_core.runtime.packfiles import PackFiles
 from quept_core.runtime.protocol import (
     SAME_THREADS,
+    PrefillCall,
     SamplingParams,
     SequenceRequest,
     StepStats,
@@ -515,8 +516,12 @@ class QueptEngine:
         joined: list[_Sequence] = []
         if self._pending:
             _use_threads(threads.prefill)
+        calls = []
         for batch in prefill_batches([(s.plan, len(s.prompt)) for s in self._pending]):
-            events += self._prefill([self._pending[i] for i in batch], joined)
+            sequences, call_started = [self._pending[i] for i in batch], time.perf_counter()
+            events += self._prefill(sequences, joined)
+            calls.append(PrefillCall(sequences[0].plan, len(sequences), max(len(s.prompt) for s in sequences),
+                                     time.perf_counter() - call_started))
         prefill_tokens = sum(len(s.prompt) for s in self._pending)
         self._pending = []
         prefilled = time.perf_counter()
@@ -529,7 +534,7 @@ class QueptEngine:
             self._running += joined
             self._dirty = True
         done = time.perf_counter()
-        self._last_step = StepStats(prefill_tokens, prefilled - started, len(decoding),
+        self._last_step = StepStats(prefill_tokens, prefilled - started, tuple(calls), len(decoding),
                                     done - prefilled - layout_s, layout_s,
                                     self.cache.build_s + self._prepare_s - setup_before)
         return events

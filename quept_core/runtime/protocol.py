@@ -52,11 +52,22 @@ class TokenEvent:
 
 
 @dataclass(frozen=True)
+class PrefillCall:
+    """One call of a step's prefill: prompts of one plan, padded to the longest."""
+
+    plan: Plan
+    rows: int
+    longest: int
+    seconds: float
+
+
+@dataclass(frozen=True)
 class StepStats:
     """What the latest `step()` did and how long each part took (for cost models and metrics)."""
 
     prefill_tokens: int = 0  # prompt tokens prefilled in this step
     prefill_s: float = 0.0
+    prefill_calls: tuple[PrefillCall, ...] = ()  # what prefill_s went to, call by call
     decode_rows: int = 0  # sequences that decoded a token in this step
     decode_s: float = 0.0
     layout_s: float = 0.0  # rebuilding the running set's weight layout after its mix of plans changed

@@ -48,7 +48,7 @@ def precisions(state: ServiceState) -> list[dict]:
             "nominal_bits": None if plan.mode == "fp" else round(candidate.nominal_bits, 3),
             "auto_candidate": plan.name in auto,
             "weight_bytes": candidate.weight_bytes,
-            "prefill_tokens_per_s": round(1 / cost.prefill_s_per_token, 1),
+            "prefill_tokens_per_s": round(1 / cost.long_prefill.per_unit, 1),
             "decode_tokens_per_s": round(1 / cost.decode_s(1), 1),
             "ppl_delta_pct": candidate.ppl_delta_pct,
         })

@@ -3,14 +3,14 @@
 A prediction is a relative cost times one host-speed factor, learned at two speeds:
 
 - Relative costs per bit-width, measured once at warm-up (warmup.py) with each uniform plan alone:
-  the seconds to build its packs, prefill seconds per prompt (each prompt is its own call) and per
-  prompt token, and the decode step as `fixed + per_row x rows` (measured at 1 and
-  at a few rows), plus the overhead every step pays whatever its widths (measured once with two plans
-  in one running set). The engine runs one kernel call per bit-width present at each linear, so a
-  running set's decode step is predicted from the widths its plans use: the shared overhead, each
-  width's fixed part times the share of parameters at which some row uses it, and each width's per-row
-  part times its rows (weighted by each plan's parameter share at that width). A mixed plan needs no
-  measurement of its own: its figures follow from its bit mix.
+  the seconds to build its packs, a prefill call as `fixed + per_position x positions` for short
+  prompts and for long ones (`PlanCost`), and the decode step as `fixed + per_row x rows`, plus the
+  overhead every step pays whatever its widths (measured once with two plans in one running set).
+  The engine runs one kernel call per bit-width present at each linear, so a running set's decode
+  step is predicted from the widths its plans use: the shared overhead, each width's fixed part
+  times the share of parameters at which some row uses it, and each width's per-row part times its
+  rows (weighted by each plan's parameter share at that width). A mixed plan needs no measurement of
+  its own: its figures follow from its bit mix.
 - One host factor, measured over expected seconds of every observed step of every plan (its prefill and
   its decode count as one observation each), the median of the latest few: a busy host slows the
   prediction of every plan at once, also of plans not served meanwhile, and one outlier (a page fault,
@@ -25,13 +25,23 @@ A prediction is a relative cost times one host-speed factor, learned at two spee
   kept relative to the host factor: a busy host lengthens them at once, and once it is quiet again
   the steps it slowed do not keep the predictions long.
 
-The relative costs are refined slowly (`alpha`) from steps of one uniform plan, normalized by the
-host factor at the time. A width not seen in any step for `stale_after_s` seconds of engine work is
-stale: its next few steps re-measure it (see the controller module for how it gets them).
+The relative costs are refined slowly (`alpha`) from observations of one width alone (each prefill
+call of a uniform plan, as the engine reports its calls, and a decode step of one), against the host
+factor of the steps around each: an observation teaches once the steps after it ran, so a host that
+slows or recovers at once teaches no width that it is slow or fast, and one more than
+MAX_REFINE_FACTOR off teaches nothing (under a CPU hog single steps stall for several times their
+time, and every such stall would raise the figures a little). A width whose own
+observations took more than MAX_REFINE_FACTOR times its figure, or less than its inverse, against
+both the host factor and the widths' recent observations alone, CONTRADICTIONS times in a row is
+contradicted (warm-up measured it during a burst of other work, and the figures are kept for later
+starts): its figure is set to what they measured. A width not seen in any step for `stale_after_s` seconds of engine work is stale: its
+next few steps re-measure it, in whatever running set they run (see the controller module for how
+it gets them).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import statistics
 import threading
@@ -43,38 +53,71 @@ from quept_core.planning.bits import Shapes
 from quept_core.planning.plan import Plan
 from quept_core.precision import FP, uniform_name
 from quept_core.runtime.engine import prefill_batches
-from quept_core.runtime.protocol import StepStats
+from quept_core.runtime.kernels.formats import PACKED_MAX_TOKENS
+from quept_core.runtime.protocol import PrefillCall, StepStats
 
 HOST_WINDOW = 9  # observations in the host factor's median: it follows a change within about 5 steps
 HOST_MIN_OBSERVATIONS = 3  # before that many, the host is taken to be as fast as at warm-up
-EXTRA_WINDOW = 16  # steps in the mean of what steps take beyond their decode (a request's worth of them)
+EXTRA_WINDOW = 48  # steps in the mean of what steps take beyond their decode: three requests' worth (a few slow ones move it little)
 STALE_AFTER_S = 30.0  # seconds of engine work without a step of a width before it is re-measured
 REMEASURE_STEPS = 3  # steps of a stale width that re-measure it (a probe's prefill and two decode steps)
 REMEASURE_WEIGHT = 0.5  # weight of each of them (three steps: 7/8 of the way to the new figure)
 MAX_REMEASURE_FACTOR = 4.0  # a re-measurement moves a figure at most this many times up or down
-MAX_REFINE_FACTOR = 2.0  # the same for one slow refinement step, before its weight alpha
+MAX_REFINE_FACTOR = 2.0  # an observation further from its figure than this refines nothing
+LEARN_DELAY = HOST_WINDOW // 2  # observations after a step before it refines a figure: the host factor is centred on it
+CONTRADICTIONS = 3  # observations in a row of a width alone beyond MAX_REFINE_FACTOR of its figure: corrected
 PREFILL, DECODE = "prefill", "decode"  # the phases of a step
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Line:
+    """Seconds of a call: `fixed`, plus `per_unit` for each of its units (a prefill's positions, a
+    decode step's rows)."""
+
+    fixed: float
+    per_unit: float
+
+    def at(self, units: float) -> float:
+        return self.fixed + self.per_unit * units
+
+    def scaled(self, factor: float) -> Line:
+        return Line(self.fixed * factor, self.per_unit * factor)
 
 
 @dataclass(frozen=True)
 class PlanCost:
-    """Seconds of one plan alone on an unloaded host (host factor 1)."""
+    """Seconds of one plan alone on an unloaded host (host factor 1).
 
-    prefill_s_per_token: float
-    decode_s_fixed: float  # a decode step at any number of rows
-    decode_s_per_row: float
-    prefill_s_per_prompt: float = 0.0  # a prompt's prefill at any length
+    A prefill call computes its prompts padded to the longest; up to PACKED_MAX_TOKENS tokens a prompt
+    runs the packed kernels (as decode does), a longer one dequantizes every weight first for a dense
+    matmul: two lines, apart where they meet (at 64 tokens the packed kernels took 43-72 ms, the
+    dense path 69-84, w3-w8 on a 2-core Zen 4).
+    """
+
+    short_prefill: Line  # a prefill call of prompts of up to PACKED_MAX_TOKENS tokens, per position
+    long_prefill: Line  # of longer prompts
+    decode: Line  # a decode step, per row
     build_s: float = 0.0  # building all of the plan's packs (what its first step costs when none is resident)
 
-    def prefill_s(self, tokens: int) -> float:
-        return self.prefill_s_per_prompt + self.prefill_s_per_token * tokens
+    def prefill_s(self, rows: int, longest: int) -> float:
+        """Seconds of a prefill call of `rows` prompts, the longest `longest` tokens."""
+        line = self.short_prefill if longest <= PACKED_MAX_TOKENS else self.long_prefill
+        return line.at(rows * longest)
 
     def decode_s(self, rows: int) -> float:
-        return self.decode_s_fixed + self.decode_s_per_row * rows
+        return self.decode.at(rows)
 
     def scaled(self, factor: float) -> PlanCost:
-        return PlanCost(self.prefill_s_per_token * factor, self.decode_s_fixed * factor, self.decode_s_per_row * factor,
-                        self.prefill_s_per_prompt * factor, self.build_s * factor)
+        return PlanCost(self.short_prefill.scaled(factor), self.long_prefill.scaled(factor),
+                        self.decode.scaled(factor), self.build_s * factor)
+
+    @classmethod
+    def from_dict(cls, figures: Mapping) -> PlanCost:
+        """The inverse of `dataclasses.asdict`."""
+        return cls(*(Line(**figures[name]) for name in ("short_prefill", "long_prefill", "decode")),
+                   float(figures["build_s"]))
 
 
 def bit_shares(plan: Plan, shapes: Shapes) -> dict[str, float]:
@@ -103,9 +146,16 @@ class CostModel:
         self._overheads: deque[float] = deque(maxlen=EXTRA_WINDOW)
         self._rebuilds: deque[float] = deque(maxlen=EXTRA_WINDOW)
         self._rebuilt: deque[float] = deque(maxlen=EXTRA_WINDOW)  # 1 for each recent step that rebuilt, else 0
+        self._observed = 0  # observations the host factor has been taken over
+        self._pending: deque[_Observed] = deque()  # observations of one width not yet LEARN_DELAY observations old
         self._busy_s = 0.0  # seconds of engine work observed so far: the clock of staleness
         self._last_seen: dict[str, float] = {}
         self._remeasuring: dict[str, int] = {}  # width -> steps of its re-measurement left
+        # (phase, width) -> how far its latest observations alone in a row were from its figure, if beyond
+        # MAX_REFINE_FACTOR each
+        self._contradictions: dict[tuple[str, str], list[float]] = {}
+        # (phase, width) -> its latest observation alone: (its place among the observations, its ratio)
+        self._latest: dict[tuple[str, str], tuple[int, float]] = {}
         self._shares: dict[Plan, dict[str, float]] = {}
         self._presence: dict[frozenset[Plan], dict[str, float]] = {}
         self._lock = threading.Lock()
@@ -122,7 +172,7 @@ class CostModel:
     def record_shared(self, seconds: float) -> None:
         """The decode overhead of any step, whatever its widths (kept below every width's fixed figure)."""
         with self._lock:
-            self._shared_s = max(0.0, min([seconds, *(c.decode_s_fixed for c in self._widths.values())]))
+            self._shared_s = max(0.0, min([seconds, *(c.decode.fixed for c in self._widths.values())]))
 
     # ---- predictions ----------------------------------------------------------------------------
 
@@ -135,12 +185,13 @@ class CostModel:
     def cost(self, plan: Plan) -> PlanCost:
         """A plan's figures alone on the host as it is now (a mixed plan's by its bit mix)."""
         with self._lock:
-            shares = self._shares_of(plan)
-            parts = [(self._widths[label], share) for label, share in shares.items()]
-            return PlanCost(sum(c.prefill_s_per_token * s for c, s in parts),
-                            sum(c.decode_s_fixed * s for c, s in parts),
-                            sum(c.decode_s_per_row * s for c, s in parts),
-                            sum(c.prefill_s_per_prompt * s for c, s in parts),
+            parts = [(self._widths[label], share) for label, share in self._shares_of(plan).items()]
+
+            def mix(line: str) -> Line:
+                return Line(sum(getattr(c, line).fixed * s for c, s in parts),
+                            sum(getattr(c, line).per_unit * s for c, s in parts))
+
+            return PlanCost(mix("short_prefill"), mix("long_prefill"), mix("decode"),
                             sum(c.build_s * s for c, s in parts)).scaled(self._host())
 
     def prefill_s(self, plan: Plan, tokens: int) -> float:
@@ -237,9 +288,13 @@ class CostModel:
                       if plans and seconds > 0 and parts[phase][1] > 0}
             if not learn:
                 return ratios
+            # The observations of one width alone, its figure's own: each prefill call of a uniform plan
+            # (plans never share a call), and a decode step of one.
+            alone = {PREFILL: self._calls_alone(stats.prefill_calls), DECODE: []}
+            if len(parts[DECODE][0]) == 1 and DECODE in ratios:
+                alone[DECODE] = [(next(iter(parts[DECODE][0])), ratios[DECODE])]
             for phase in ratios:
-                seconds, plans = measured[phase]
-                self._learn(seconds, parts[phase], plans, phase)
+                self._learn(measured[phase][0], parts[phase], phase, alone[phase])
             for label in present & self._remeasuring.keys():
                 self._remeasuring[label] -= 1
                 if self._remeasuring[label] == 0:
@@ -300,12 +355,11 @@ class CostModel:
         calls (`prefill_batches`), each a fixed part and the positions of its prompts padded to the longest."""
         parts: dict[str, float] = {}
         for plan, lengths in prompts.items():
-            # A call computes every row at the longest prompt's length.
-            positions = [len(batch) * max(lengths[i] for i in batch)
-                         for batch in prefill_batches([(plan, n) for n in lengths])]
+            calls = [(len(batch), max(lengths[i] for i in batch))
+                     for batch in prefill_batches([(plan, n) for n in lengths])]
             for label, share in self._shares_of(plan).items():
                 cost = self._widths[label]
-                seconds = sum(cost.prefill_s(tokens) for tokens in positions)
+                seconds = sum(cost.prefill_s(rows, longest) for rows, longest in calls)
                 parts[label] = parts.get(label, 0.0) + share * seconds
         return parts, sum(parts.values())
 
@@ -320,43 +374,97 @@ class CostModel:
         parts = {}
         for label, presence in self._presence_of(frozenset(rows)).items():
             cost = self._widths[label]
-            parts[label] = presence * (cost.decode_s_fixed - self._shared_s) + weighted[label] * cost.decode_s_per_row
+            parts[label] = presence * (cost.decode.fixed - self._shared_s) + weighted[label] * cost.decode.per_unit
         return parts, self._shared_s + sum(parts.values())
 
-    def _learn(self, measured_s: float, parts: tuple[dict[str, float], float], plans: Mapping[Plan, object],
-               kind: str) -> None:
+    def _calls_alone(self, calls: Sequence[PrefillCall]) -> list[tuple[str, float]]:
+        """(width, measured over modelled seconds) of each prefill call of a uniform plan."""
+        alone = []
+        for call in calls:
+            shares = self._shares_of(call.plan)
+            if len(shares) == 1 and call.seconds > 0:
+                (label,) = shares
+                alone.append((label, call.seconds / self._widths[label].prefill_s(call.rows, call.longest)))
+        return alone
+
+    def _learn(self, measured_s: float, parts: tuple[dict[str, float], float], kind: str,
+               alone: list[tuple[str, float]]) -> None:
+        """Learn from one phase of a step and the observations of one width alone in it (width, measured
+        over modelled seconds)."""
         by_width, expected = parts
         if expected <= 0:
             return
         remeasured = {label: part for label, part in by_width.items() if label in self._remeasuring and part > 0}
-        if not remeasured:
-            self._ratios.append(measured_s / expected)
-        relative = measured_s / self._host()
         if remeasured:  # what the step did not explain goes to the widths being re-measured
-            unexplained = relative - expected
+            unexplained = measured_s / self._host() - expected
             total = sum(remeasured.values())
             for label, part in remeasured.items():
                 wanted = part + unexplained * part / total
-                self._scale(label, kind, wanted / part, MAX_REMEASURE_FACTOR, REMEASURE_WEIGHT)
-        elif len(plans) == 1 and len(by_width) == 1 and self._settled(measured_s / expected):
-            (label,) = by_width  # one uniform plan: the step is its own figure
-            self._scale(label, kind, relative / expected, MAX_REFINE_FACTOR, self._alpha)
+                self._scale(label, kind, REMEASURE_WEIGHT * _log_clipped(wanted / part, MAX_REMEASURE_FACTOR))
+            return
+        # Where widths share a step, how much each took is not measured: only observations of one alone teach.
+        if len(self._ratios) >= HOST_MIN_OBSERVATIONS:
+            self._pending.extend(_Observed(self._observed, label, kind, ratio) for label, ratio in alone)
+        self._ratios.append(measured_s / expected)
+        self._observed += 1
+        while self._pending and self._observed - self._pending[0].index > LEARN_DELAY:
+            self._refine(self._pending.popleft())
 
-    def _settled(self, ratio: float) -> bool:
-        """Is the host factor near this step's ratio? Far from it, the host is changing faster than the
-        window follows, and the step says more about the host than about the width's figure."""
-        return 1 / MAX_REFINE_FACTOR <= ratio / self._host() <= MAX_REFINE_FACTOR
+    def _refine(self, step: _Observed) -> None:
+        """Refine a width's figures from an observation of it alone, LEARN_DELAY observations old, against
+        the host factor now: the median of the steps around it. The CONTRADICTIONS-th in a row beyond
+        MAX_REFINE_FACTOR of the width's figure sets the figure to what they measured."""
+        host_error = step.ratio / self._host()
+        if not _beyond(host_error, MAX_REFINE_FACTOR):  # further off: a stall (the tail of a busy host), or a contradiction
+            self._scale(step.label, step.kind, self._alpha * math.log(host_error))
+        # Beyond the factor both against the host factor (not when the host just changed) and against
+        # the median of the widths' recent observations alone: a width wrong in most steps drags the
+        # host factor with it, and every other width would look wrong against that alone.
+        self._latest[step.kind, step.label] = (step.index, step.ratio)
+        recent = [ratio for (kind, _), (index, ratio) in self._latest.items()
+                  if kind == step.kind and step.index - index <= HOST_WINDOW]
+        error = step.ratio / statistics.median(recent) if len(recent) >= 3 else host_error
+        errors = self._contradictions.setdefault((step.kind, step.label), [])
+        if not all(_beyond(e, MAX_REFINE_FACTOR) and (e > 1) == (error > 1) for e in (host_error, error)):
+            errors.clear()
+            return
+        errors.append(error)
+        if len(errors) < CONTRADICTIONS:
+            return
+        correction = statistics.median(errors)
+        errors.clear()
+        self._scale(step.label, step.kind, _log_clipped(correction, MAX_REMEASURE_FACTOR))
+        log.info("plan cost contradicted by its own steps: corrected",
+                 extra={"width": step.label, "phase": step.kind, "measured_over_figure": round(correction, 2)})
 
-    def _scale(self, label: str, kind: str, factor: float, limit: float, weight: float) -> None:
-        """Move a width's prefill or decode figures toward `factor` times themselves, in log space."""
-        step = math.exp(weight * math.log(min(limit, max(1 / limit, factor))))
+    def _scale(self, label: str, kind: str, log_step: float) -> None:
+        """Multiply a width's prefill or decode figures by exp(log_step)."""
+        step = math.exp(log_step)
         cost, shared = self._widths[label], self._shared_s
         if kind == PREFILL:
-            self._widths[label] = replace(cost, prefill_s_per_token=cost.prefill_s_per_token * step,
-                                          prefill_s_per_prompt=cost.prefill_s_per_prompt * step)
+            self._widths[label] = replace(cost, short_prefill=cost.short_prefill.scaled(step),
+                                          long_prefill=cost.long_prefill.scaled(step))
         else:
-            self._widths[label] = replace(cost, decode_s_fixed=shared + (cost.decode_s_fixed - shared) * step,
-                                          decode_s_per_row=cost.decode_s_per_row * step)
+            decode = Line(shared + (cost.decode.fixed - shared) * step, cost.decode.per_unit * step)
+            self._widths[label] = replace(cost, decode=decode)
+
+
+def _beyond(factor: float, limit: float) -> bool:
+    return not 1 / limit <= factor <= limit
+
+
+def _log_clipped(factor: float, limit: float) -> float:
+    return math.log(min(limit, max(1 / limit, factor)))
+
+
+@dataclass(frozen=True)
+class _Observed:
+    """An observation of one width alone, kept until the host factor around it is known."""
+
+    index: int  # its place in the sequence of observations the host factor is taken over
+    label: str  # its one width
+    kind: str  # PREFILL or DECODE
+    ratio: float  # measured over modelled seconds at host factor 1
 
 
 def _mean(values: deque[float]) -> float:

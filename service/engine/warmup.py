@@ -1,8 +1,9 @@
 """Warm-up: build the packed weights of every uniform plan and measure its relative cost on this host.
 
-Each uniform plan runs alone: its prefill at two prompt lengths (`per_prompt + per_token x tokens`),
-and its decode step at 1 and at `ROWS` rows (`fixed + per_row x rows`), fewer when the KV pool holds
-fewer sequences. Then the two plans with the fewest weight bytes run together once, for the
+Each uniform plan runs alone: its prefill at four prompt lengths (a line for short prompts and one
+for long ones, `PlanCost`), and its decode step at 1 and at `ROWS` rows (`fixed + per_row x rows`),
+fewer when the KV pool holds fewer sequences; in rounds across the plans, the fastest of each
+measurement counting. Then the two plans with the fewest weight bytes run together, for the
 overhead every step pays whatever its widths. Mixed plans need no run of their own: the cost model
 derives them from their bit mix.
 
@@ -10,7 +11,8 @@ The figures are relative costs: the cost model scales them by how fast the host 
 measured once per artifact and machine (CPU or GPU, thread count, torch and kernels) and kept in the
 QuEPT cache with the seconds each plan's packs took to build; a later start reads them (build times
 measured again where it builds) and only runs each resident plan once, for what first calls cost.
-Delete the file to measure again (for instance after a start under heavy load).
+Delete the file to measure again (for instance after a start under heavy load; a figure measured
+wrong also converges under traffic, see costs.py).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Mapping
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -27,20 +29,23 @@ from quept_core.io.atomic import write_json_atomic
 from quept_core.io.paths import cache_dir
 from quept_core.planning.plan import Plan
 from quept_core.runtime.kernels.choices import machine_digest
+from quept_core.runtime.kernels.formats import PACKED_MAX_TOKENS
 from quept_core.runtime.packcache import MemoryLimitError
 from quept_core.runtime.protocol import Engine, SamplingParams, SequenceRequest, StepStats
-from service.engine.costs import CostModel, PlanCost
+from service.engine.costs import CostModel, Line, PlanCost
 
 log = logging.getLogger(__name__)
 
 _TEXT = ("The quick brown fox jumps over the lazy dog while the river keeps flowing past the old mill "
          "and the farmers bring their harvest to the market in town. ")
-PROMPT_TOKENS = 16
-LONG_PROMPT_TOKENS = 64  # the second prefill length
+PROMPT_TOKENS = 16  # the prompt of the decode measurements and of the first short prefill
+# Each prefill line from two lengths: short prompts at PROMPT_TOKENS and PACKED_MAX_TOKENS, long ones at
+# two and three times PACKED_MAX_TOKENS.
+LONG_PROMPT_TOKENS = (2 * PACKED_MAX_TOKENS, 3 * PACKED_MAX_TOKENS)
 DECODE_STEPS = 3
 ROWS = 4  # the second running-set size of each decode measurement
-REPEATS = 3  # timed runs of each measurement; the fastest counts
-COSTS_VERSION = 2  # bump when what a plan's figures mean changes (2: the fastest of REPEATS runs, not one)
+REPEATS = 3  # rounds of measurements; the fastest of each counts
+COSTS_VERSION = 3  # bump when what a plan's figures mean changes (3: two prefill lines, rounds across plans)
 
 
 def warmup_prompt(tokenizer, tokens: int = PROMPT_TOKENS) -> list[int]:
@@ -64,41 +69,74 @@ def _run(engine: Engine, requests: list[tuple[SequenceRequest, int]]) -> list[St
     return stats
 
 
-def _decode_s(runs: list[list[StepStats]]) -> float:
-    return min(s.decode_s for stats in runs for s in stats if s.decode_rows > 0)
+def _decode_s(stats: list[StepStats]) -> float:
+    return min(s.decode_s for s in stats if s.decode_rows > 0)
 
 
-def _prefill_s(runs: list[list[StepStats]]) -> float:
-    return min(s.prefill_s for stats in runs for s in stats if s.prefill_tokens > 0)
+def _prefill_s(stats: list[StepStats]) -> float:
+    return min(s.prefill_s for s in stats if s.prefill_tokens > 0)
 
 
-def measure_plan(engine: Engine, plan: Plan, prompt_ids: list[int]) -> PlanCost:
-    """Prefill seconds of `prompt_ids` and of a prompt `LONG_PROMPT_TOKENS` long (it repeats them), and
-    the decode step at 1 and at up to `ROWS` rows of short greedy runs.
+def _repeated(prompt_ids: list[int], tokens: int) -> list[int]:
+    return (prompt_ids * -(-tokens // len(prompt_ids)))[:tokens]
 
-    Each figure is the fastest of `REPEATS` runs (of their steps, for decode): whatever else runs on
-    the host only adds time, and figures measured during a burst of it would be kept for later starts.
-    The plan's packs are built and its kernels run once before the timed runs: first calls pay
-    one-off costs that real requests do not see.
+
+@dataclass(frozen=True)
+class _Timings:
+    """One round of a plan's measurements, in seconds."""
+
+    prefill_s: tuple[float, ...]  # a prompt of each of `_lengths` tokens
+    decode_s: float  # a step of one row
+    rows_decode_s: float  # a step of `rows` rows
+
+
+def _lengths(prompt_ids: list[int]) -> tuple[int, ...]:
+    return (len(prompt_ids), PACKED_MAX_TOKENS, *LONG_PROMPT_TOKENS)
+
+
+def _measure_round(engine: Engine, plan: Plan, prompt_ids: list[int], rows: int) -> _Timings:
+    def run(prompt: list[int], new_tokens: int, n: int = 1) -> list[StepStats]:
+        return _run(engine, [(SequenceRequest(prompt, plan, SamplingParams(max_new_tokens=new_tokens)), n)])
+
+    one = run(prompt_ids, DECODE_STEPS + 1)
+    prefill = [_prefill_s(one)] + [_prefill_s(run(_repeated(prompt_ids, n), 1)) for n in _lengths(prompt_ids)[1:]]
+    rows_decode_s = _decode_s(run(prompt_ids, DECODE_STEPS + 1, n=rows)) if rows > 1 else _decode_s(one)
+    return _Timings(tuple(prefill), _decode_s(one), rows_decode_s)
+
+
+def _line(units: tuple[int, int], seconds: tuple[float, float]) -> Line:
+    """The line through two measurements (a slope of at least 0, a fixed part of at least 0)."""
+    per_unit = max(0.0, (seconds[1] - seconds[0]) / (units[1] - units[0])) or seconds[0] / units[0]
+    return Line(max(0.0, seconds[0] - per_unit * units[0]), per_unit)
+
+
+def measure_plans(engine: Engine, plans: list[Plan], prompt_ids: list[int]) -> dict[Plan, PlanCost]:
+    """Each plan's prefill seconds at the `_lengths` of `prompt_ids` (repeating them), and its decode
+    step at 1 and at up to `ROWS` rows of short greedy runs.
+
+    Each figure is the fastest of `REPEATS` rounds, and a round measures every plan once: whatever else
+    runs on the host only adds time, and a burst of it then spoils one round of several plans, not
+    every run of one (figures measured during one would be kept for later starts). Each plan's packs
+    are built and its kernels run once before the timed rounds: first calls pay one-off costs that
+    real requests do not see.
     """
-    def runs(new_tokens: int, prompt: list[int] = prompt_ids, n: int = 1) -> list[list[StepStats]]:
-        request = SequenceRequest(prompt, plan, SamplingParams(max_new_tokens=new_tokens))
-        return [_run(engine, [(request, n)]) for _ in range(REPEATS)]
-
     rows = min(ROWS, engine.free_slots)
-    long_prompt = (prompt_ids * -(-LONG_PROMPT_TOKENS // len(prompt_ids)))[:LONG_PROMPT_TOKENS]
-    _first_calls(engine, plan, prompt_ids)
-    _run(engine, [(SequenceRequest(long_prompt, plan, SamplingParams(max_new_tokens=1)), 1)])
-    one = runs(DECODE_STEPS + 1)
-    short, long = len(prompt_ids), len(long_prompt)
-    short_s, long_s = _prefill_s(one), _prefill_s(runs(1, long_prompt))
-    per_token = max(0.0, (long_s - short_s) / (long - short)) or short_s / short
-    per_prompt = max(0.0, short_s - per_token * short)
-    alone = _decode_s(one)
-    per_row = 0.0  # a one-slot pool never steps more than one row
-    if rows > 1:
-        per_row = max(0.0, (_decode_s(runs(DECODE_STEPS + 1, n=rows)) - alone) / (rows - 1))
-    return PlanCost(per_token, max(alone - per_row, 0.0), per_row, per_prompt)
+    lengths = _lengths(prompt_ids)
+    for plan in plans:
+        _first_calls(engine, plan, prompt_ids)
+        _run(engine, [(SequenceRequest(_repeated(prompt_ids, lengths[-1]), plan, SamplingParams(max_new_tokens=1)), 1)])
+    rounds: dict[Plan, list[_Timings]] = {plan: [] for plan in plans}
+    for _ in range(REPEATS):
+        for plan in plans:
+            rounds[plan].append(_measure_round(engine, plan, prompt_ids, rows))
+    costs = {}
+    for plan, timings in rounds.items():
+        prefill = [min(t.prefill_s[i] for t in timings) for i in range(len(lengths))]
+        alone, at_rows = min(t.decode_s for t in timings), min(t.rows_decode_s for t in timings)
+        per_row = max(0.0, (at_rows - alone) / (rows - 1)) if rows > 1 else 0.0  # one slot: never more rows
+        costs[plan] = PlanCost(_line(lengths[:2], prefill[:2]), _line(lengths[2:], prefill[2:]),
+                               Line(max(alone - per_row, 0.0), per_row))
+    return costs
 
 
 def measure_shared_overhead(engine: Engine, plans: list[Plan], costs: list[PlanCost], prompt_ids: list[int]) -> float:
@@ -108,8 +146,8 @@ def measure_shared_overhead(engine: Engine, plans: list[Plan], costs: list[PlanC
         return 0.0
     sampling = SamplingParams(max_new_tokens=DECODE_STEPS + 1)
     try:
-        together = _decode_s([_run(engine, [(SequenceRequest(prompt_ids, plan, sampling), 1) for plan in plans])
-                              for _ in range(REPEATS)])
+        together = min(_decode_s(_run(engine, [(SequenceRequest(prompt_ids, plan, sampling), 1) for plan in plans]))
+                       for _ in range(REPEATS))
     except MemoryLimitError:
         return 0.0
     return sum(cost.decode_s(1) for cost in costs) - together
@@ -131,7 +169,7 @@ def _read_costs(path: Path, plans: list[Plan]) -> tuple[dict[str, PlanCost], flo
         kept = json.loads(path.read_text())
         if kept["version"] != COSTS_VERSION:
             return None
-        return {plan.name: PlanCost(**kept["plans"][plan.name]) for plan in plans}, float(kept["shared_s"])
+        return {plan.name: PlanCost.from_dict(kept["plans"][plan.name]) for plan in plans}, float(kept["shared_s"])
     except (OSError, ValueError, KeyError, TypeError) as error:
         log.warning("plan costs at %s unreadable (%s); measuring again", path, error)
         return None
@@ -159,16 +197,15 @@ def measure_costs(engine: Engine, plans: list[Plan], tokenizer, costs: CostModel
         costs.record_shared(shared)
         log.info("plan costs read", extra={"file": str(kept)})
         return
-    measured = {}
-    for plan in plans:
-        cost = measured[plan] = replace(measure_plan(engine, plan, prompt_ids), build_s=build_s.get(plan.name, 0.0))
+    measured = {plan: replace(cost, build_s=build_s.get(plan.name, 0.0))
+                for plan, cost in measure_plans(engine, plans, prompt_ids).items()}
+    for plan, cost in measured.items():
         costs.record(plan, cost)
-        log.info("measured plan cost", extra={"plan": plan.name,
-                                              "prefill_tokens_per_s": round(1 / cost.prefill_s_per_token, 1),
-                                              "prefill_ms_per_prompt": round(cost.prefill_s_per_prompt * 1000, 3),
-                                              "decode_tokens_per_s": round(1 / cost.decode_s(1), 1),
-                                              "decode_ms_per_row": round(cost.decode_s_per_row * 1000, 3),
-                                              "build_s": round(cost.build_s, 3)})
+        log.info("measured plan cost", extra={
+            "plan": plan.name, "build_s": round(cost.build_s, 3),
+            **{f"prefill_ms_{tokens}_tokens": round(cost.prefill_s(1, tokens) * 1000, 2)
+               for tokens in _lengths(prompt_ids)},
+            "decode_ms": round(cost.decode_s(1) * 1000, 3), "decode_ms_per_row": round(cost.decode.per_unit * 1000, 3)})
     if len(plans) > 1:
         smallest = sorted(plans, key=lambda p: weight_bytes[p.name])[:2]
         shared = measure_shared_overhead(engine, smallest, [measured[p] for p in smallest], prompt_ids)

@@ -16,6 +16,7 @@ from quept_core.planning.plan import Plan, uniform_plan
 from quept_core.precision import FP, Precision, PrecisionError
 from quept_core.runtime.protocol import (
     SAME_THREADS,
+    PrefillCall,
     SequenceRequest,
     StepStats,
     StepThreads,
@@ -23,11 +24,19 @@ from quept_core.runtime.protocol import (
     TokenLogprob,
 )
 from service.engine.controller import Candidate
+from service.engine.costs import Line, PlanCost
 
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
                  "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 SHAPES = {"q_proj": (64, 64), "k_proj": (32, 64), "v_proj": (32, 64), "o_proj": (64, 64),
           "gate_proj": (128, 64), "up_proj": (128, 64), "down_proj": (64, 128)}
+
+
+def plan_cost(prefill_s_per_token: float, decode_s_fixed: float, decode_s_per_row: float,
+              prefill_s_per_call: float = 0.0, build_s: float = 0.0) -> PlanCost:
+    """A plan's figures with one prefill line for prompts of any length."""
+    prefill = Line(prefill_s_per_call, prefill_s_per_token)
+    return PlanCost(prefill, prefill, Line(decode_s_fixed, decode_s_per_row), build_s)
 
 
 def byte_tokenizer() -> PreTrainedTokenizerFast:
@@ -142,13 +151,15 @@ class FakeEngine:
         if self.fail_on in plans.values():
             raise RuntimeError("engine failure")
         fresh = [seq_id for seq_id, seq in running.items() if not seq.prefilled]
-        # Sequences of one add share their prefill: count each prompt once.
-        prompts = {id(running[seq_id].request): len(running[seq_id].request.prompt_ids) for seq_id in fresh}
-        prefill_tokens = sum(prompts.values())
+        # Sequences of one add share their prefill (a call each): count each prompt once.
+        requests = {id(running[seq_id].request): running[seq_id].request for seq_id in fresh}
+        per_token = self.prefill_s_per_token * self.thread_slowdown.get(threads.prefill, 1.0)
+        calls = tuple(PrefillCall(r.plan, 1, len(r.prompt_ids), len(r.prompt_ids) * per_token) for r in requests.values())
         layout = frozenset(plans.values())
         self._last = StepStats(
-            prefill_tokens=prefill_tokens,
-            prefill_s=prefill_tokens * self.prefill_s_per_token * self.thread_slowdown.get(threads.prefill, 1.0),
+            prefill_tokens=sum(call.longest for call in calls),
+            prefill_s=sum(call.seconds for call in calls),
+            prefill_calls=calls,
             decode_rows=len(running) - len(fresh),
             decode_s=max((self.step_s.get(name, 0.01) for name in layout), default=0.0)
             * self.thread_slowdown.get(threads.decode, 1.0),

@@ -18,9 +18,9 @@ from service.engine.controller import (
     PlanRequest,
     budget_choice,
 )
-from service.engine.costs import CostModel, PlanCost
+from service.engine.costs import CostModel
 from service.errors import ServiceError
-from tests.unit.fakes import FakeBackend
+from tests.unit.fakes import FakeBackend, plan_cost
 
 # Decode seconds per step of one row on the imaginary host; prefill is 1 ms per prompt token everywhere.
 # mixed:4.50 (half its parameters at w4, half at w5) follows from its bit mix: about 0.0325 s.
@@ -38,7 +38,7 @@ def backend() -> FakeBackend:
 def measured_costs(backend: FakeBackend) -> CostModel:
     costs = CostModel(backend.shapes, alpha=0.5)
     for name, decode in DECODE.items():
-        costs.record(backend.resolve(name), PlanCost(0.001, decode, 0.0))
+        costs.record(backend.resolve(name), plan_cost(0.001, decode, 0.0))
     return costs
 
 
@@ -292,7 +292,7 @@ def test_a_prediction_under_load_waits_for_the_step_in_flight_and_joins_the_next
 def test_a_plan_whose_packs_are_not_resident_waits_for_their_build(backend):
     costs = measured_costs(backend)
     w6 = backend.resolve("w6")
-    costs.record(w6, PlanCost(0.001, DECODE["w6"], 0.0, build_s=2.0))
+    costs.record(w6, plan_cost(0.001, DECODE["w6"], 0.0, build_s=2.0))
     resident = Controller(backend.candidates(), costs, backend.kv_bytes_per_token, 8)
     evicted = Controller(backend.candidates(), costs, backend.kv_bytes_per_token, 8,
                          lambda plan: {6: 0.5} if plan == w6 else {})

@@ -3,9 +3,10 @@
 import pytest
 
 from quept_core.precision import uniform_name
-from quept_core.runtime.protocol import StepStats
-from service.engine.costs import HOST_WINDOW, CostModel, PlanCost
-from tests.unit.fakes import FakeBackend
+from quept_core.runtime.kernels.formats import PACKED_MAX_TOKENS
+from quept_core.runtime.protocol import PrefillCall, StepStats
+from service.engine.costs import HOST_WINDOW, CostModel, Line, PlanCost
+from tests.unit.fakes import FakeBackend, plan_cost
 
 # Relative figures of each width (prefill s/token, decode fixed s, decode s/row), as warm-up would give.
 FIGURES = {"fp": (0.0040, 0.060, 0.0060), "w8": (0.0030, 0.050, 0.0050), "w7": (0.0028, 0.045, 0.0045),
@@ -23,7 +24,7 @@ def measured(backend: FakeBackend, alpha: float = 0.05, stale_after_s: float = 3
              **overrides: tuple[float, float, float]) -> CostModel:
     costs = CostModel(backend.shapes, alpha=alpha, stale_after_s=stale_after_s)
     for name, figures in {**FIGURES, **overrides}.items():
-        costs.record(backend.resolve(name), PlanCost(*figures))
+        costs.record(backend.resolve(name), plan_cost(*figures))
     costs.record_shared(shared)
     return costs
 
@@ -52,9 +53,12 @@ def decode_step(backend: FakeBackend, costs: CostModel, rows: dict[str, int], sl
                   {backend.resolve(name): count for name, count in rows.items()})
 
 
-def prefill_step(backend: FakeBackend, costs: CostModel, name: str, tokens: int, slowdown: float) -> None:
-    seconds = tokens * FIGURES[name][0] * slowdown
-    costs.observe(StepStats(prefill_tokens=tokens, prefill_s=seconds), {backend.resolve(name): [tokens]}, {})
+def prefill_step(backend: FakeBackend, costs: CostModel, names: str, tokens: int, slowdown: float) -> None:
+    """A step that prefills a prompt of `tokens` tokens for each plan in `names` (comma-separated)."""
+    calls = tuple(PrefillCall(backend.resolve(name), 1, tokens, tokens * FIGURES[name][0] * slowdown)
+                  for name in names.split(","))
+    costs.observe(StepStats(prefill_tokens=tokens * len(calls), prefill_s=sum(c.seconds for c in calls),
+                            prefill_calls=calls), {call.plan: [tokens] for call in calls}, {})
 
 
 def predicted_alone(backend: FakeBackend, costs: CostModel, name: str, rows: int = 1) -> float:
@@ -121,13 +125,14 @@ def test_a_mixed_running_set_pays_the_shared_overhead_once_and_each_width_once(b
 
 def test_cost_of_an_unmeasured_mixed_plan_is_the_parameter_weighted_mix(backend):
     costs = CostModel(backend.shapes)
-    costs.record(backend.resolve("w4"), PlanCost(0.001, 0.030, 0.002))
-    costs.record(backend.resolve("w5"), PlanCost(0.003, 0.040, 0.004))
+    costs.record(backend.resolve("w4"), plan_cost(0.001, 0.030, 0.002))
+    costs.record(backend.resolve("w5"), plan_cost(0.003, 0.040, 0.004))
     plan = backend.resolve("mixed:4.5")
     share_w4 = sum(backend.numels[n] for n, b in plan.layer_bits.items() if b == 4) / sum(backend.numels.values())
     cost = costs.cost(plan)
     assert cost.decode_s(1) == pytest.approx(share_w4 * 0.032 + (1 - share_w4) * 0.044)
-    assert cost.prefill_s_per_token == pytest.approx(share_w4 * 0.001 + (1 - share_w4) * 0.003)
+    for line in (cost.short_prefill, cost.long_prefill):
+        assert line.per_unit == pytest.approx(share_w4 * 0.001 + (1 - share_w4) * 0.003)
     with pytest.raises(KeyError):
         costs.cost(backend.resolve("w6"))
 
@@ -143,6 +148,23 @@ def test_steps_of_one_plan_refine_its_relative_cost_normalized_by_the_host_facto
     assert relative_w4 == pytest.approx(SHARED + 1.5 * (0.030 - SHARED + 0.003), rel=0.03)
     relative_w8 = costs.decode_step_s({backend.resolve("w8"): 1}) / costs.host_factor
     assert relative_w8 == pytest.approx(true_decode_s(backend, {"w8": 1}), rel=0.02)
+
+
+def test_a_width_whose_own_observations_contradict_its_figures_is_corrected(backend):
+    # Warm-up measured w6 during a burst of other work (kept on disk, read by every later start): its
+    # prefill at 6x its real cost, its decode at 4x. Traffic on a host 1.5x slower than at warm-up:
+    # steps that prefill prompts of two plans (a call each), running sets of one plan or several.
+    # Its prefill calls and its decode steps alone correct it within a few of each.
+    prefill, fixed, per_row = FIGURES["w6"]
+    costs = measured(backend, w6=(6 * prefill, 4 * fixed, 4 * per_row))
+    sets = ({"w8": 3, "w4": 2, "w6": 1}, {"w6": 2}, {"w8": 1, "w6": 1}, {"w4": 2}, {"w8": 1})
+    for step in range(40):
+        decode_step(backend, costs, sets[step % len(sets)], 1.5)
+        prefill_step(backend, costs, ("w4,w6", "w6,w8", "w8,w4")[step % 3], 10, 1.5)
+    for name in ("w4", "w6", "w8"):
+        plan = backend.resolve(name)
+        assert costs.prefill_s(plan, 10) == pytest.approx(1.5 * 10 * FIGURES[name][0], rel=0.15)
+        assert predicted_alone(backend, costs, name) == pytest.approx(1.5 * true_decode_s(backend, {name: 1}), rel=0.15)
 
 
 def test_a_width_unseen_for_long_is_stale_and_an_idle_model_does_not_age(backend):
@@ -192,7 +214,7 @@ def test_prompts_pay_the_prefill_calls_the_engine_makes(backend):
     costs = CostModel(backend.shapes)
     w4, w8 = backend.resolve("w4"), backend.resolve("w8")
     for plan in (w4, w8):
-        costs.record(plan, PlanCost(0.001, 0.030, 0.002, prefill_s_per_prompt=0.020))
+        costs.record(plan, plan_cost(0.001, 0.030, 0.002, prefill_s_per_call=0.020))
     call = 0.020 + 10 * 0.001
     assert costs.prefill_s(w4, 10) == pytest.approx(call)
     assert costs.prefill_s_of([(w4, 10), (w4, 10)]) == pytest.approx(0.020 + 20 * 0.001)  # one call, two rows
@@ -201,6 +223,17 @@ def test_prompts_pay_the_prefill_calls_the_engine_makes(backend):
     for _ in range(HOST_WINDOW):
         costs.observe(StepStats(prefill_tokens=20, prefill_s=0.120), {w4: [10], w8: [10]}, {})  # 2x the two calls
     assert costs.host_factor == pytest.approx(2.0, rel=0.1)
+
+
+def test_prompts_longer_than_the_packed_kernels_take_pay_the_long_prefill_line(backend):
+    costs = measured(backend)
+    w4 = backend.resolve("w4")
+    short, long = Line(0.005, 0.001), Line(0.030, 0.0008)
+    costs.record(w4, PlanCost(short, long, Line(0.030, 0.003)))
+    assert costs.prefill_s(w4, PACKED_MAX_TOKENS) == pytest.approx(short.at(PACKED_MAX_TOKENS))
+    assert costs.prefill_s(w4, PACKED_MAX_TOKENS + 1) == pytest.approx(long.at(PACKED_MAX_TOKENS + 1))
+    # A call of three short prompts stays on the packed kernels, however many positions it computes.
+    assert costs.prefill_s_of([(w4, PACKED_MAX_TOKENS)] * 3) == pytest.approx(short.at(3 * PACKED_MAX_TOKENS))
 
 
 def test_steps_under_load_add_what_they_took_beyond_their_decode(backend):
@@ -260,7 +293,7 @@ def test_a_step_run_on_other_threads_reports_its_ratios_and_teaches_nothing(back
 
 def test_building_missing_packs_costs_their_share_of_each_widths_build(backend):
     costs = CostModel(backend.shapes)
-    costs.record(backend.resolve("w4"), PlanCost(0.001, 0.030, 0.002, build_s=0.5))
-    costs.record(backend.resolve("w8"), PlanCost(0.001, 0.050, 0.002, build_s=0.8))
+    costs.record(backend.resolve("w4"), plan_cost(0.001, 0.030, 0.002, build_s=0.5))
+    costs.record(backend.resolve("w8"), plan_cost(0.001, 0.050, 0.002, build_s=0.8))
     assert costs.build_s({}) == 0
     assert costs.build_s({4: 0.5, 8: 0.25}) == pytest.approx(0.5 * 0.5 + 0.25 * 0.8)

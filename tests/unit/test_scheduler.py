@@ -9,7 +9,7 @@ import pytest
 
 from quept_core.runtime.protocol import SamplingParams
 from service.engine.controller import Controller, PlanRequest, Prediction
-from service.engine.costs import CostModel, PlanCost
+from service.engine.costs import CostModel
 from service.engine.scheduler import (
     AdmissionError,
     Failed,
@@ -23,7 +23,7 @@ from service.engine.textstream import TextStream
 from service.engine.threads import EXPLORE_EVERY, ThreadTuner
 from service.errors import unavailable
 from service.observability.metrics import Metrics
-from tests.unit.fakes import FakeBackend, FakeClock, FakeEngine, expected_text
+from tests.unit.fakes import FakeBackend, FakeClock, FakeEngine, expected_text, plan_cost
 
 
 def wait_until(condition, timeout: float = 10.0) -> None:
@@ -63,7 +63,7 @@ class Harness:
         self.metrics = Metrics()
         self.costs = CostModel(self.backend.shapes, alpha=0.5, stale_after_s=stale_after_s)
         for precision in ("w4", "w6", "w8"):
-            self.costs.record(self.backend.resolve(precision), PlanCost(0.001, 0.01, 0.0))
+            self.costs.record(self.backend.resolve(precision), plan_cost(0.001, 0.01, 0.0))
         self.scheduler = Scheduler(self.engine, self.limits, self.metrics, self.costs, self.clock, probes=probes,
                                    threads=threads)
         self.scheduler.start()
@@ -312,7 +312,7 @@ def test_steps_feed_the_cost_model_and_a_slow_host_slows_every_plan(harness):
     assert h.counter("quept_host_speed_ratio") == pytest.approx(0.2)
     for name in ("w8", "w4"):  # w4 took no step meanwhile
         cost = h.costs.cost(h.backend.resolve(name))
-        assert cost.decode_s(1) == pytest.approx(0.05) and cost.prefill_s_per_token == pytest.approx(0.005)
+        assert cost.decode_s(1) == pytest.approx(0.05) and cost.prefill_s(1, 10) == pytest.approx(0.05)
 
 
 def test_timing_metrics_and_gauges(harness):
@@ -410,7 +410,7 @@ def test_waiting_requests_that_fit_count_among_the_rows_of_the_coming_steps(harn
 def test_a_request_waits_for_the_predicted_rest_of_the_step_in_flight_and_those_arriving_meanwhile_join_it(harness):
     h = harness()
     w4 = h.backend.resolve("w4")
-    h.costs.record(w4, PlanCost(0.1, 0.01, 0.0))  # a 2-token prompt's prefill: 0.2 s
+    h.costs.record(w4, plan_cost(0.1, 0.01, 0.0))  # a 2-token prompt's prefill: 0.2 s
     start = h.clock()
     h.submit("w4")  # its step is in flight, held by the gated engine
     wait_until(lambda: h.scheduler.load().in_flight_s > 0)

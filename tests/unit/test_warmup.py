@@ -2,7 +2,7 @@
 start reads the figures it kept."""
 
 import json
-from dataclasses import astuple, replace
+from dataclasses import replace
 
 import pytest
 import torch
@@ -14,7 +14,7 @@ from service.engine.warmup import (
     ROWS,
     costs_file,
     measure_costs,
-    measure_plan,
+    measure_plans,
     measure_shared_overhead,
     warmup_prompt,
 )
@@ -30,13 +30,14 @@ def test_warm_up_fits_the_kv_pool_and_leaves_it_free(max_running):
     engine = engine_with(max_running)
     prompt = warmup_prompt(engine.tokenizer)
     plans = [engine.plan("w4"), engine.plan("w8")]
-    costs = [measure_plan(engine, plan, prompt) for plan in plans]
+    costs = list(measure_plans(engine, plans, prompt).values())
     shared = measure_shared_overhead(engine, plans, costs, prompt)
     for cost in costs:
-        assert cost.prefill_s_per_token > 0 and cost.prefill_s_per_prompt >= 0 and cost.decode_s(1) > 0
-        assert cost.decode_s_per_row >= 0
+        for line in (cost.short_prefill, cost.long_prefill):
+            assert line.per_unit > 0 and line.fixed >= 0
+        assert cost.decode_s(1) > 0 and cost.decode.per_unit >= 0
     if max_running == 1:
-        assert all(cost.decode_s_per_row == 0 for cost in costs)  # one slot: never more than one row
+        assert all(cost.decode.per_unit == 0 for cost in costs)  # one slot: never more than one row
         assert shared == 0.0  # two plans cannot run together
     assert engine.free_slots == max_running and engine.running == 0
 
@@ -56,8 +57,9 @@ def test_a_later_start_reads_the_kept_figures_and_only_runs_each_resident_plan_o
     measure_costs(engine, plans, engine.tokenizer, later, {"w4": 1, "w8": 2}, {"w4": 0.125}, kept)
     assert len(steps) == 2 * len(plans)  # one prefill and one decode step per plan: no measurement
     # This start's build time where it built, the kept one where it did not.
-    assert astuple(later.cost(plans[0])) == pytest.approx(astuple(replace(first.cost(plans[0]), build_s=0.125)))
-    assert astuple(later.cost(plans[1])) == pytest.approx(astuple(first.cost(plans[1])))
+    for plan, build_s in ((plans[0], 0.125), (plans[1], first.cost(plans[1]).build_s)):
+        assert later.cost(plan).build_s == pytest.approx(build_s)
+        assert replace(later.cost(plan), build_s=0.0) == replace(first.cost(plan), build_s=0.0)
     both = {plans[0]: 1, plans[1]: 1}
     assert later.decode_step_s(both) == pytest.approx(first.decode_step_s(both))  # the shared overhead too
 
@@ -71,7 +73,7 @@ def test_unreadable_kept_figures_are_measured_again(tmp_path, caplog):
     with caplog.at_level("WARNING"):
         measure_costs(engine, plans, engine.tokenizer, costs, {"w4": 1}, {}, kept)
     assert "unreadable" in caplog.text and costs.cost(plans[0]).decode_s(1) > 0
-    assert json.loads(kept.read_text())["plans"]["w4"]["decode_s_fixed"] == pytest.approx(costs.cost(plans[0]).decode_s_fixed)
+    assert json.loads(kept.read_text())["plans"]["w4"]["decode"]["fixed"] == pytest.approx(costs.cost(plans[0]).decode.fixed)
 
 
 def test_kept_figures_are_per_running_set_size_and_memory_limit():
