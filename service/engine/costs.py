@@ -30,13 +30,13 @@ call of a uniform plan, as the engine reports its calls, and a decode step of on
 factor of the steps around each: an observation teaches once the steps after it ran, so a host that
 slows or recovers at once teaches no width that it is slow or fast, and one more than
 MAX_REFINE_FACTOR off teaches nothing (under a CPU hog single steps stall for several times their
-time, and every such stall would raise the figures a little). A width whose own
-observations took more than MAX_REFINE_FACTOR times its figure, or less than its inverse, against
-both the host factor and the widths' recent observations alone, CONTRADICTIONS times in a row is
-contradicted (warm-up measured it during a burst of other work, and the figures are kept for later
-starts): its figure is set to what they measured. A width not seen in any step for `stale_after_s` seconds of engine work is stale: its
-next few steps re-measure it, in whatever running set they run (see the controller module for how
-it gets them).
+time, and every such stall would raise the figures a little). A width whose own observations took
+more than MAX_REFINE_FACTOR times its figure, or less than its inverse, against both the host factor
+and the widths' recent observations alone, CONTRADICTIONS times in a row is contradicted (warm-up
+measured it during a burst of other work, and the figures are kept for later starts): its figure is
+set to what they measured. A width not seen in any step for `stale_after_s` seconds of engine work
+is stale: its next few steps re-measure it, in whatever running set they run (see the controller
+module for how it gets them).
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ EXTRA_WINDOW = 48  # steps in the mean of what steps take beyond their decode: t
 STALE_AFTER_S = 30.0  # seconds of engine work without a step of a width before it is re-measured
 REMEASURE_STEPS = 3  # steps of a stale width that re-measure it (a probe's prefill and two decode steps)
 REMEASURE_WEIGHT = 0.5  # weight of each of them (three steps: 7/8 of the way to the new figure)
-MAX_REMEASURE_FACTOR = 4.0  # a re-measurement moves a figure at most this many times up or down
+MAX_REMEASURE_FACTOR = 4.0  # a re-measurement step or a correction moves a figure at most this many times up or down
 MAX_REFINE_FACTOR = 2.0  # an observation further from its figure than this refines nothing
 LEARN_DELAY = HOST_WINDOW // 2  # observations after a step before it refines a figure: the host factor is centred on it
 CONTRADICTIONS = 3  # observations in a row of a width alone beyond MAX_REFINE_FACTOR of its figure: corrected

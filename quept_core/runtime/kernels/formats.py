@@ -36,9 +36,9 @@ log = logging.getLogger(__name__)
 
 # Up to this many tokens per sequence a call takes the packed kernel (decode, short prompts), whatever
 # `prefill_dense` says: a short prompt's tokens go the way each generated token does. Dequantizing
-# every weight costs a call about 25 ms on the 2-core Zen 4 machine; the packed kernels prefilled 24-64
-# tokens 1.5-2.7x faster than it, and still 1.1-1.4x at 256 (w3, w4, w8). Deciding per sequence, not per
-# batch, keeps a sequence's output the same alone or batched with others.
+# every weight costs a call about 25 ms on the 2-core Zen 4 machine; the packed kernels prefilled 20-64
+# tokens 1.1-2.1x faster than that path (w3, w4, w8; `benchmarks/served_prefill.py`, docs/runtime.md).
+# Deciding per sequence, not per batch, keeps a sequence's output the same alone or batched with others.
 PACKED_MAX_TOKENS = 64
 # Rows used to time the prefill path when choosing between it and dequantize-then-matmul.
 PREFILL_PROBE_ROWS = 256
