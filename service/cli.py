@@ -161,8 +161,8 @@ def calibrate(
     except CalibrationDataError as error:
         fail(str(error))
     except KeyboardInterrupt:
-        typer.echo(f"interrupted: run the same command again to resume after the last finished block "
-                   f"({partial_dir(out_dir)})", err=True)
+        typer.echo(f"interrupted: run the same command again to resume after the last finished block or "
+                   f"end-to-end checkpoint ({partial_dir(out_dir)})", err=True)
         raise typer.Exit(130) from None
     typer.echo("\n".join(summary_lines(result, config)))
     size = sum(f.stat().st_size for f in out_dir.iterdir() if f.is_file())

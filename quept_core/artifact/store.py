@@ -255,6 +255,7 @@ def build_manifest(loaded: LoadedModel, config: CalibrationConfig, result: Calib
                         "device": str(next(iter(result.elastic.values())).weight.device.type)},
         "data": data,
         "block_losses": [{"block": r.block, "first": r.first_loss, "last": r.last_loss} for r in result.records],
+        "end_to_end": None if result.end_to_end is None else result.end_to_end.losses(),
         "versions": library_versions(),
     }
 

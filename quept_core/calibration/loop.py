@@ -9,8 +9,11 @@ For each decoder block, in order:
    block's LoRA factors and clip logits (cosine decay to lr / min_lr_factor);
 4. the next block's quantized-chain input is the MB-ToMe merge of the trained block's tier outputs.
 
-With a checkpoint folder, every finished block is saved there and an interrupted run resumes after
-the last finished block, giving the same result as an uninterrupted one.
+Then, once, the end-to-end stage (`end_to_end.py`): the whole model's next-token distribution at the
+low tiers' widths against the float model's, training the shared LoRA factors and those tiers' clips.
+
+With a checkpoint folder, every finished block (and every few end-to-end steps) is saved there and an
+interrupted run resumes after the last save, giving the same result as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -31,13 +34,17 @@ from tqdm.auto import tqdm
 
 from quept_core.calibration.checkpoint import CalibrationCheckpoint
 from quept_core.calibration.clip_search import clip_ratios, init_clips, input_grams
+from quept_core.calibration.end_to_end import EndToEndRecord, EndToEndTuning, tune_end_to_end
 from quept_core.calibration.equalize import alphas, equalize_block, fold_input_scales
+from quept_core.calibration.schedule import cosine_factor
 from quept_core.calibration.tome import default_tome_weights, merge_tiers
 from quept_core.config import BitConfig
 from quept_core.quant.elastic import ElasticLinear, elastic_linears, make_elastic, set_bits
 from quept_core.quant.grid import storage_bits_per_weight
 
 PRESETS = ("fast", "default")
+# End-to-end steps between two checkpoints of the stage (each holds the state and its Adam moments).
+END_TO_END_CHECKPOINT_EVERY = 8
 
 
 @dataclass(frozen=True)
@@ -68,6 +75,10 @@ class CalibrationConfig:
     # searches its per-row grid on the full Gram matrix (docs/benchmarks.md, "Activation-aware equalization").
     equalize_bits: tuple[int, ...] | None = None
     equalize_grid: int = 20  # exponents tried: 0, 0.05, ... (steps of 0.05)
+    # End-to-end tuning after the block loop (end_to_end.py): optimizer steps (0: none) and learning rates.
+    end_to_end_steps: int = 32  # two passes over the default preset's 16 sequences
+    end_to_end_lora_lr: float = 5e-4
+    end_to_end_clip_lr: float = 1e-2
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -88,7 +99,9 @@ class CalibrationConfig:
                              f"{self.bit_config.bits}, got {self.asymmetric_clip_bits!r}")
         if self.clip_search_grid >= 40:
             raise ValueError(f"CalibrationConfig.clip_search_grid must be in 1..39, got {self.clip_search_grid}")
-        for name in ("lora_lr", "clip_lr"):
+        if not isinstance(self.end_to_end_steps, int) or self.end_to_end_steps < 0:
+            raise ValueError(f"CalibrationConfig.end_to_end_steps must be an integer >= 0, got {self.end_to_end_steps!r}")
+        for name in ("lora_lr", "clip_lr", "end_to_end_lora_lr", "end_to_end_clip_lr"):
             if not getattr(self, name) >= 0.0:
                 raise ValueError(f"CalibrationConfig.{name} must be >= 0, got {getattr(self, name)!r}")
         if not self.min_lr_factor >= 1.0:
@@ -104,15 +117,20 @@ class CalibrationConfig:
         """A named preset ("fast" or "default"), optionally with some fields replaced."""
         if name not in PRESETS:
             raise ValueError(f"unknown calibration preset '{name}'; allowed: {', '.join(PRESETS)}")
-        sizes = {
-            "fast": {"n_samples": 8, "seqlen": 256},
-            "default": {"n_samples": 16, "seqlen": 512},
+        sizes = {  # the fast preset's end-to-end stage is one pass over its sequences (docs/benchmarks.md)
+            "fast": {"n_samples": 8, "seqlen": 256, "end_to_end_steps": 8},
+            "default": {"n_samples": 16, "seqlen": 512, "end_to_end_steps": 32},
         }[name]
         return cls(**{"preset": name, **sizes, **overrides})
 
     @property
+    def steps_per_pass(self) -> int:
+        """Optimizer steps in one pass over the calibration sequences."""
+        return math.ceil(self.n_samples / self.batch_size)
+
+    @property
     def steps_per_block(self) -> int:
-        return self.epochs * math.ceil(self.n_samples / self.batch_size)
+        return self.epochs * self.steps_per_pass
 
     @property
     def scale_search_bits(self) -> tuple[int, ...]:
@@ -168,6 +186,7 @@ class CalibrationResult:
     fingerprint: str  # identifies (config, tokens, base model); checkpoints are bound to it
     seconds: float
     resumed_from: int = 0  # first block calibrated in this run (0: a fresh run)
+    end_to_end: EndToEndRecord | None = None  # None: no end-to-end stage
 
 
 def tier_label(tier: tuple[int, ...]) -> str:
@@ -234,15 +253,6 @@ def _propagate(block: nn.Module, x_q: torch.Tensor, block_kwargs: dict, config: 
     return merge_tiers(outputs, config.merge_weights, config.tome_ratio)
 
 
-def _cosine_factor(total: int, min_factor: float):
-    floor = 1.0 / min_factor
-
-    def factor(step: int) -> float:
-        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
-
-    return factor
-
-
 def _train_block(block: nn.Module, linears: list[ElasticLinear], x_q: torch.Tensor, y_fp: torch.Tensor,
                  block_kwargs: dict, config: CalibrationConfig, rng: random.Random,
                  bar: tqdm) -> tuple[list[float], list[float]]:
@@ -254,7 +264,7 @@ def _train_block(block: nn.Module, linears: list[ElasticLinear], x_q: torch.Tens
         parameter.requires_grad_(True)
     optimizer = torch.optim.Adam([{"params": lora, "lr": config.lora_lr}, {"params": clips, "lr": config.clip_lr}])
     steps = config.steps_per_block
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _cosine_factor(steps, config.min_lr_factor))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_factor(steps, config.min_lr_factor))
     batches = [part for _ in range(config.epochs) for part in _chunks(len(x_q), config.batch_size)]
     first: list[float] = []
     tier_losses: list[float] = []
@@ -366,9 +376,31 @@ def calibrate(
                                   [r.to_dict() for r in records])
         blocks_bar.update(1)
     blocks_bar.close()
+    end_to_end = _tune_end_to_end(model, elastic, tokens, config, checkpoint, progress) \
+        if config.end_to_end_steps else None
     set_bits(model, None)
     return CalibrationResult(elastic, config.bit_config, records, fingerprint,
-                             time.perf_counter() - start_time, resumed_from=start)
+                             time.perf_counter() - start_time, resumed_from=start, end_to_end=end_to_end)
+
+
+def _tune_end_to_end(model: nn.Module, elastic: dict[str, ElasticLinear], tokens: torch.Tensor,
+                     config: CalibrationConfig, checkpoint: CalibrationCheckpoint | None,
+                     progress: bool) -> EndToEndRecord:
+    """The end-to-end stage, resumed from the checkpoint's last saved step when there is one."""
+    start_time = time.perf_counter()
+    tuning = EndToEndTuning(model, elastic, config.bit_config, config.end_to_end_steps,
+                            config.end_to_end_lora_lr, config.end_to_end_clip_lr, config.min_lr_factor, config.seed)
+
+    def save(tuning: EndToEndTuning) -> None:
+        if tuning.step % END_TO_END_CHECKPOINT_EVERY == 0 or tuning.step == tuning.steps:
+            checkpoint.save_end_to_end(elastic, tuning.state_dict())
+
+    if checkpoint is not None:
+        saved = checkpoint.load_end_to_end(elastic)
+        if saved is not None:
+            tuning.load_state_dict(saved)
+    tune_end_to_end(tuning, tokens, config.batch_size, progress, on_step=None if checkpoint is None else save)
+    return tuning.record(config.steps_per_pass, time.perf_counter() - start_time)
 
 
 def storage_bits(elastic: dict[str, ElasticLinear], bits: int) -> float:
@@ -388,6 +420,10 @@ def summary_lines(result: CalibrationResult, config: CalibrationConfig) -> list[
     resumed = f", resumed at block {result.resumed_from + 1}" if result.resumed_from else ""
     lines.append(f"calibrated {len(result.records)} blocks x {config.steps_per_block} steps on "
                  f"{config.n_samples} x {config.seqlen} tokens in {result.seconds:.1f} s{resumed}")
+    tuned = result.end_to_end
+    if tuned is not None:
+        kl = ", ".join(f"w{b} {first:.4f} -> {last:.4f}" for b, first, last in zip(tuned.bits, tuned.first_kl, tuned.last_kl))
+        lines.append(f"end-to-end: {tuned.steps} steps in {tuned.seconds:.1f} s; KL to fp, first pass -> last: {kl}")
     lines.append("bits  group  bits/weight (with fp16 scale + 8-bit zero per group)")
     for bits in config.bit_config.bits:
         group = config.bit_config.group_size_for(bits)

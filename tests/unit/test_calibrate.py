@@ -11,7 +11,8 @@ from tests.unit.tiny_llama import tiny_loaded
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-SMALL = {"n_samples": 4, "seqlen": 32, "batch_size": 2, "clip_search_grid": 4, "clip_search_samples": 2}
+SMALL = {"n_samples": 4, "seqlen": 32, "batch_size": 2, "clip_search_grid": 4, "clip_search_samples": 2,
+         "end_to_end_steps": 4}
 
 
 def _tokens(n: int = 4, seqlen: int = 32, seed: int = 0) -> torch.Tensor:
