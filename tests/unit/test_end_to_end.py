@@ -50,6 +50,9 @@ def test_the_stage_lowers_the_kl_of_every_tuned_width_and_leaves_the_others():
     assert not any(key.rsplit(".", 1)[-1] in ("5", "6", "7", "8") for key in changed), sorted(changed)[:5]
     assert not any(key.endswith(".input_scale") for key in changed)
     assert all(not parameter.requires_grad for parameter in tuning.lora + tuning.clips)
+    # The stage's layer checkpointing (training mode) is undone: the model serves and scores as before.
+    assert not loaded.model.training
+    assert not any(getattr(module, "gradient_checkpointing", False) for module in loaded.model.modules())
 
 
 def test_calibration_reports_the_stage_in_its_result_and_summary():
@@ -97,3 +100,15 @@ def test_config_errors_name_the_field():
         CalibrationConfig(end_to_end_steps=-1)
     with pytest.raises(ValueError, match="CalibrationConfig.end_to_end_lora_lr must be >= 0"):
         CalibrationConfig(end_to_end_lora_lr=-1e-3)
+
+
+def test_dropout_stays_off_while_the_stage_trains_and_its_rate_comes_back():
+    states = []
+    for rate in (0.0, 0.5):
+        loaded = tiny_loaded(attention_dropout=rate)
+        result = calibrate(loaded.model, CalibrationConfig(**{**SMALL, "end_to_end_steps": 2}), _tokens(),
+                           progress=False)
+        states.append(trainable_state(result.elastic))
+        rates = [m.attention_dropout for m in loaded.model.modules() if hasattr(m, "attention_dropout")]
+        assert rates and all(r == rate for r in rates)
+    assert all(torch.equal(states[0][key], states[1][key]) for key in states[0])
