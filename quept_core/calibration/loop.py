@@ -421,7 +421,10 @@ def summary_lines(result: CalibrationResult, config: CalibrationConfig) -> list[
     lines.append(f"calibrated {len(result.records)} blocks x {config.steps_per_block} steps on "
                  f"{config.n_samples} x {config.seqlen} tokens in {result.seconds:.1f} s{resumed}")
     tuned = result.end_to_end
-    if tuned is not None:
+    if tuned is not None and tuned.steps <= config.steps_per_pass:  # one pass: no later pass to compare
+        kl = ", ".join(f"w{b} {first:.4f}" for b, first in zip(tuned.bits, tuned.first_kl))
+        lines.append(f"end-to-end: {tuned.steps} steps in {tuned.seconds:.1f} s; KL to fp over its one pass: {kl}")
+    elif tuned is not None:
         kl = ", ".join(f"w{b} {first:.4f} -> {last:.4f}" for b, first, last in zip(tuned.bits, tuned.first_kl, tuned.last_kl))
         lines.append(f"end-to-end: {tuned.steps} steps in {tuned.seconds:.1f} s; KL to fp, first pass -> last: {kl}")
     lines.append("bits  group  bits/weight (with fp16 scale + 8-bit zero per group)")

@@ -62,7 +62,11 @@ def test_calibration_reports_the_stage_in_its_result_and_summary():
     assert record.bits == [3, 4] and record.steps == 6
     assert len(record.first_kl) == len(record.last_kl) == 2
     assert "seconds" not in record.losses()
-    assert any(line.startswith("end-to-end: 6 steps") and "w3" in line for line in summary_lines(result, config))
+    assert any(line.startswith("end-to-end: 6 steps") and "first pass -> last: w3" in line
+               for line in summary_lines(result, config))
+    one_pass = CalibrationConfig(**{**SMALL, "end_to_end_steps": 2})  # 4 sequences, 2 a step
+    lines = summary_lines(calibrate(tiny_loaded().model, one_pass, _tokens(), progress=False), one_pass)
+    assert any(line.startswith("end-to-end: 2 steps") and "over its one pass: w3" in line for line in lines)
     assert calibrate(tiny_loaded().model, BLOCKS_ONLY, _tokens(), progress=False).end_to_end is None
 
 
