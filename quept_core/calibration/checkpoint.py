@@ -67,7 +67,9 @@ class CalibrationCheckpoint:
         return Resumed(next_block, chain["x_fp"], chain["x_q"], progress["records"])
 
     def _progress(self) -> dict:
-        return json.loads((self.folder / PROGRESS).read_text())
+        """The committed progress; empty when nothing was committed."""
+        path = self.folder / PROGRESS
+        return json.loads(path.read_text()) if path.is_file() else {}
 
     def save_end_to_end(self, elastic: dict[str, ElasticLinear], tuning_state: dict) -> None:
         """Save the end-to-end stage after `tuning_state["step"]` steps (after every block is saved)."""
@@ -86,8 +88,7 @@ class CalibrationCheckpoint:
     def load_end_to_end(self, elastic: dict[str, ElasticLinear]) -> dict | None:
         """Restore the last saved end-to-end step into `elastic` and return the stage's state; None when
         the stage has not saved a step."""
-        progress_path = self.folder / PROGRESS
-        step = json.loads(progress_path.read_text()).get("end_to_end_step") if progress_path.is_file() else None
+        step = self._progress().get("end_to_end_step")
         if step is None:
             return None
         state_file, tuning_file = _end_to_end_files(step)

@@ -36,8 +36,8 @@ from quept_core.calibration.checkpoint import CalibrationCheckpoint
 from quept_core.calibration.clip_search import clip_ratios, init_clips, input_grams
 from quept_core.calibration.end_to_end import EndToEndRecord, EndToEndTuning, tune_end_to_end
 from quept_core.calibration.equalize import alphas, equalize_block, fold_input_scales
-from quept_core.calibration.schedule import cosine_factor
 from quept_core.calibration.tome import default_tome_weights, merge_tiers
+from quept_core.calibration.training import cosine_factor, trained
 from quept_core.config import BitConfig
 from quept_core.quant.elastic import ElasticLinear, elastic_linears, make_elastic, set_bits
 from quept_core.quant.grid import storage_bits_per_weight
@@ -260,15 +260,13 @@ def _train_block(block: nn.Module, linears: list[ElasticLinear], x_q: torch.Tens
     tiers = config.bit_config.tiers
     lora = [p for m in linears for p in (m.lora_A, m.lora_B)]
     clips = [p for m in linears for b in config.bit_config.bits for p in (m.clip_up[str(b)], m.clip_low[str(b)])]
-    for parameter in lora + clips:
-        parameter.requires_grad_(True)
     optimizer = torch.optim.Adam([{"params": lora, "lr": config.lora_lr}, {"params": clips, "lr": config.clip_lr}])
     steps = config.steps_per_block
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_factor(steps, config.min_lr_factor))
     batches = [part for _ in range(config.epochs) for part in _chunks(len(x_q), config.batch_size)]
     first: list[float] = []
     tier_losses: list[float] = []
-    try:
+    with trained(lora + clips):
         for step, part in enumerate(batches):
             x, target = x_q[part], y_fp[part]
             losses = {}
@@ -284,10 +282,6 @@ def _train_block(block: nn.Module, linears: list[ElasticLinear], x_q: torch.Tens
                 first = tier_losses
             bar.set_postfix_str(" ".join(f"{tier_label(t)} {v:.4f}" for t, v in zip(tiers, tier_losses)))
             bar.update(1)
-    finally:
-        for parameter in lora + clips:
-            parameter.requires_grad_(False)
-            parameter.grad = None
     return first, tier_losses
 
 
