@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from quept_core.quant.elastic import ElasticLinear
-from quept_core.quant.grid import fake_quantize_groups, grouped_weight, num_groups
+from quept_core.quant.grid import fake_quantize_groups_into, grouped_weight, num_groups
 
 RATIO_STEP = 0.025
 # Logit used for "no shrink": sigmoid(9.2) = 0.9999, finite so that calibration can still move it.
@@ -80,9 +80,10 @@ def diagonal_blocks(gram: torch.Tensor, group_size: int) -> torch.Tensor:
                         for g in range(groups)])
 
 
-def _errors_by_group(delta: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
-    """‖X δᵀ‖² [n_groups, out] of a grouped weight error δ [n_groups, out, g] (Gram blocks [n_groups, g, g])."""
-    return (torch.bmm(delta, blocks) * delta).sum(-1)
+def _errors_by_group(delta: torch.Tensor, blocks: torch.Tensor, work: torch.Tensor | None = None) -> torch.Tensor:
+    """‖X δᵀ‖² [n_groups, out] of a grouped weight error δ [n_groups, out, g] (Gram blocks [n_groups, g, g]);
+    `work`, a tensor shaped as δ, holds the product instead of a fresh one."""
+    return torch.bmm(delta, blocks, out=work).mul_(delta).sum(-1)
 
 
 def group_errors(delta: torch.Tensor, blocks: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -102,11 +103,14 @@ def best_clip_logits(
     blocks = diagonal_blocks(gram, group_size)
     # Groups first ([n_groups, out, g]): the error is then one batched product per candidate, no copies.
     groups = grouped_weight(weight, group_size).transpose(0, 1).contiguous()
+    w_max, w_min = groups.amax(dim=-1), groups.amin(dim=-1)
+    delta, work = torch.empty_like(groups), torch.empty_like(groups)
     logits = torch.tensor([ratio_to_logit(ratio) for ratio in ratios], device=weight.device)
 
     def error(up: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
         """Error per group of the ratio indices (up, low) [n_groups, out]."""
-        return _errors_by_group(fake_quantize_groups(groups, bits, logits[up], logits[low]) - groups, blocks)
+        fake_quantize_groups_into(delta, groups, bits, w_max, w_min, logits[up], logits[low]).sub_(groups)
+        return _errors_by_group(delta, blocks, work)
 
     best_error = torch.full(groups.shape[:2], math.inf, device=weight.device)
     up = low = torch.zeros(groups.shape[:2], dtype=torch.long, device=weight.device)

@@ -26,7 +26,7 @@ from torch import nn
 
 from quept_core.calibration.clip_search import diagonal_blocks, group_errors
 from quept_core.quant.elastic import ElasticLinear
-from quept_core.quant.grid import fake_quantize
+from quept_core.quant.grid import fake_quantize_groups_into, grouped_weight, ungrouped
 
 ALPHA_STEP = 0.05
 
@@ -56,7 +56,9 @@ def alphas(count: int) -> tuple[float, ...]:
 def _output_error(weight: torch.Tensor, blocks: torch.Tensor, scale: torch.Tensor, bits: int,
                   group_size: int) -> float:
     """‖X (Q_b(W s) / s - W)ᵀ‖² with X's Gram reduced to its diagonal group blocks [n_groups, g, g]."""
-    delta = fake_quantize(weight * scale, bits, group_size) / scale - weight
+    groups = grouped_weight(weight * scale, group_size)
+    quantized = fake_quantize_groups_into(groups, groups, bits, groups.amax(dim=-1), groups.amin(dim=-1))
+    delta = ungrouped(quantized, weight.shape[1]).div_(scale).sub_(weight)
     return group_errors(delta, blocks, group_size).sum().item()
 
 

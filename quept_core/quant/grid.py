@@ -37,7 +37,8 @@ def grouped_weight(weight: torch.Tensor, group_size: int) -> torch.Tensor:
     return weight.reshape(out_features, -1, group_size)
 
 
-def _ungrouped(grouped: torch.Tensor, in_features: int) -> torch.Tensor:
+def ungrouped(grouped: torch.Tensor, in_features: int) -> torch.Tensor:
+    """[out, n_groups, group] -> [out, in], without the last group's padding (a view where it can be)."""
     return grouped.reshape(grouped.shape[0], -1)[:, :in_features]
 
 
@@ -52,11 +53,17 @@ def _scale_and_zero(grouped: torch.Tensor, bits: int, up_logit: torch.Tensor | N
     w_max, w_min = grouped.amax(dim=-1), grouped.amin(dim=-1)
     up = None if up_logit is None else torch.sigmoid(up_logit)
     low = None if low_logit is None else torch.sigmoid(low_logit)
+    return *_grid_of_range(w_max, w_min, bits, up, low), w_max, w_min, up, low
+
+
+def _grid_of_range(w_max: torch.Tensor, w_min: torch.Tensor, bits: int, up: torch.Tensor | None,
+                   low: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero [..., 1] of groups with max and min [...] clipped by the ratios up, low [...]."""
     high_bound = w_max if up is None else up * w_max
     low_bound = w_min if low is None else low * w_min
     scale = ((high_bound - low_bound) / (2**bits - 1)).clamp(SCALE_MIN, SCALE_MAX)
     zero = (-low_bound / scale).round()
-    return scale.unsqueeze(-1), zero.unsqueeze(-1), w_max, w_min, up, low
+    return scale.unsqueeze(-1), zero.unsqueeze(-1)
 
 
 class _FakeQuantize(torch.autograd.Function):
@@ -112,6 +119,20 @@ def fake_quantize_groups(groups: torch.Tensor, bits: int, up_logit: torch.Tensor
     return _FakeQuantize.apply(groups, up_logit, low_logit, bits)
 
 
+@torch.no_grad()
+def fake_quantize_groups_into(out: torch.Tensor, groups: torch.Tensor, bits: int, w_max: torch.Tensor,
+                              w_min: torch.Tensor, up_logit: torch.Tensor | None = None,
+                              low_logit: torch.Tensor | None = None) -> torch.Tensor:
+    """`fake_quantize_groups` written into `out` (which may be `groups`), the same numbers, for groups whose
+    max and min [...] are given: the searches quantize one weight many ways, and this does one pass per
+    operation in place, with no autograd and no fresh weight-sized tensors."""
+    up = None if up_logit is None else torch.sigmoid(up_logit)
+    low = None if low_logit is None else torch.sigmoid(low_logit)
+    scale, zero = _grid_of_range(w_max, w_min, bits, up, low)
+    torch.div(groups, scale, out=out)
+    return out.round_().add_(zero).clamp_(0, 2**bits - 1).sub_(zero).mul_(scale)
+
+
 def fake_quantize(
     weight: torch.Tensor,
     bits: int,
@@ -121,7 +142,7 @@ def fake_quantize(
 ) -> torch.Tensor:
     """Quantize and dequantize `weight` [out, in]; differentiable in the weight and the clip logits."""
     grouped = fake_quantize_groups(grouped_weight(weight, group_size), bits, up_logit, low_logit)
-    return _ungrouped(grouped, weight.shape[1])
+    return ungrouped(grouped, weight.shape[1])
 
 
 @dataclass
@@ -137,7 +158,7 @@ class QuantizedWeight:
     def dequantize(self) -> torch.Tensor:
         in_features = self.codes.shape[1]
         grouped = grouped_weight(self.codes.float(), self.group_size)
-        return _ungrouped((grouped - self.zero.unsqueeze(-1)) * self.scale.unsqueeze(-1), in_features)
+        return ungrouped((grouped - self.zero.unsqueeze(-1)) * self.scale.unsqueeze(-1), in_features)
 
 
 @torch.no_grad()
@@ -153,7 +174,7 @@ def quantize(
     scale, zero = _scale_and_zero(grouped, bits, up_logit, low_logit)[:2]
     codes = ((grouped / scale).round() + zero).clamp(0, 2**bits - 1)
     return QuantizedWeight(
-        codes=_ungrouped(codes, weight.shape[1]).to(torch.uint8),
+        codes=ungrouped(codes, weight.shape[1]).to(torch.uint8),
         scale=scale.squeeze(-1).float(),
         zero=zero.squeeze(-1).float(),
         bits=bits,

@@ -5,6 +5,9 @@ import torch
 
 from quept_core.quant.grid import (
     fake_quantize,
+    fake_quantize_groups,
+    fake_quantize_groups_into,
+    grouped_weight,
     init_clip_logits,
     num_groups,
     quantize,
@@ -48,6 +51,22 @@ def test_integer_form_equals_fake_quantization(bits, group, in_features):
     assert packed.codes.shape == (5, in_features)
     assert packed.scale.shape == (5, num_groups(in_features, group))
     assert torch.equal(packed.dequantize(), fake_quantize(weight, bits, group, up, low))
+
+
+@pytest.mark.parametrize("bits", [3, 4, 8])
+@pytest.mark.parametrize("group", [16, -1])
+@pytest.mark.parametrize("clipped", [True, False])
+def test_fake_quantization_in_place_gives_the_same_numbers(bits, group, clipped):
+    generator = torch.Generator().manual_seed(bits)
+    groups = grouped_weight(torch.randn(7, 48, generator=generator), group).transpose(0, 1).contiguous()
+    up, low = (torch.rand(groups.shape[:2], generator=generator) * 6 - 1 if clipped else None for _ in range(2))
+    expected = fake_quantize_groups(groups, bits, up, low)
+    out = torch.full_like(groups, float("nan"))
+    quantized = fake_quantize_groups_into(out, groups, bits, groups.amax(-1), groups.amin(-1), up, low)
+    assert quantized.data_ptr() == out.data_ptr()
+    assert torch.equal(quantized, expected)
+    assert torch.equal(fake_quantize_groups_into(groups, groups, bits, groups.amax(-1), groups.amin(-1), up, low),
+                       expected)  # in place over the weight itself
 
 
 @pytest.mark.parametrize("group", [16, -1])
