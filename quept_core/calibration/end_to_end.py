@@ -25,6 +25,9 @@ from quept_core.calibration.training import cosine_factor, trained
 from quept_core.config import BitConfig
 from quept_core.quant.elastic import ElasticLinear, set_bits
 
+# The dtypes the stage's quantized passes may run their matmuls in (CalibrationConfig.end_to_end_dtype).
+END_TO_END_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
 
 @dataclass
 class EndToEndRecord:
@@ -91,8 +94,10 @@ class EndToEndTuning:
     """The stage's optimizer, schedule and step counter, so that a checkpoint can stop and resume it."""
 
     def __init__(self, model: nn.Module, elastic: dict[str, ElasticLinear], bit_config: BitConfig,
-                 steps: int, lora_lr: float, clip_lr: float, min_lr_factor: float, seed: int):
+                 steps: int, lora_lr: float, clip_lr: float, min_lr_factor: float, seed: int,
+                 dtype: torch.dtype = torch.float32):
         self.model, self.bit_config, self.steps, self.seed = model, bit_config, steps, seed
+        self.dtype = dtype  # of the quantized passes' matmuls (autocast); the teacher's stay float32
         self.tiers = tuned_tiers(bit_config)
         self.lora, self.clips = tuned_parameters(elastic, bit_config)
         self.optimizer = torch.optim.Adam([{"params": self.lora, "lr": lora_lr},
@@ -125,7 +130,8 @@ class EndToEndTuning:
         self.optimizer.zero_grad(set_to_none=True)
         kl = {}
         try:
-            with trained(self.lora + self.clips), _layer_checkpointing(self.model):
+            with trained(self.lora + self.clips), _layer_checkpointing(self.model), \
+                    torch.autocast(batch.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
                 for tier in self.tiers:  # one backward per tier: one graph of the model at a time
                     bits = rng.choice(tier)
                     set_bits(self.model, bits)  # stays set through the backward, which recomputes layers

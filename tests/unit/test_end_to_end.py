@@ -33,15 +33,21 @@ def test_tuned_tiers_are_those_with_a_lora_rank():
     assert tuned_tiers(BitConfig(tier_ranks=(32, 24, 16, 8))) == ((3,), (4,), (5, 6), (7, 8))
 
 
-def test_the_stage_lowers_the_kl_of_every_tuned_width_and_leaves_the_others():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_stage_lowers_the_kl_of_every_tuned_width_and_leaves_the_others(dtype):
     loaded = tiny_loaded()
     tokens = _tokens()
     result = calibrate(loaded.model, BLOCKS_ONLY, tokens, progress=False)
     before = {bits: _kl(loaded.model, tokens, bits) for bits in (3, 4)}
     state_before = {key: value.clone() for key, value in trainable_state(result.elastic).items()}
     tuning = EndToEndTuning(loaded.model, result.elastic, BLOCKS_ONLY.bit_config, steps=16, lora_lr=5e-4,
-                            clip_lr=1e-2, min_lr_factor=10.0, seed=0)
+                            clip_lr=1e-2, min_lr_factor=10.0, seed=0, dtype=dtype)
+    head_dtypes = set()
+    hook = loaded.model.lm_head.register_forward_hook(lambda _m, _args, out: head_dtypes.add(out.dtype))
     tune_end_to_end(tuning, tokens, batch_size=2, progress=False)
+    hook.remove()
+    assert head_dtypes == {torch.float32, dtype}  # the teacher's pass in float32, the tuned passes in `dtype`
+    assert not torch.is_autocast_enabled("cpu")
     after = {bits: _kl(loaded.model, tokens, bits) for bits in (3, 4)}
     assert all(after[bits] < 0.75 * before[bits] for bits in (3, 4)), (before, after)
     state_after = trainable_state(result.elastic)
@@ -104,6 +110,9 @@ def test_config_errors_name_the_field():
         CalibrationConfig(end_to_end_steps=-1)
     with pytest.raises(ValueError, match="CalibrationConfig.end_to_end_lora_lr must be >= 0"):
         CalibrationConfig(end_to_end_lora_lr=-1e-3)
+    with pytest.raises(ValueError, match="CalibrationConfig.end_to_end_dtype must be one of bfloat16, float32, "
+                                         "got 'float16'"):
+        CalibrationConfig(end_to_end_dtype="float16")
 
 
 def test_dropout_stays_off_while_the_stage_trains_and_its_rate_comes_back():
