@@ -6,7 +6,9 @@ factors and the clip logits of the tiers that carry a LoRA rank (the lowest ones
 one joint loss: per step, one sampled bit per tuned tier, the KL divergence of its next-token
 distribution from the float model's, summed over the tiers (EfficientQAT's end-to-end phase, with
 QuEPT's one set of parameters for every width). Tiers without a rank keep their block-trained clips,
-so the LoRA prefix is only ever trained against the losses of every tier that reads it.
+so the LoRA prefix is only ever trained against the losses of every tier that reads it. The quantized
+passes run their matmuls in bfloat16 by default (`CalibrationConfig.end_to_end_dtype`), as the engine
+serves them; the float model's distribution is computed in float32.
 """
 
 from __future__ import annotations

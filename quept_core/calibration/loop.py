@@ -86,7 +86,7 @@ class CalibrationConfig:
     end_to_end_clip_lr: float = 1e-2
     # The stage's quantized forward and backward passes run their matmuls in this dtype (autocast; the
     # float model's distribution stays float32): bfloat16, as the engine serves, takes the fast preset's
-    # stage from 65 to 48 s on this CPU at the same quality (docs/benchmarks.md, "End-to-end tuning").
+    # stage from 65 to 51 s on this CPU at the same quality (docs/benchmarks.md, "End-to-end tuning").
     end_to_end_dtype: str = "bfloat16"
     seed: int = 0
 
