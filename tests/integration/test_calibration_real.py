@@ -32,7 +32,7 @@ def setting():
 
 
 # The largest QuEPT / round-to-nearest perplexity ratio allowed per width on these 4,096 tokens. The fast
-# preset measures w3 0.494, w4 0.845, w6 0.980 here. The 3-bit bound sits between that and the same preset
+# preset measures w3 0.490, w4 0.844, w6 0.980 here. The 3-bit bound sits between that and the same preset
 # without its end-to-end stage (0.524), which fails it; the 4-bit one keeps 4 % of room for another CPU's
 # calibration (without the stage: 0.868). A calibration without its equalization and clip search (w3 0.87
 # of RTN on WikiText, docs/benchmarks.md) fails both.
