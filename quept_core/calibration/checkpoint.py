@@ -53,9 +53,8 @@ class CalibrationCheckpoint:
 
     def load(self, elastic: dict[str, ElasticLinear], device: torch.device) -> Resumed | None:
         """Restore finished blocks into `elastic`; None (and a cleared folder) when nothing matches."""
-        progress_path = self.folder / PROGRESS
-        progress = json.loads(progress_path.read_text()) if progress_path.is_file() else None
-        if progress is None or progress.get("fingerprint") != self.fingerprint:
+        progress = self._progress()
+        if progress.get("fingerprint") != self.fingerprint:
             shutil.rmtree(self.folder, ignore_errors=True)
             return None
         next_block = progress["next_block"]

@@ -51,9 +51,13 @@ def _scale_and_zero(grouped: torch.Tensor, bits: int, up_logit: torch.Tensor | N
     """Scale and zero [out, n_groups, 1], plus what the backward pass needs: the group max and min
     [out, n_groups] and the clip ratios sigmoid(up), sigmoid(low) (None without clip logits)."""
     w_max, w_min = grouped.amax(dim=-1), grouped.amin(dim=-1)
-    up = None if up_logit is None else torch.sigmoid(up_logit)
-    low = None if low_logit is None else torch.sigmoid(low_logit)
+    up, low = _clip_ratios(up_logit, low_logit)
     return *_grid_of_range(w_max, w_min, bits, up, low), w_max, w_min, up, low
+
+
+def _clip_ratios(up_logit: torch.Tensor | None, low_logit: torch.Tensor | None) -> tuple:
+    """The clip ratios sigmoid(up), sigmoid(low) (None where there is no logit)."""
+    return tuple(None if logit is None else torch.sigmoid(logit) for logit in (up_logit, low_logit))
 
 
 def _grid_of_range(w_max: torch.Tensor, w_min: torch.Tensor, bits: int, up: torch.Tensor | None,
@@ -126,9 +130,7 @@ def fake_quantize_groups_into(out: torch.Tensor, groups: torch.Tensor, bits: int
     """`fake_quantize_groups` written into `out` (which may be `groups`), the same numbers, for groups whose
     max and min [...] are given: the searches quantize one weight many ways, and this does one pass per
     operation in place, with no autograd and no fresh weight-sized tensors."""
-    up = None if up_logit is None else torch.sigmoid(up_logit)
-    low = None if low_logit is None else torch.sigmoid(low_logit)
-    scale, zero = _grid_of_range(w_max, w_min, bits, up, low)
+    scale, zero = _grid_of_range(w_max, w_min, bits, *_clip_ratios(up_logit, low_logit))
     torch.div(groups, scale, out=out)
     return out.round_().add_(zero).clamp_(0, 2**bits - 1).sub_(zero).mul_(scale)
 
