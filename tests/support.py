@@ -14,6 +14,8 @@ from pathlib import Path
 import httpx
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"  # the evaluation text (its README: the perplexity convention)
+WIKITEXT_TEST = SHARED_DATA / "wikitext-2-raw" / "wiki.test.raw"
 # The first start may calibrate the default model's artifact (cached afterwards) before warming up.
 STARTUP_TIMEOUT_S = float(os.environ.get("QUEPT_E2E_STARTUP_TIMEOUT_S", "3600"))
 

@@ -6,7 +6,7 @@ A store is a folder, written once per calibrated artifact and read lazily:
                        the size of every file (written last: a folder without it is incomplete)
   config.json          the transformers config (dimensions, RoPE)
   packs-v<n>/<device>/ the engine's own packs of each width, added by it (runtime/packfiles.py)
-  tokenizer/           the tokenizer (`save_pretrained`; loaded with AutoTokenizer)
+  tokenizer/           the tokenizer (`save_pretrained`; served with runtime/tokenizer.py, no transformers)
   dense.safetensors    bf16 weights for `fp`: every linear, the head and, when untied, the embedding;
                        the RMSNorm weights as they are
   w<b>.safetensors     per bit-width b of the bit config: `<name>.codes` (uint8), `<name>.scale` and
@@ -27,11 +27,11 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from types import SimpleNamespace
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
 from quept_core.config import BitConfig
 from quept_core.io.atomic import file_lock, replacing_folder, save_tensors_atomic, write_json_atomic
@@ -39,7 +39,11 @@ from quept_core.io.paths import cache_dir
 from quept_core.layers import HEAD, linear_names
 from quept_core.quant.grid import QuantizedWeight
 from quept_core.runtime.model import CONFIG_KEYS
+from quept_core.runtime.tokenizer import ServingTokenizer
 from quept_core.runtime.weights import EMBEDDING, ServingWeights, norm_names
+
+if TYPE_CHECKING:  # only the first start, which writes the store, has transformers loaded
+    from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -114,8 +118,8 @@ class ServingStore:
                     self._handles[file] = stack.enter_context(safe_open(self.folder / file, framework="pt"))
             yield
 
-    def tokenizer(self) -> PreTrainedTokenizerBase:
-        return AutoTokenizer.from_pretrained(self.folder / TOKENIZER)
+    def tokenizer(self) -> ServingTokenizer:
+        return ServingTokenizer(self.folder / TOKENIZER)
 
     def quantized(self, name: str, bits: int) -> QuantizedWeight:
         if bits not in self.bit_config.bits:
@@ -150,6 +154,8 @@ def _model_config(folder: Path):
     init functions read a real config), is read with it."""
     values = json.loads((folder / "config.json").read_text())
     if any(key not in values for key in CONFIG_KEYS) or values["rope_parameters"].get("rope_type") != "default":
+        from transformers import AutoConfig
+
         return AutoConfig.from_pretrained(folder)
     return SimpleNamespace(**values)
 

@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PreTrainedTokenizerBase
 
 from quept_core.quant.blockwise import model_device
+from quept_core.runtime.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
     from quept_core.planning.plan import Plan
@@ -45,9 +45,9 @@ def read_text(path: Path) -> str:
     return path.read_text(encoding="utf-8").replace("\r\n", "\n")
 
 
-def tokenize_text(tokenizer: PreTrainedTokenizerBase, text: str) -> torch.Tensor:
+def tokenize_text(tokenizer: Tokenizer, text: str) -> torch.Tensor:
     """The whole text tokenized once, as a 1-D LongTensor."""
-    return torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
+    return torch.tensor(tokenizer.encode(text), dtype=torch.long)
 
 
 def make_windows(token_ids: torch.Tensor, seqlen: int, max_tokens: int | None = None) -> torch.Tensor:

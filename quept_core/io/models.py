@@ -16,10 +16,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
-if TYPE_CHECKING:  # the modelling code costs seconds to import; a server that only serves never needs it
-    from transformers import PreTrainedModel
+if TYPE_CHECKING:  # a server that only serves never imports transformers (runtime/tokenizer.py says why)
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from quept_core.io.paths import cache_dir
 
@@ -94,6 +93,8 @@ def sha256_of_files(paths: list[Path]) -> str:
 
 
 def _check_architecture(folder: Path, **kwargs) -> None:
+    from transformers import AutoConfig
+
     config = AutoConfig.from_pretrained(folder, **kwargs)
     if config.model_type not in SUPPORTED_MODEL_TYPES:
         raise ModelError(
@@ -111,9 +112,10 @@ def _gguf_cache_folder(source: ModelSource) -> Path:
 def _convert_gguf(source: ModelSource, folder: Path) -> None:
     """Dequantize a GGUF file to a float safetensors folder, written atomically."""
     log.info("converting %s to float (first load only)", source.path)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     _check_architecture(source.path.parent, gguf_file=source.path.name)
     tokenizer = AutoTokenizer.from_pretrained(source.path.parent, gguf_file=source.path.name)
-    from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(
         source.path.parent, gguf_file=source.path.name, dtype=torch.float32
@@ -152,10 +154,10 @@ def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32) -> L
     """Load a LLaMA-family causal LM in float, from the cache when possible."""
     source = resolve_model(spec)
     folder, checksum = float_folder(source)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     _check_architecture(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    from transformers import AutoModelForCausalLM
-
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
     model.eval()
     model.requires_grad_(False)

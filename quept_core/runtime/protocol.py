@@ -13,9 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from transformers import PreTrainedTokenizerBase
-
 from quept_core.planning.plan import Plan
+from quept_core.runtime.tokenizer import Tokenizer
 
 
 @dataclass(frozen=True)
@@ -89,7 +88,7 @@ SAME_THREADS = StepThreads()
 
 class Engine(Protocol):
     model_name: str
-    tokenizer: PreTrainedTokenizerBase
+    tokenizer: Tokenizer
 
     def add(self, request: SequenceRequest, n: int = 1) -> list[int]:
         """Queue `n` sequences of one prompt (they share one prefill; sampled ones draw the seeds seed,

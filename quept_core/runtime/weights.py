@@ -15,10 +15,12 @@ by module name (`model.layers.3.input_layernorm`, `model.layers.3.post_attention
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
-from transformers import PretrainedConfig
+
+if TYPE_CHECKING:  # a serving process never imports transformers (runtime/tokenizer.py says why)
+    from transformers import PretrainedConfig
 
 from quept_core.config import BitConfig
 from quept_core.io.models import LoadedModel

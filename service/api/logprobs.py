@@ -10,9 +10,8 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from transformers import PreTrainedTokenizerBase
-
 from quept_core.runtime.protocol import TokenLogprob
+from quept_core.runtime.tokenizer import Tokenizer
 from service.api.schemas import Details, TokenDetail
 from service.engine.scheduler import TokenOut
 
@@ -33,9 +32,9 @@ class TokenTexts:
     """A token id's bytes and text: a token of a byte-level tokenizer may hold part of a character, so
     its bytes come from its byte-level string, not from decoding it alone."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase):
+    def __init__(self, tokenizer: Tokenizer):
         self._tokenizer = tokenizer
-        decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
+        decoder = tokenizer.backend_tokenizer.decoder
         self._byte_level = type(decoder).__name__ == "ByteLevel"
         self._special = frozenset(tokenizer.all_special_ids)
         self._bytes: dict[int, bytes] = {}
@@ -61,7 +60,7 @@ class TokenTexts:
 
 
 @lru_cache(maxsize=4)
-def token_texts(tokenizer: PreTrainedTokenizerBase) -> TokenTexts:
+def token_texts(tokenizer: Tokenizer) -> TokenTexts:
     return TokenTexts(tokenizer)
 
 

@@ -6,12 +6,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Protocol
 
-from transformers import PreTrainedTokenizerBase
-
 from quept_core.planning.bits import Shapes
 from quept_core.planning.plan import Plan
 from quept_core.precision import Precision
 from quept_core.runtime.protocol import Engine
+from quept_core.runtime.tokenizer import Tokenizer
 from service.engine.controller import Candidate
 
 
@@ -20,7 +19,7 @@ class Backend(Protocol):
     artifact_id: str  # content hash of the calibrated artifact
     device: str
     bit_set: tuple[int, ...]
-    tokenizer: PreTrainedTokenizerBase
+    tokenizer: Tokenizer
     engine: Engine
     context_length: int
     kv_bytes_per_token: int  # KV cache bytes one token of one sequence occupies

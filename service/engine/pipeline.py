@@ -13,11 +13,13 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from typing import TypeVar
 
+from jinja2 import TemplateError
 from starlette.requests import Request
 
 from quept_core.planning.plan import Plan
 from quept_core.precision import Precision, PrecisionError
 from quept_core.runtime.protocol import SamplingParams
+from quept_core.runtime.tokenizer import TokenizerError
 from service.engine.backend import Backend
 from service.engine.controller import MIB, Budget, Controller, Decision, PlanRequest, budget_choice
 from service.engine.scheduler import AdmissionError, Event, Failed, Finished, Job, Scheduler
@@ -93,10 +95,13 @@ class Pipeline:
         if not all(_is_utf8(text) for text in texts):
             raise invalid(f"{field}: contains a lone surrogate escape (\\ud800-\\udfff), not text", field)
         if spec.messages is not None:
-            text = tokenizer.apply_chat_template(spec.messages, add_generation_prompt=True, tokenize=False)
-            ids = tokenizer(text, add_special_tokens=False).input_ids
+            try:
+                text = tokenizer.apply_chat_template(spec.messages, add_generation_prompt=True, tokenize=False)
+            except (TemplateError, TokenizerError) as error:  # e.g. a template that refuses a role order
+                raise invalid(f"messages: the model's chat template refused them: {error}", "messages") from None
+            ids = tokenizer.encode(text, add_special_tokens=False)
         else:
-            ids = tokenizer(spec.prompt).input_ids
+            ids = tokenizer.encode(spec.prompt)
         if not ids:
             raise invalid("the prompt is empty", field)
         return ids

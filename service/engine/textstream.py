@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from transformers import PreTrainedTokenizerBase
+from quept_core.runtime.tokenizer import Tokenizer
 
 _PROMPT_CONTEXT = 5  # prompt tokens that seed the window, so the first token decodes in context
 
@@ -23,7 +23,7 @@ class Piece:
 
 
 class TextStream:
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, prompt_ids: list[int], stop: tuple[str, ...] = ()):
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int], stop: tuple[str, ...] = ()):
         self._tokenizer = tokenizer
         self._ids = list(prompt_ids[-_PROMPT_CONTEXT:])
         self._prefix = 0
@@ -39,7 +39,7 @@ class TextStream:
         return self._text
 
     def _decode(self, ids: list[int]) -> str:
-        return self._tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        return self._tokenizer.decode(ids, skip_special_tokens=True)
 
     def push(self, token_id: int) -> Piece:
         if self.stopped:

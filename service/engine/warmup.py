@@ -51,7 +51,7 @@ COSTS_VERSION = 3  # bump when what a plan's figures mean changes (3: two prefil
 def warmup_prompt(tokenizer, tokens: int = PROMPT_TOKENS) -> list[int]:
     ids: list[int] = []
     while len(ids) < tokens:
-        ids += tokenizer(_TEXT, add_special_tokens=False).input_ids
+        ids += tokenizer.encode(_TEXT, add_special_tokens=False)
     return ids[:tokens]
 
 

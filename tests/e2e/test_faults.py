@@ -24,6 +24,7 @@ from tests.support import (
     REPO_ROOT,
     SERVE_COMMAND,
     STARTUP_TIMEOUT_S,
+    WIKITEXT_TEST,
     ServerProcess,
     free_port,
     metric,
@@ -242,7 +243,7 @@ config = CalibrationConfig(n_samples=4, seqlen=64, batch_size=2, clip_search_gri
 result = calibrate_artifact(load_model(sys.argv[1]), config, sys.argv[2], text_file=sys.argv[3], progress=False)
 print(json.dumps({"resumed_from": result.resumed_from}))
 """
-CALIB_TEXT = REPO_ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
+CALIB_TEXT = WIKITEXT_TEST
 TINY_LAYERS = 6
 
 

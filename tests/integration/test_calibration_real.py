@@ -1,7 +1,6 @@
 """The calibrated default model (fast preset, the artifact a first `quept serve` makes) against plain
 round-to-nearest on held-out text: the claim QuEPT exists to make, checked where it matters."""
 
-from pathlib import Path
 
 import pytest
 
@@ -11,10 +10,11 @@ from quept_core.io.models import load_model
 from quept_core.layers import model_linear_names
 from quept_core.planning.plan import uniform_plan
 from quept_core.quant.sources import QueptWeights, RtnWeights, dequantized_weights, float_weights, use_weights
+from tests.support import WIKITEXT_TEST
 
 pytestmark = pytest.mark.integration
 
-TEST = Path(__file__).resolve().parents[3] / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
+TEST = WIKITEXT_TEST
 
 
 @pytest.fixture(scope="module")

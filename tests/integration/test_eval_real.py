@@ -5,19 +5,18 @@ import math
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from quept_core.eval.perplexity import make_windows, perplexity, read_text, tokenize_text
 from quept_core.io.models import load_model
+from tests.support import REPO_ROOT as ROOT
+from tests.support import SHARED_DATA, WIKITEXT_TEST
 
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).resolve().parents[2]
-DATA = ROOT.parent / "shared" / "data"
-VALID = DATA / "wikitext-2" / "valid.txt"
-TEST = DATA / "wikitext-2-raw" / "wiki.test.raw"
+VALID = SHARED_DATA / "wikitext-2" / "valid.txt"
+TEST = WIKITEXT_TEST
 
 
 def test_fp_perplexity_is_finite_and_identical_across_runs():

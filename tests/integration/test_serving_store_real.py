@@ -18,6 +18,7 @@ from quept_core.runtime.protocol import SamplingParams
 from service.engine import loading
 from service.engine.pipeline import GenerationSpec, Pipeline
 from service.settings import Settings
+from tests.support import WIKITEXT_TEST
 
 pytestmark = pytest.mark.integration
 
@@ -74,3 +75,33 @@ def test_the_second_start_serves_from_the_store_without_loading_the_model(tmp_pa
     assert second.describe(fp).weight_bytes == second.engine.weight_bytes(fp) > 0
     print(f"\nRSS after the second start, every uniform plan resident: {resident_mb():.0f} MB "
           f"(packs {second.engine.cache.resident_bytes / 2**20:.0f} MiB)")
+
+
+def test_the_served_tokenizer_gives_what_transformers_gives_on_the_real_model():
+    """The server reads its tokenizer without transformers (runtime/tokenizer.py); on the default
+    model's own folder it must give the same ids, text and chat prompts."""
+    from transformers import AutoTokenizer
+
+    from quept_core.eval.perplexity import read_text
+
+    store, _ = loading._served(Settings())
+    folder = store.folder / "tokenizer"
+    hf, ours = AutoTokenizer.from_pretrained(folder), store.tokenizer()
+    text = read_text(WIKITEXT_TEST)[:200_000]
+    ids = hf.encode(text)
+    assert ours.encode(text) == ids and ours.decode(ids) == hf.decode(ids)
+    assert ours.all_special_ids == hf.all_special_ids and ours.eos_token_id == hf.eos_token_id
+    conversations = [
+        [{"role": "user", "content": "What is the capital of France?"}],
+        [{"role": "system", "content": "Answer in French."}, {"role": "user", "content": "Hi 🙂"},
+         {"role": "assistant", "content": "Bonjour !"}, {"role": "user", "content": "Ça va ?"}],
+    ]
+    for conversation in conversations:
+        for generation_prompt in (True, False):
+            expected = hf.apply_chat_template(conversation, add_generation_prompt=generation_prompt, tokenize=False)
+            assert ours.apply_chat_template(conversation, add_generation_prompt=generation_prompt,
+                                            tokenize=False) == expected
+            with_special = hf.encode(expected, add_special_tokens=False)
+            assert ours.decode(with_special) == hf.decode(with_special)
+            assert ours.decode(with_special, skip_special_tokens=True) == hf.decode(with_special,
+                                                                                     skip_special_tokens=True)

@@ -95,8 +95,16 @@ def test_chat_messages_use_the_chat_template(make_client):
     body = client.post("/generate", json={"messages": [{"role": "user", "content": "hi"}],
                                           "max_new_tokens": 2}).json()
     template = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
-    assert body["usage"]["prompt_tokens"] == len(client.backend.tokenizer(template, add_special_tokens=False)
-                                                 .input_ids)
+    assert body["usage"]["prompt_tokens"] == len(client.backend.tokenizer.encode(template, add_special_tokens=False))
+
+
+def test_a_chat_template_that_refuses_the_messages_is_a_422_naming_them(make_client):
+    client = make_client()
+    client.backend.tokenizer.chat_template = "{{ raise_exception('roles must alternate user/assistant') }}"
+    response = client.post("/generate", json={"messages": [{"role": "user", "content": "hi"}], "max_new_tokens": 2})
+    error = response.json()["error"]
+    assert response.status_code == 422 and error["param"] == "messages"
+    assert "chat template refused them: roles must alternate user/assistant" in error["message"]
 
 
 def test_auto_takes_the_best_plan_and_a_sampled_request_reports_its_seed(make_client):

@@ -70,7 +70,7 @@ def test_dense_weights_norms_config_and_tokenizer_come_back(elastic, store):
     for key in CONFIG_KEYS:
         assert getattr(store.config, key) == getattr(weights.config, key), key
     saved = store.tokenizer()
-    assert saved.get_vocab() == tokenizer.get_vocab() and saved.eos_token_id == tokenizer.eos_token_id
+    assert saved.backend_tokenizer.get_vocab() == tokenizer.get_vocab() and saved.eos_token_id == tokenizer.eos_token_id
 
 
 def test_what_was_read_keeps_no_memory_map_of_the_store(store):

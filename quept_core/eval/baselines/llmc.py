@@ -22,11 +22,14 @@ import functools
 import importlib.util
 import sys
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
-from transformers import PreTrainedTokenizerBase
+
+if TYPE_CHECKING:  # `quept serve` imports this module through the CLI and never transformers
+    from transformers import PreTrainedTokenizerBase
 
 from quept_core.layers import model_linear_names
 from quept_core.quant.grid import QuantizedWeight

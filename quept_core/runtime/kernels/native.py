@@ -32,6 +32,8 @@ SOURCES = [CSRC / "planes.cpp", CSRC / "decode.cpp"]
 # without it; linked with it, the kernels share PyTorch's OpenMP runtime and thread count.
 CFLAGS = ("-O3", "-march=native", "-fopenmp")
 LDFLAGS = ("-fopenmp",)
+LIBRARY = "quept_planes"
+BUILT = "built"  # marks a build folder whose library was compiled, linked and loaded once
 
 
 def _cpu_key() -> str:
@@ -108,17 +110,42 @@ def _build() -> bool:
     """Compile and load the kernels once per process; False when they cannot be built."""
     if os.environ.get("QUEPT_NATIVE", "1") == "0":
         return False
+    folder = cache_dir() / "kernels" / f"torch-{torch.__version__}-{_cpu_key()}-{_source_key()}"
+    if not (_load_built(folder) or _compile(folder)):
+        return False
+    threads = torch.get_num_threads()
+    if torch.ops.quept.parallel_threads(4 * threads) < threads:
+        log.warning("the native kernels run their loops on fewer than the %d CPU threads", threads)
+    return True
+
+
+def _load_built(folder: Path) -> bool:
+    """Load the library a build in `folder` made, if one finished there."""
+    if not (folder / BUILT).is_file():
+        return False
+    try:
+        torch.ops.load_library(str(folder / f"{LIBRARY}.so"))
+    except OSError as error:  # removed or damaged since: build it again
+        log.warning("rebuilding the native kernels: %s", error)
+        (folder / BUILT).unlink(missing_ok=True)
+        return False
+    return True
+
+
+def _compile(folder: Path) -> bool:
+    """Compile, link and load the kernels into `folder` (the folder names the sources, flags, CPU and
+    torch it was built for), then mark it built: a later process loads the library without the build
+    tools, whose import (setuptools) holds 4 MiB for the life of a server."""
     from torch.utils import cpp_extension
 
     # The `ninja` package installs its binary next to the interpreter, which may not be on PATH.
     scripts = Path(sys.executable).parent
     if shutil.which("ninja") is None and (scripts / "ninja").is_file():
         os.environ["PATH"] = f"{scripts}{os.pathsep}{os.environ.get('PATH', '')}"
-    folder = cache_dir() / "kernels" / f"torch-{torch.__version__}-{_cpu_key()}-{_source_key()}"
     folder.mkdir(parents=True, exist_ok=True)
     try:
         cpp_extension.load(
-            name="quept_planes",
+            name=LIBRARY,
             sources=[str(s) for s in SOURCES],
             extra_include_paths=[str(CSRC)],
             extra_cflags=list(CFLAGS),
@@ -130,7 +157,5 @@ def _build() -> bool:
     except (OSError, RuntimeError, ImportError, SystemExit) as error:
         log.warning("native bit-plane kernel unavailable (%s); using dequantize-then-matmul", error)
         return False
-    threads = torch.get_num_threads()
-    if torch.ops.quept.parallel_threads(4 * threads) < threads:
-        log.warning("the native kernels run their loops on fewer than the %d CPU threads", threads)
+    (folder / BUILT).touch()  # after the load: the library is whole and loads
     return True
