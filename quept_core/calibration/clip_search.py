@@ -149,3 +149,12 @@ def init_clips(linears: Sequence[ElasticLinear], grams: Sequence[torch.Tensor], 
                                        asymmetric=b in asymmetric_bits)
             linear.clip_up[str(b)].copy_(up)
             linear.clip_low[str(b)].copy_(low)
+
+
+@torch.no_grad()
+def start_unclipped(linears: Sequence[ElasticLinear], bits: Iterable[int]) -> None:
+    """Set clip_up and clip_low of each linear, for each of `bits`, to no shrink (round-to-nearest's range)."""
+    for linear in linears:
+        for b in bits:
+            linear.clip_up[str(b)].fill_(NO_SHRINK_LOGIT)
+            linear.clip_low[str(b)].fill_(NO_SHRINK_LOGIT)

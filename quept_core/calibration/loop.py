@@ -3,7 +3,8 @@
 For each decoder block, in order:
 1. the full-precision target: one plain FP forward pass on the FP-chain input;
 2. activation-aware equalization: input channels rescaled, shared by every bit (`equalize.py`);
-   then the clip logits start from a per-group clip-ratio grid search (`clip_search.py`);
+   then the clip logits start from a per-group clip-ratio grid search (`clip_search.py`), those of
+   a width of one group per row from no shrink;
 3. training: every step draws one bit per tier, sums the tiers' token-mean L1 losses against the
    FP target on the quantized-chain input, and takes one backward pass and one Adam step on the
    block's LoRA factors and clip logits (cosine decay to lr / min_lr_factor);
@@ -33,7 +34,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from quept_core.calibration.checkpoint import CalibrationCheckpoint
-from quept_core.calibration.clip_search import clip_ratios, init_clips, input_grams
+from quept_core.calibration.clip_search import clip_ratios, init_clips, input_grams, start_unclipped
 from quept_core.calibration.end_to_end import (
     END_TO_END_DTYPES,
     EndToEndRecord,
@@ -70,6 +71,10 @@ class CalibrationConfig:
     clip_search: bool = True
     clip_search_samples: int = 4  # sequences whose inputs feed the equalization and the clip-ratio search
     clip_search_grid: int = 20  # shrink ratios tried: 1.0, 0.975, ... (steps of 0.025)
+    # Whether a width of one group per row (8 bits) starts from the clip search too, or from no shrink:
+    # rounded, it is already lossless, and its search over whole rows is a fifth of the fast preset's
+    # time; the fast preset leaves it out (docs/benchmarks.md, "Calibration time").
+    search_row_clips: bool = True
     # The widths whose clip search refines the max's and the min's ratio one at a time after the symmetric
     # search; None: the bits of the two lowest tiers (docs/benchmarks.md, "Asymmetric clip search");
     # (): symmetric everywhere, as before.
@@ -130,7 +135,7 @@ class CalibrationConfig:
         if name not in PRESETS:
             raise ValueError(f"unknown calibration preset '{name}'; allowed: {', '.join(PRESETS)}")
         sizes = {  # the fast preset's end-to-end stage is one pass over its sequences (docs/benchmarks.md)
-            "fast": {"n_samples": 8, "seqlen": 256, "end_to_end_steps": 8},
+            "fast": {"n_samples": 8, "seqlen": 256, "end_to_end_steps": 8, "search_row_clips": False},
             "default": {"n_samples": 16, "seqlen": 512, "end_to_end_steps": 32},
         }[name]
         return cls(**{"preset": name, **sizes, **overrides})
@@ -147,6 +152,13 @@ class CalibrationConfig:
     @property
     def scale_search_bits(self) -> tuple[int, ...]:
         return self.equalize_bits or self._lowest_tiers_bits
+
+    @property
+    def searched_clip_bits(self) -> tuple[int, ...]:
+        """The widths whose clip logits start from the search; the others start from no shrink."""
+        if self.search_row_clips:
+            return self.bit_config.bits
+        return tuple(b for b in self.bit_config.bits if self.bit_config.group_size_for(b) != -1)
 
     @property
     def clip_refine_bits(self) -> tuple[int, ...]:
@@ -366,8 +378,9 @@ def calibrate(
                                alphas(config.equalize_grid))
                 grams = list(grams_by_path.values())
             if config.clip_search:
-                init_clips(linears, grams, config.bit_config.bits, clip_ratios(config.clip_search_grid),
+                init_clips(linears, grams, config.searched_clip_bits, clip_ratios(config.clip_search_grid),
                            config.clip_refine_bits)
+                start_unclipped(linears, set(config.bit_config.bits) - set(config.searched_clip_bits))
         steps_bar = tqdm(total=config.steps_per_block, desc=f"block {k + 1}/{len(layers)}", unit="step",
                          leave=False, disable=not progress)
         first, last = _train_block(block, linears, x_q, y_fp, block_kwargs, config, rng, steps_bar)

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from quept_core.calibration.checkpoint import CalibrationCheckpoint
+from quept_core.calibration.clip_search import NO_SHRINK_LOGIT
 from quept_core.calibration.loop import CalibrationConfig, block_inputs, calibrate, summary_lines
 from quept_core.quant.elastic import set_bits, trainable_state
 from tests.unit.tiny_llama import tiny_loaded
@@ -115,3 +116,14 @@ def test_config_round_trips_through_its_dict():
     config = CalibrationConfig.from_preset("fast", seed=7)
     assert CalibrationConfig.from_dict(config.to_dict()) == CalibrationConfig(**{
         **{f: getattr(config, f) for f in config.__dataclass_fields__}, "tome_weights": config.merge_weights})
+
+
+def test_the_fast_preset_starts_the_per_row_width_unclipped():
+    assert CalibrationConfig.from_preset("default").searched_clip_bits == (3, 4, 5, 6, 7, 8)
+    assert CalibrationConfig.from_preset("fast").searched_clip_bits == (3, 4, 5, 6, 7)  # 8 bits: one group per row
+    config = CalibrationConfig(**{**SMALL, "clip_lr": 0.0, "end_to_end_steps": 0, "search_row_clips": False})
+    result = calibrate(tiny_loaded().model, config, _tokens(), progress=False)
+    for linear in result.elastic.values():
+        for bits in config.bit_config.bits:
+            unsearched = bool((linear.clip_up[str(bits)] == NO_SHRINK_LOGIT).all())
+            assert unsearched == (bits == 8), (bits, linear.clip_up[str(bits)])

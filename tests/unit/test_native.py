@@ -1,6 +1,10 @@
 """The native kernels: bit planes on the vectorized path (this CPU's) and the portable path (other CPUs),
 and the dense bf16 kernel of the fp plan's decode step."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -96,3 +100,12 @@ def test_kernels_run_their_loops_on_every_thread(native):
     if threads < 2:
         pytest.skip("one CPU thread here")
     assert torch.ops.quept.parallel_threads(64) == threads
+
+
+def test_a_finished_build_loads_without_the_build_tools(native):
+    """A later process loads the library the first one built, without importing torch's build tools."""
+    script = ("import sys\nfrom quept_core.runtime.kernels import native\n"
+              "assert native._build()\nprint('torch.utils.cpp_extension' in sys.modules)\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=False,
+                            cwd=Path(__file__).resolve().parents[2])
+    assert result.returncode == 0 and result.stdout.strip() == "False", result.stdout + result.stderr
