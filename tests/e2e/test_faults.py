@@ -243,17 +243,16 @@ config = CalibrationConfig(n_samples=4, seqlen=64, batch_size=2, clip_search_gri
 result = calibrate_artifact(load_model(sys.argv[1]), config, sys.argv[2], text_file=sys.argv[3], progress=False)
 print(json.dumps({"resumed_from": result.resumed_from}))
 """
-CALIB_TEXT = WIKITEXT_TEST
 TINY_LAYERS = 6
 
 
 def calibrate_command(model: Path, out: Path) -> list[str]:
-    return [sys.executable, "-c", CALIBRATE, str(model), str(out), str(CALIB_TEXT)]
+    return [sys.executable, "-c", CALIBRATE, str(model), str(out), str(WIKITEXT_TEST)]
 
 
 def test_calibration_killed_after_a_block_resumes_to_the_same_artifact(tmp_path):
-    if not CALIB_TEXT.is_file():
-        pytest.skip(f"{CALIB_TEXT} is missing")
+    if not WIKITEXT_TEST.is_file():
+        pytest.skip(f"{WIKITEXT_TEST} is missing")
     model = write_tiny_model(tmp_path / "tiny", layers=TINY_LAYERS)
     reference, killed = tmp_path / "reference", tmp_path / "killed"
     subprocess.run(calibrate_command(model, reference), cwd=REPO_ROOT, check=True, capture_output=True, timeout=600)

@@ -14,15 +14,13 @@ from tests.support import WIKITEXT_TEST
 
 pytestmark = pytest.mark.integration
 
-TEST = WIKITEXT_TEST
-
 
 @pytest.fixture(scope="module")
 def setting():
     loaded = load_model()
     calibrated = load_artifact(ensure_artifact(loaded, "fast"), loaded)  # calibrated once, then cached
     base = load_model()
-    windows = make_windows(tokenize_text(base.tokenizer, read_text(TEST)), 512, max_tokens=4096)
+    windows = make_windows(tokenize_text(base.tokenizer, read_text(WIKITEXT_TEST)), 512, max_tokens=4096)
     names = model_linear_names(base.model)
     # Each method's weights go into its own model: the calibrated one carries the equalized norms.
     return windows, names, {

@@ -10,13 +10,11 @@ import pytest
 
 from quept_core.eval.perplexity import make_windows, perplexity, read_text, tokenize_text
 from quept_core.io.models import load_model
-from tests.support import REPO_ROOT as ROOT
-from tests.support import SHARED_DATA, WIKITEXT_TEST
+from tests.support import REPO_ROOT, SHARED_DATA, WIKITEXT_TEST
 
 pytestmark = pytest.mark.integration
 
 VALID = SHARED_DATA / "wikitext-2" / "valid.txt"
-TEST = WIKITEXT_TEST
 
 
 def test_fp_perplexity_is_finite_and_identical_across_runs():
@@ -30,10 +28,10 @@ def test_fp_perplexity_is_finite_and_identical_across_runs():
 
 
 def test_quept_eval_json_schema():
-    command = [sys.executable, "-m", "service", "eval", "--text", str(TEST), "--precision", "fp",
+    command = [sys.executable, "-m", "service", "eval", "--text", str(WIKITEXT_TEST), "--precision", "fp",
                "--seqlen", "512", "--max-tokens", "4096", "--json"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    done = subprocess.run(command, check=False, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    done = subprocess.run(command, check=False, capture_output=True, text=True, cwd=REPO_ROOT, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     data = json.loads(done.stdout)
     assert data["model"] == "smollm2-135m" and data["seqlen"] == 512 and data["tokens"] == 4096
