@@ -50,10 +50,12 @@ def test_native_step_matches_the_pytorch_step(pair, plans):
             assert (got - want).abs().max() <= 0.03 * want.abs().max()
 
 
-def test_vectorized_attention_matches_the_pytorch_step():
-    """Heads of 64 dimensions take the vectorized scores (keys in blocks of 16, then a tail): a 30-token
-    prompt and 8 new tokens cross a block boundary; sharp attention makes any misplaced score show."""
-    native, reference = engines(sharpen=8.0, num_attention_heads=2, num_key_value_heads=1)
+@pytest.mark.parametrize("heads", [2, 1])
+def test_vectorized_attention_matches_the_pytorch_step(heads):
+    """Heads of 64 or 128 dimensions take the vectorized attention (keys in blocks of 16, then a tail;
+    values two positions at a time): a 30-token prompt and 8 new tokens cross a block boundary at odd and
+    even lengths; sharp attention makes any misplaced score or value show."""
+    native, reference = engines(sharpen=8.0, num_attention_heads=heads, num_key_value_heads=1)
     arrivals = {0: [request(PROMPTS[3], native.plan("fp"), max_new_tokens=8)],
                 1: [request(PROMPTS[0], native.plan("w4"), max_new_tokens=8)]}
     tokens, logits = drain(native, arrivals)

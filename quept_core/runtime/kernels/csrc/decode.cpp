@@ -407,8 +407,8 @@ class DecodeProgram : public torch::CustomClassHolder {
   // scores[t] = scale * q . keys[t]; the head's 64 or 128 dimensions stay in registers.
   void score_keys(const float* q, const uint16_t* keys, int64_t length, float scale, float* scores) const {
 #ifdef QUEPT_AVX512
-    if (head_dim_ == 64) return score_keys_avx512<4>(q, keys, length, scale, scores);
-    if (head_dim_ == 128) return score_keys_avx512<8>(q, keys, length, scale, scores);
+    if (head_dim_ == 64) return score_keys_avx512<2>(q, keys, length, scale, scores);
+    if (head_dim_ == 128) return score_keys_avx512<4>(q, keys, length, scale, scores);
 #endif
     for (int64_t t = 0; t < length; ++t) {
       float dot = 0.f;
@@ -422,8 +422,8 @@ class DecodeProgram : public torch::CustomClassHolder {
   // out = sum_t weights[t] * values[t], accumulated in registers.
   void weigh_values(const float* weights, const uint16_t* values, int64_t length, float* out) const {
 #ifdef QUEPT_AVX512
-    if (head_dim_ == 64) return weigh_values_avx512<4>(weights, values, length, out);
-    if (head_dim_ == 128) return weigh_values_avx512<8>(weights, values, length, out);
+    if (head_dim_ == 64) return weigh_values_avx512<2>(weights, values, length, out);
+    if (head_dim_ == 128) return weigh_values_avx512<4>(weights, values, length, out);
 #endif
     for (int64_t i = 0; i < head_dim_; ++i) out[i] = 0.f;
     for (int64_t t = 0; t < length; ++t) {
@@ -434,17 +434,35 @@ class DecodeProgram : public torch::CustomClassHolder {
   }
 
 #ifdef QUEPT_AVX512
-  // 16 bf16 values as float32 (their bits moved to the top halves of the lanes).
-  static __m512 load_bf16(const uint16_t* at) {
-    return _mm512_castsi512_ps(
-        _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(at))), 16));
+  // float32 lanes as two bf16 vectors whose sum is the value to about 16 significant bits (bf16 keeps 8):
+  // a bf16 dot product (vdpbf16ps, exact products summed in float32) of both with bf16 keys or values is
+  // the float32 product at a third of the instructions of converting the keys or values to float32.
+  struct Split {
+    __m512bh high, low;
+  };
+
+  // 16 bf16 values (a __m256bh) as float32.
+  static __m512 widen(__m256i bf16) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bf16), 16));
   }
 
-  template <int D16>
-  static __m512 key_products(const __m512* query, const uint16_t* key) {
-    __m512 dot = _mm512_mul_ps(query[0], load_bf16(key));
-    for (int i = 1; i < D16; ++i) dot = _mm512_fmadd_ps(query[i], load_bf16(key + 16 * i), dot);
-    return dot;
+  // 32 lanes: a's 16 in the low half, b's in the high half.
+  static Split split(__m512 a, __m512 b) {
+    const __m512 a_rest = _mm512_sub_ps(a, widen((__m256i)_mm512_cvtneps_pbh(a)));
+    const __m512 b_rest = _mm512_sub_ps(b, widen((__m256i)_mm512_cvtneps_pbh(b)));
+    return {_mm512_cvtne2ps_pbh(b, a), _mm512_cvtne2ps_pbh(b_rest, a_rest)};
+  }
+
+  // 16 lanes whose sum is query . key (D32 blocks of 32 dimensions).
+  template <int D32>
+  static __m512 key_products(const Split* query, const uint16_t* key) {
+    __m512 high = _mm512_setzero_ps(), low = _mm512_setzero_ps();
+    for (int i = 0; i < D32; ++i) {
+      const __m512bh k = (__m512bh)_mm512_loadu_si512(key + 32 * i);
+      high = _mm512_dpbf16_ps(high, query[i].high, k);
+      low = _mm512_dpbf16_ps(low, query[i].low, k);
+    }
+    return _mm512_add_ps(high, low);
   }
 
   // (a L0 + a L1, a L2 + a L3, b L0 + b L1, b L2 + b L3) over 128-bit lanes L.
@@ -454,16 +472,19 @@ class DecodeProgram : public torch::CustomClassHolder {
 
   // Keys in blocks of 16: the 16 product vectors are summed by a transposition tree into one vector of
   // 16 scores (about 3 instructions a key instead of a horizontal sum each).
-  template <int D16>
+  template <int D32>
   static void score_keys_avx512(const float* q, const uint16_t* keys, int64_t length, float scale, float* scores) {
-    __m512 query[D16];
-    for (int i = 0; i < D16; ++i) query[i] = _mm512_mul_ps(_mm512_loadu_ps(q + 16 * i), _mm512_set1_ps(scale));
+    Split query[D32];
+    const __m512 s = _mm512_set1_ps(scale);
+    for (int i = 0; i < D32; ++i)
+      query[i] = split(_mm512_mul_ps(_mm512_loadu_ps(q + 32 * i), s), _mm512_mul_ps(_mm512_loadu_ps(q + 32 * i + 16), s));
+    constexpr int D = 32 * D32;
     int64_t t = 0;
     for (; t + 16 <= length; t += 16) {
       __m512 pairs[8], quads[4];
       for (int i = 0; i < 8; ++i) {  // per 128-bit lane: (a0+a2, b0+b2, a1+a3, b1+b3)
-        const __m512 a = key_products<D16>(query, keys + (t + 2 * i) * 16 * D16);
-        const __m512 b = key_products<D16>(query, keys + (t + 2 * i + 1) * 16 * D16);
+        const __m512 a = key_products<D32>(query, keys + (t + 2 * i) * D);
+        const __m512 b = key_products<D32>(query, keys + (t + 2 * i + 1) * D);
         pairs[i] = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
       }
       for (int i = 0; i < 4; ++i) {  // per 128-bit lane: the lane's sums of keys 4i .. 4i + 3
@@ -474,18 +495,50 @@ class DecodeProgram : public torch::CustomClassHolder {
       const __m512 low = lane_sums(quads[0], quads[1]), high = lane_sums(quads[2], quads[3]);
       _mm512_storeu_ps(scores + t, lane_sums(low, high));
     }
-    for (; t < length; ++t) scores[t] = _mm512_reduce_add_ps(key_products<D16>(query, keys + t * 16 * D16));
+    for (; t < length; ++t) scores[t] = _mm512_reduce_add_ps(key_products<D32>(query, keys + t * D));
   }
 
-  template <int D16>
+  // Two positions at a time: their values interleaved (v_t[d], v_t+1[d]) meet the pair of weights
+  // (w_t, w_t+1) in one vdpbf16ps. Interleaving within 128-bit lanes leaves dimensions 8j..8j+3 of a
+  // 32-dimension block in lanes 4j..4j+3 of `first` and 8j+4..8j+7 in the same lanes of `second`.
+  template <int D32>
   static void weigh_values_avx512(const float* weights, const uint16_t* values, int64_t length, float* out) {
-    __m512 acc[D16];
-    for (int i = 0; i < D16; ++i) acc[i] = _mm512_setzero_ps();
-    for (int64_t t = 0; t < length; ++t) {
-      const __m512 weight = _mm512_set1_ps(weights[t]);
-      for (int i = 0; i < D16; ++i) acc[i] = _mm512_fmadd_ps(weight, load_bf16(values + (t * D16 + i) * 16), acc[i]);
+    constexpr int D = 32 * D32;
+    __m512 first[2][D32], second[2][D32];  // [the weights' high or low part][block]
+    for (int h = 0; h < 2; ++h)
+      for (int i = 0; i < D32; ++i) first[h][i] = second[h][i] = _mm512_setzero_ps();
+    alignas(64) uint16_t parts[2][32];  // the weights of 16 positions (and a zero after), high and low
+    for (int64_t t0 = 0; t0 < length; t0 += 16) {
+      const int64_t count = std::min<int64_t>(16, length - t0);
+      const Split w = split(_mm512_maskz_loadu_ps(tail_mask(count), weights + t0), _mm512_setzero_ps());
+      _mm512_store_si512(parts[0], (__m512i)w.high);
+      _mm512_store_si512(parts[1], (__m512i)w.low);
+      for (int64_t j = 0; j < count; j += 2) {
+        const uint16_t* a = values + (t0 + j) * D;
+        const uint16_t* b = j + 1 < count ? a + D : a;  // past the end: the weight is 0, the value any finite one
+        __m512bh pair[2];
+        for (int h = 0; h < 2; ++h) {
+          int32_t two;
+          std::memcpy(&two, parts[h] + j, sizeof(two));
+          pair[h] = (__m512bh)_mm512_set1_epi32(two);
+        }
+        for (int i = 0; i < D32; ++i) {
+          const __m512i va = _mm512_loadu_si512(a + 32 * i), vb = _mm512_loadu_si512(b + 32 * i);
+          const __m512bh lo = (__m512bh)_mm512_unpacklo_epi16(va, vb), hi = (__m512bh)_mm512_unpackhi_epi16(va, vb);
+          for (int h = 0; h < 2; ++h) {
+            first[h][i] = _mm512_dpbf16_ps(first[h][i], lo, pair[h]);
+            second[h][i] = _mm512_dpbf16_ps(second[h][i], hi, pair[h]);
+          }
+        }
+      }
     }
-    for (int i = 0; i < D16; ++i) _mm512_storeu_ps(out + 16 * i, acc[i]);
+    const __m512i low_half = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+    const __m512i high_half = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+    for (int i = 0; i < D32; ++i) {
+      const __m512 a = _mm512_add_ps(first[0][i], first[1][i]), b = _mm512_add_ps(second[0][i], second[1][i]);
+      _mm512_storeu_ps(out + 32 * i, _mm512_permutex2var_ps(a, low_half, b));
+      _mm512_storeu_ps(out + 32 * i + 16, _mm512_permutex2var_ps(a, high_half, b));
+    }
   }
 #endif
 
