@@ -42,19 +42,18 @@ def build_baseline(revision: str, folder: Path) -> type:
     source = folder / "csrc"
     source.mkdir(parents=True)
     for name in names:
-        text = subprocess.run(["git", "show", f"{revision}:{prefix}/{name}"], capture_output=True, check=True,
-                              cwd=root).stdout
-        (source / name).write_bytes(text)
+        content = subprocess.run(["git", "show", f"{revision}:{prefix}/{name}"], capture_output=True, check=True,
+                                 cwd=root).stdout
+        (source / name).write_bytes(content)
     cpp_extension.load(name=NAMESPACE, sources=[str(source / "planes.cpp"), str(source / "decode.cpp")],
                        extra_include_paths=[str(source)], extra_cflags=[*CFLAGS, f"-DQUEPT_OPS={NAMESPACE}"],
                        extra_ldflags=list(LDFLAGS), build_directory=str(folder), is_python_module=False)
     return getattr(torch.classes, NAMESPACE).DecodeProgram
 
 
-def step_ms(engine, backend, baseline_class: type, precision: str, rows: int, context: int,
-            calls: int) -> tuple[float, float]:
+def step_ms(backend, baseline_class: type, precision: str, rows: int, context: int, calls: int) -> tuple[float, float]:
     """Median milliseconds of one step of `rows` rows at position `context`: (baseline, this checkout)."""
-    plan = backend.resolve(precision)
+    engine, plan = backend.engine, backend.resolve(precision)
     for _ in range(rows):
         engine.add(SequenceRequest(list(range(1000, 1000 + context)), plan, SamplingParams(max_new_tokens=2)))
     engine.step()  # prefill: every row's slot holds `context` positions
@@ -92,13 +91,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         baseline_class = build_baseline(args.baseline, Path(folder))
         backend = load_backend(load_settings([a for a in serve_args if a != "--"]))
-        engine = backend.engine
         print(f"native decode step, median of {args.calls} steps each, alternating, {torch.get_num_threads()} threads; "
               f"baseline {args.baseline}")
         print("| precision | rows | context | baseline ms | this checkout ms | this / baseline |")
         print("|---|---:|---:|---:|---:|---:|")
         for precision, rows, context in args.cells:
-            old, new = step_ms(engine, backend, baseline_class, precision, int(rows), int(context), args.calls)
+            old, new = step_ms(backend, baseline_class, precision, int(rows), int(context), args.calls)
             print(f"| {precision} | {rows} | {context} | {old:.2f} | {new:.2f} | {new / old:.3f} |")
 
 

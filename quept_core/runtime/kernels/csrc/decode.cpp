@@ -436,12 +436,12 @@ class DecodeProgram : public torch::CustomClassHolder {
 #ifdef QUEPT_AVX512
   // float32 lanes as two bf16 vectors whose sum is the value to about 16 significant bits (bf16 keeps 8):
   // a bf16 dot product (vdpbf16ps, exact products summed in float32) of both with bf16 keys or values is
-  // the float32 product at a third of the instructions of converting the keys or values to float32.
+  // the float32 product at a third (keys) to a half (values) of the instructions of widening them.
   struct Split {
     __m512bh high, low;
   };
 
-  // 16 bf16 values (a __m256bh) as float32.
+  // 16 bf16 values (the bits of a __m256bh) as float32.
   static __m512 widen(__m256i bf16) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bf16), 16));
   }
