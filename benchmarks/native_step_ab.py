@@ -21,10 +21,9 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils import cpp_extension
 
 from quept_core.runtime import native_step
-from quept_core.runtime.kernels.native import CFLAGS, CSRC, LDFLAGS
+from quept_core.runtime.kernels.native import CFLAGS, CSRC, load_kernels
 from quept_core.runtime.protocol import SamplingParams, SequenceRequest
 from service.engine.loading import load_backend
 from service.settings import load_settings
@@ -45,9 +44,7 @@ def build_baseline(revision: str, folder: Path) -> type:
         content = subprocess.run(["git", "show", f"{revision}:{prefix}/{name}"], capture_output=True, check=True,
                                  cwd=root).stdout
         (source / name).write_bytes(content)
-    cpp_extension.load(name=NAMESPACE, sources=[str(source / "planes.cpp"), str(source / "decode.cpp")],
-                       extra_include_paths=[str(source)], extra_cflags=[*CFLAGS, f"-DQUEPT_OPS={NAMESPACE}"],
-                       extra_ldflags=list(LDFLAGS), build_directory=str(folder), is_python_module=False)
+    load_kernels(folder, NAMESPACE, source, (*CFLAGS, f"-DQUEPT_OPS={NAMESPACE}"))
     return getattr(torch.classes, NAMESPACE).DecodeProgram
 
 

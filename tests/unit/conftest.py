@@ -6,10 +6,9 @@ import pytest
 import torch
 import uvicorn
 from fastapi.testclient import TestClient
-from torch.utils import cpp_extension
 
 from quept_core.io.paths import cache_dir
-from quept_core.runtime.kernels.native import CSRC, SOURCES
+from quept_core.runtime.kernels.native import load_kernels
 from service.app import create_app
 from service.settings import Settings
 from tests.support import free_port, wait_for, wait_ready
@@ -71,12 +70,9 @@ def one_thread():
 def portable():
     """The kernels as CPUs without AVX-512 build them (`torch.ops.quept_portable`, `torch.classes.quept_portable`)."""
     folder = cache_dir() / "kernels" / f"torch-{torch.__version__}-portable-test"
-    folder.mkdir(parents=True, exist_ok=True)
     try:
-        cpp_extension.load(name="quept_planes_portable", sources=[str(s) for s in SOURCES], build_directory=str(folder),
-                           extra_include_paths=[str(CSRC)],
-                           extra_cflags=["-O2", "-DQUEPT_PORTABLE", "-DQUEPT_OPS=quept_portable"],
-                           is_python_module=False)
+        load_kernels(folder, "quept_planes_portable", cflags=("-O2", "-DQUEPT_PORTABLE", "-DQUEPT_OPS=quept_portable"),
+                     ldflags=())
     except (OSError, RuntimeError) as error:
         pytest.skip(f"no C++ toolchain: {error}")
     return torch.ops.quept_portable.planes_gemv.default

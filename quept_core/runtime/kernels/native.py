@@ -14,7 +14,7 @@ import os
 import platform
 import shutil
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import cache
 from pathlib import Path
 
@@ -132,10 +132,12 @@ def _load_built(folder: Path) -> bool:
     return True
 
 
-def _compile(folder: Path) -> bool:
-    """Compile, link and load the kernels into `folder` (the folder names the sources, flags, CPU and
-    torch it was built for), then mark it built: a later process loads the library without the build
-    tools, whose import (setuptools) holds 4 MiB for the life of a server."""
+def load_kernels(folder: Path, name: str = LIBRARY, csrc: Path = CSRC, cflags: Sequence[str] = CFLAGS,
+                 ldflags: Sequence[str] = LDFLAGS) -> None:
+    """Compile the kernel sources of `csrc` into `folder` and load them; raises when the build fails. A
+    variant loaded next to the shipped kernels names its own operator namespace in `cflags`
+    (`-DQUEPT_OPS=<namespace>`): the tests' portable build, another revision's in
+    benchmarks/native_step_ab.py."""
     from torch.utils import cpp_extension
 
     # The `ninja` package installs its binary next to the interpreter, which may not be on PATH.
@@ -143,17 +145,17 @@ def _compile(folder: Path) -> bool:
     if shutil.which("ninja") is None and (scripts / "ninja").is_file():
         os.environ["PATH"] = f"{scripts}{os.pathsep}{os.environ.get('PATH', '')}"
     folder.mkdir(parents=True, exist_ok=True)
+    cpp_extension.load(name=name, sources=[str(csrc / source.name) for source in SOURCES],
+                       extra_include_paths=[str(csrc)], extra_cflags=list(cflags), extra_ldflags=list(ldflags),
+                       build_directory=str(folder), is_python_module=False, verbose=False)
+
+
+def _compile(folder: Path) -> bool:
+    """Compile, link and load the kernels into `folder` (the folder names the sources, flags, CPU and
+    torch it was built for), then mark it built: a later process loads the library without the build
+    tools, whose import (setuptools) holds 4 MiB for the life of a server."""
     try:
-        cpp_extension.load(
-            name=LIBRARY,
-            sources=[str(s) for s in SOURCES],
-            extra_include_paths=[str(CSRC)],
-            extra_cflags=list(CFLAGS),
-            extra_ldflags=list(LDFLAGS),
-            build_directory=str(folder),
-            is_python_module=False,
-            verbose=False,
-        )
+        load_kernels(folder)
     except (OSError, RuntimeError, ImportError, SystemExit) as error:
         log.warning("native bit-plane kernel unavailable (%s); using dequantize-then-matmul", error)
         return False
