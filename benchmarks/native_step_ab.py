@@ -6,7 +6,9 @@ Here the other revision's kernel sources (`git show REV:...`) are compiled under
 namespace and loaded next to this checkout's; both programs run the same layout over the same KV pool,
 rows and positions, one step each in turn (the order flipping every call), and each cell reports the
 median step of both and their ratio. The engine is the one `quept serve` loads (its settings and
-flags after `--`); the baseline's `DecodeProgram` must take the same calls as this checkout's.
+flags after `--`); the baseline's `DecodeProgram` must take the same calls as this checkout's, except
+for the dtypes of the packs' scales and zero-points, which `--baseline-grid-dtypes` converts (e.g.
+`float32,int16` for revisions before the packs held float16 scales and uint8 zero-points).
 
     python benchmarks/native_step_ab.py --baseline HEAD [--cells w4:8:256,w4:1:1024] [--calls 200]
 """
@@ -18,11 +20,13 @@ import statistics
 import subprocess
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from quept_core.runtime import native_step
+from quept_core.runtime.kernels.formats import BitPlanes, LutPlanes
 from quept_core.runtime.kernels.native import CFLAGS, CSRC, load_kernels
 from quept_core.runtime.protocol import SamplingParams, SequenceRequest
 from service.engine.loading import load_backend
@@ -48,7 +52,24 @@ def build_baseline(revision: str, folder: Path) -> type:
     return getattr(torch.classes, NAMESPACE).DecodeProgram
 
 
-def step_ms(backend, baseline_class: type, precision: str, rows: int, context: int, calls: int) -> tuple[float, float]:
+@contextmanager
+def grid_dtypes(layout, dtypes: tuple[torch.dtype, torch.dtype] | None):
+    """The layout's bit-plane packs with their scales and zero-points in `dtypes` while the block runs."""
+    sites = [site for block in layout.blocks for site in block.values()] + [layout.head]
+    packs = {id(p): p for site in sites for part in site.parts for p in part.packs if isinstance(p, (BitPlanes, LutPlanes))}
+    kept = {key: (p.scale, p.zero) for key, p in packs.items()}
+    if dtypes is not None:
+        for p in packs.values():
+            p.scale, p.zero = p.scale.to(dtypes[0]), p.zero.to(dtypes[1])
+    try:
+        yield
+    finally:
+        for key, (scale, zero) in kept.items():
+            packs[key].scale, packs[key].zero = scale, zero
+
+
+def step_ms(backend, baseline_class: type, precision: str, rows: int, context: int, calls: int,
+            baseline_dtypes: tuple[torch.dtype, torch.dtype] | None) -> tuple[float, float]:
     """Median milliseconds of one step of `rows` rows at position `context`: (baseline, this checkout)."""
     engine, plan = backend.engine, backend.resolve(precision)
     for _ in range(rows):
@@ -59,7 +80,8 @@ def step_ms(backend, baseline_class: type, precision: str, rows: int, context: i
     own_class = native_step.decode_program_class
     native_step.decode_program_class = lambda: baseline_class
     try:
-        baseline = native_step.NativeStep(engine.model, layout, engine.max_running)
+        with grid_dtypes(layout, baseline_dtypes):
+            baseline = native_step.NativeStep(engine.model, layout, engine.max_running)
     finally:
         native_step.decode_program_class = own_class
     tokens, positions = [1000 + row for row in range(rows)], [context] * rows
@@ -84,6 +106,8 @@ def main() -> None:
                                  ["w4", "8", "1024"]],
                         help="precision:rows:context, comma separated")
     parser.add_argument("--calls", type=int, default=200, help="steps of each build per cell")
+    parser.add_argument("--baseline-grid-dtypes", type=lambda s: tuple(getattr(torch, d) for d in s.split(",")),
+                        help="SCALE,ZERO: the dtypes the baseline's kernels read the packs' grids in (e.g. float32,int16)")
     args, serve_args = parser.parse_known_args()
     with tempfile.TemporaryDirectory() as folder:
         baseline_class = build_baseline(args.baseline, Path(folder))
@@ -93,7 +117,8 @@ def main() -> None:
         print("| precision | rows | context | baseline ms | this checkout ms | this / baseline |")
         print("|---|---:|---:|---:|---:|---:|")
         for precision, rows, context in args.cells:
-            old, new = step_ms(backend, baseline_class, precision, int(rows), int(context), args.calls)
+            old, new = step_ms(backend, baseline_class, precision, int(rows), int(context), args.calls,
+                               args.baseline_grid_dtypes)
             print(f"| {precision} | {rows} | {context} | {old:.2f} | {new:.2f} | {new / old:.3f} |")
 
 

@@ -47,7 +47,7 @@ if TYPE_CHECKING:  # only the first start, which writes the store, has transform
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: scales rounded to float16 values (quant/grid.py)
 MANIFEST = "manifest.json"
 DENSE = "dense.safetensors"
 TOKENIZER = "tokenizer"

@@ -4,12 +4,14 @@ Per group of `group_size` consecutive input features in each output row (or per 
 `group_size == -1`):
 
     M' = sigmoid(up) * max,  m' = sigmoid(low) * min
-    s  = clamp((M' - m') / (2^b - 1), 1e-5, 1e4)        straight-through clamp
+    s  = fp16(clamp((M' - m') / (2^b - 1), 1e-5, 1e4))  straight-through clamp and rounding
     z  = round(-m' / s)                                   no gradient
     q  = clamp(round(W / s) + z, 0, 2^b - 1)             straight-through round
     Ŵ  = (q - z) * s
 
-Scale and zero are recomputed from the tensor every time; only the clip logits are learned.
+Scale and zero are recomputed from the tensor every time; only the clip logits are learned. The scale
+is rounded to the nearest float16 value, the precision the packs store it in, so that calibration
+trains against the grid that is served and a pack holds its weight exactly.
 """
 
 from __future__ import annotations
@@ -66,6 +68,8 @@ def _grid_of_range(w_max: torch.Tensor, w_min: torch.Tensor, bits: int, up: torc
     high_bound = w_max if up is None else up * w_max
     low_bound = w_min if low is None else low * w_min
     scale = ((high_bound - low_bound) / (2**bits - 1)).clamp(SCALE_MIN, SCALE_MAX)
+    # No caller differentiates through this: _FakeQuantize passes the rounding straight through.
+    scale = scale.to(torch.float16).to(scale.dtype)
     zero = (-low_bound / scale).round()
     return scale.unsqueeze(-1), zero.unsqueeze(-1)
 
@@ -152,7 +156,7 @@ class QuantizedWeight:
     """Integer codes with per-group scale and integer zero-point: Ŵ = (codes - zero) * scale."""
 
     codes: torch.Tensor  # uint8 [out, in], values in [0, 2^bits - 1]
-    scale: torch.Tensor  # float32 [out, n_groups]
+    scale: torch.Tensor  # float32 [out, n_groups], float16 values
     zero: torch.Tensor  # float32 [out, n_groups], integer-valued (may lie outside the code range)
     bits: int
     group_size: int  # -1: one group per output row

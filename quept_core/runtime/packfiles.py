@@ -26,7 +26,7 @@ from quept_core.runtime.kernels.formats import FORMATS, DenseWeight, PackedWeigh
 
 log = logging.getLogger(__name__)
 
-VERSION = 3  # bump when a format's attributes or tensors change meaning
+VERSION = 4  # bump when a format's attributes or tensors change meaning
 _FORMATS = {fmt.__name__: fmt for fmt in (*FORMATS, DenseWeight)}
 _INDEX = "packs"  # the metadata entry: {pack name: {"format": ..., "attrs": {...}}}
 

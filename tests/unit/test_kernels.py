@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from quept_core.config import BitConfig
 from quept_core.quant.elastic import ElasticLinear
-from quept_core.quant.grid import QuantizedWeight, quantize
+from quept_core.quant.grid import QuantizedWeight, quantize, storage_bits_per_weight
 from quept_core.runtime.kernels.formats import (
     BitPlanes,
     DenseWeight,
@@ -126,12 +126,27 @@ def test_zero_point_mapping_is_exact(fmt, bits, group, in_features):
     assert torch.equal(read_back.float(), qw.dequantize().T)
 
 
+def test_a_grid_the_packs_cannot_hold_exactly_takes_another_format():
+    """Packs store float16 scales and uint8 zero-points; a group whose weights are all positive has a
+    zero-point below 0, so the weight is served by a format that holds it exactly, not rounded into one."""
+    weight = torch.randn(80, 320, generator=torch.Generator().manual_seed(0)) * 0.05
+    weight[3, :64] = weight[3, :64].abs() + 0.01
+    qw = quantize(weight, 4, 64)
+    assert qw.zero.min() < 0 and torch.equal(qw.scale.half().float(), qw.scale)
+    cpu = torch.device("cpu")
+    assert not BitPlanes.supports(qw, cpu) and not LutPlanes.supports(qw, cpu)
+    with pytest.raises(ValueError, match="zero-points"):
+        BitPlanes(qw, torch.bfloat16)
+    pack = pack_weight(qw, torch.bfloat16)
+    assert not isinstance(pack, (BitPlanes, LutPlanes))
+    assert relative_error(pack.dense(), qw.dequantize()) < 0.01
+
+
 @pytest.mark.parametrize("bits", [3, 5, 6, 7])
 def test_bit_planes_cost_no_more_than_their_bits(bits):
     qw = quantize(torch.randn(256, 256), bits, 64)
-    groups = 256 * 256 // 64
-    # b bits per weight, plus a float32 scale and an int16 zero-point per group.
-    assert BitPlanes(qw, torch.bfloat16).nbytes == 256 * 256 * bits // 8 + groups * (4 + 2)
+    # b bits per weight, plus a float16 scale and a uint8 zero-point per group: what the grid counts.
+    assert BitPlanes(qw, torch.bfloat16).nbytes == 256 * 256 * storage_bits_per_weight(bits, 64, 256) / 8
 
 
 @pytest.mark.parametrize(("bits", "group"), [(3, 64), (5, 64), (7, 128), (8, -1)])

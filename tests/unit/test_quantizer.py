@@ -16,7 +16,8 @@ from quept_core.quant.grid import (
 
 
 def _on_grid(out_features: int, in_features: int, bits: int, group: int, seed: int = 0) -> torch.Tensor:
-    """A weight that lies exactly on a b-bit grid, each group using both ends of the code range."""
+    """A weight that lies exactly on a b-bit grid (float16 scales, as the grid's), each group using both
+    ends of the code range."""
     generator = torch.Generator().manual_seed(seed)
     width = in_features if group == -1 else group
     groups = num_groups(in_features, group)
@@ -24,7 +25,7 @@ def _on_grid(out_features: int, in_features: int, bits: int, group: int, seed: i
     codes = torch.randint(0, top + 1, (out_features, groups, width), generator=generator).float()
     codes[:, :, 0], codes[:, :, 1] = 0, top
     zero = torch.randint(1, top, (out_features, groups, 1), generator=generator).float()
-    scale = torch.rand(out_features, groups, 1, generator=generator) * 0.01 + 0.001
+    scale = (torch.rand(out_features, groups, 1, generator=generator) * 0.01 + 0.001).half().float()
     return ((codes - zero) * scale).reshape(out_features, -1)[:, :in_features]
 
 
@@ -118,12 +119,13 @@ def test_gradients_pass_straight_through_and_reach_the_clip_logits():
 
 
 def _reference_fake_quantize(weight, bits, group, up, low):
-    """The quantizer's formulas composed from autograd primitives (straight-through round and clamp)."""
+    """The quantizer's formulas composed from autograd primitives (straight-through round, clamp and
+    rounding of the scale to float16)."""
     grouped = weight.reshape(weight.shape[0], -1, weight.shape[1] if group == -1 else group)
     high = torch.sigmoid(up) * grouped.amax(-1)
     lowest = torch.sigmoid(low) * grouped.amin(-1)
     raw = (high - lowest) / (2**bits - 1)
-    scale = ((raw.clamp(1e-5, 1e4) - raw).detach() + raw).unsqueeze(-1)
+    scale = ((raw.clamp(1e-5, 1e4).half().to(raw.dtype) - raw).detach() + raw).unsqueeze(-1)
     zero = (-lowest.unsqueeze(-1) / scale).round().detach()
     steps = grouped / scale
     codes = ((steps.round() - steps).detach() + steps + zero).clamp(0, 2**bits - 1)

@@ -349,12 +349,19 @@ def _dequantize_rows(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tenso
     return weight.reshape(*ids.shape, codes.shape[1])
 
 
+def _grid_fits_packs(qw: QuantizedWeight) -> bool:
+    """Whether float16 scales and uint8 zero-points hold this weight's grid exactly. The grid's scales
+    are float16 values; its zero-points lie in 0..255 unless a group's weights are all of one sign (none
+    in the models measured), and such a weight takes another format."""
+    return torch.equal(qw.scale.to(torch.float16).float(), qw.scale.float()) and bool(
+        ((qw.zero >= 0) & (qw.zero <= 255)).all())
+
+
 def _tiled_scale_zero(qw: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor]:
-    """A weight's scales (float32) and integer zero-points (int16) as [n/16, groups, 16]."""
-    zero = _tiled(qw.zero)
-    if not torch.equal(zero.to(torch.int16).float(), zero):
-        raise ValueError("zero-points do not fit int16")
-    return _tiled(qw.scale).float(), zero.to(torch.int16)
+    """A weight's scales (float16) and integer zero-points (uint8) as [n/16, groups, 16]."""
+    if not _grid_fits_packs(qw):
+        raise ValueError("the scales are not float16 values or the zero-points lie outside 0..255")
+    return _tiled(qw.scale).to(torch.float16), _tiled(qw.zero).to(torch.uint8)
 
 
 class BitPlanes(PackedWeight):
@@ -381,7 +388,7 @@ class BitPlanes(PackedWeight):
     def supports(qw: QuantizedWeight, device: torch.device) -> bool:
         n, k = qw.codes.shape
         group = k if qw.group_size == -1 else qw.group_size
-        return qw.bits in PLANES and n % TILE == 0 and k % CHUNK == 0 and group % CHUNK == 0
+        return qw.bits in PLANES and n % TILE == 0 and k % CHUNK == 0 and group % CHUNK == 0 and _grid_fits_packs(qw)
 
     def codes(self, ids: torch.Tensor | None = None) -> torch.Tensor:
         if ids is None:
@@ -468,7 +475,7 @@ class LutPlanes(PackedWeight):
         # Up to 7 bits: there a quad's table may be finer than its group's (csrc/lut.h), which keeps the
         # error near 1 %; 8-bit codes get no finer steps and land near 2.5 %.
         return (device.type == "cpu" and lut_gemv() is not None and 2 <= qw.bits <= 7 and n % TILE == 0
-                and k % CHUNK == 0 and group % CHUNK == 0)
+                and k % CHUNK == 0 and group % CHUNK == 0 and _grid_fits_packs(qw))
 
     def linear(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)

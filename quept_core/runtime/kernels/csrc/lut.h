@@ -27,8 +27,8 @@ constexpr int kBlock = 16;  // inputs per block (four quads)
 struct LutProblem {
   int64_t bits = 0, n = 0, k = 0, group = 0, groups = 0, blocks = 0, blocks_per_group = 0, tiles = 0;
   const uint8_t* planes = nullptr;  // [bits][tiles][blocks][32]
-  const float* scale = nullptr;  // [tiles][groups][16]
-  const int16_t* zero = nullptr;  // [tiles][groups][16]
+  const c10::Half* scale = nullptr;  // [tiles][groups][16]
+  const uint8_t* zero = nullptr;     // [tiles][groups][16]
   const uint8_t* record(int64_t bit, int64_t tile, int64_t block) const {
     return planes + ((bit * tiles + tile) * blocks + block) * 32;
   }
@@ -39,9 +39,9 @@ inline LutProblem make_lut_problem(const at::Tensor& planes, int64_t bits, const
   TORCH_CHECK(2 <= bits && bits <= 8, "lut: bits must be in 2..8, got ", bits);
   TORCH_CHECK(k % 64 == 0 && group % 64 == 0, "lut: in_features and group must be multiples of 64");
   TORCH_CHECK(planes.scalar_type() == at::kByte && planes.is_contiguous(), "lut: planes must be contiguous uint8");
-  TORCH_CHECK(scale.scalar_type() == at::kFloat && zero.scalar_type() == at::kShort && scale.is_contiguous() &&
+  TORCH_CHECK(scale.scalar_type() == at::kHalf && zero.scalar_type() == at::kByte && scale.is_contiguous() &&
                   zero.is_contiguous() && scale.dim() == 3 && scale.sizes() == zero.sizes(),
-              "lut: scale (float32) and zero (int16) must be contiguous [tiles, groups, 16]");
+              "lut: scale (float16) and zero (uint8) must be contiguous [tiles, groups, 16]");
   LutProblem p;
   p.bits = bits;
   p.k = k;
@@ -56,8 +56,8 @@ inline LutProblem make_lut_problem(const at::Tensor& planes, int64_t bits, const
   TORCH_CHECK(planes.numel() == bits * p.n * k / 8, "lut: planes hold ", planes.numel(), " bytes, expected ",
               bits * p.n * k / 8);
   p.planes = planes.data_ptr<uint8_t>();
-  p.scale = scale.data_ptr<float>();
-  p.zero = zero.data_ptr<int16_t>();
+  p.scale = scale.data_ptr<c10::Half>();
+  p.zero = zero.data_ptr<uint8_t>();
   return p;
 }
 
@@ -75,7 +75,8 @@ inline void lut_dequant_row(const LutProblem& p, int64_t row, float* out) {
       }
     }
     const int64_t at = (tile * p.groups + block / p.blocks_per_group) * kTile + r;
-    for (int e = 0; e < kBlock; ++e) out[block * kBlock + e] = static_cast<float>(codes[e] - p.zero[at]) * p.scale[at];
+    const float scale = static_cast<float>(p.scale[at]);
+    for (int e = 0; e < kBlock; ++e) out[block * kBlock + e] = static_cast<float>(codes[e] - p.zero[at]) * scale;
   }
 }
 
@@ -178,10 +179,8 @@ void lut_rows(const LutProblem& p, const LutActivations& a, int64_t m0, float* y
         }
       }
       const int64_t at = (tile * p.groups + g) * kTile;
-      const __m512 scale = _mm512_loadu_ps(p.scale + at);
-      const __m512 zero = _mm512_cvtepi32_ps(
-          _mm512_cvtepi16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.zero + at))));
-      const __m512 zero_scale = _mm512_mul_ps(zero, scale);
+      const __m512 scale = load_scales(p.scale + at);
+      const __m512 zero_scale = _mm512_mul_ps(load_zeros(p.zero + at), scale);
       for (int m = 0; m < R; ++m) {
         const int64_t ag = (m0 + m) * p.groups + g;
         total[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[m]), _mm512_mul_ps(scale, _mm512_set1_ps(a.unit[ag])),
@@ -241,7 +240,8 @@ inline void lut_dequant_tiles(const LutProblem& p, at::BFloat16* out_bf16, int64
           const int r = 4 * lane + j;
           const __m128i bytes = _mm_load_si128(reinterpret_cast<const __m128i*>(lanes + 16 * lane));
           const __m512 q = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(bytes));
-          const __m512 w = _mm512_mul_ps(_mm512_sub_ps(q, _mm512_set1_ps(p.zero[at + r])), _mm512_set1_ps(p.scale[at + r]));
+          const __m512 w = _mm512_mul_ps(_mm512_sub_ps(q, _mm512_set1_ps(p.zero[at + r])),
+                                         _mm512_set1_ps(static_cast<float>(p.scale[at + r])));
           _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + (tile * kTile + r) * p.k + block * kBlock),
                               (__m256i)_mm512_cvtneps_pbh(w));
         }

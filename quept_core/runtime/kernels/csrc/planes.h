@@ -10,6 +10,8 @@
 //
 //   y[m, n] = sum_g scale[n, g] * (sum_{k in g} code[n, k] * x[m, k]  -  zero[n, g] * sum_{k in g} x[m, k])
 //
+// Scales are float16 and zero-points uint8, [tiles][groups][16]: the grid's own precision (quant/grid.py).
+//
 // With AVX-512 VNNI, the activations are quantized to int8 per chunk of 64 (a float scale each, as
 // llama.cpp's Q8 blocks): a chunk is 16 vpdpbusd per tile and row, then one conversion to float. Every
 // (row, tile) runs the same instructions whichever rows and tiles are computed beside it, so a row's
@@ -22,6 +24,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -79,8 +82,8 @@ struct Problem {
   int64_t bits = 0;
   const uint8_t* planes[3] = {nullptr, nullptr, nullptr};
   int64_t record[3] = {0, 0, 0};  // bytes of each plane per (tile, chunk): 128 * width
-  const float* scale = nullptr;   // [tiles][groups][16]
-  const int16_t* zero = nullptr;  // [tiles][groups][16]
+  const c10::Half* scale = nullptr;  // [tiles][groups][16]
+  const uint8_t* zero = nullptr;     // [tiles][groups][16]
   int64_t k = 0, n = 0, tiles = 0, groups = 0, group = 0, chunks_per_group = 0, chunks = 0;  // the last group may be cut short
   const uint8_t* chunk(int plane, int64_t tile, int64_t c) const {
     return planes[plane] + (tile * chunks + c) * record[plane];
@@ -93,7 +96,7 @@ inline Problem make_problem(at::TensorList planes, int64_t bits, int64_t k, cons
   const auto widths = plane_widths(bits);
   TORCH_CHECK(planes.size() == widths.size(), "planes: expected ", widths.size(), " planes");
   TORCH_CHECK(k % kChunk == 0 && group % kChunk == 0, "planes: in_features and group must be multiples of 64");
-  TORCH_CHECK(scale.scalar_type() == at::kFloat && zero.scalar_type() == at::kShort, "planes: scale f32, zero i16");
+  TORCH_CHECK(scale.scalar_type() == at::kHalf && zero.scalar_type() == at::kByte, "planes: scale f16, zero u8");
   TORCH_CHECK(scale.is_contiguous() && zero.is_contiguous() && scale.dim() == 3 && scale.sizes() == zero.sizes() &&
                   scale.size(2) == kTile,
               "planes: scale and zero must be contiguous [tiles, groups, 16]");
@@ -107,8 +110,8 @@ inline Problem make_problem(at::TensorList planes, int64_t bits, int64_t k, cons
     p.planes[i] = planes[i].data_ptr<uint8_t>();
     p.record[i] = 128 * widths[i];
   }
-  p.scale = scale.data_ptr<float>();
-  p.zero = zero.data_ptr<int16_t>();
+  p.scale = scale.data_ptr<c10::Half>();
+  p.zero = zero.data_ptr<uint8_t>();
   p.k = k;
   p.n = n;
   p.group = group;
@@ -191,7 +194,7 @@ inline void dequant_row(const Problem& p, int64_t row, float* out) {
   for (int64_t c = 0; c < p.chunks; ++c) {
     unpack_chunk(p, row, c, codes);
     const int64_t at = p.at(row / kTile, c / p.chunks_per_group) + row % kTile;
-    const float s = p.scale[at], z = static_cast<float>(p.zero[at]);
+    const float s = static_cast<float>(p.scale[at]), z = static_cast<float>(p.zero[at]);
     for (int j = 0; j < kChunk; ++j) out[c * kChunk + j] = (static_cast<float>(codes[j]) - z) * s;
   }
 }
@@ -218,7 +221,8 @@ inline void gemv_tiles(const Problem& p, const Activations& a, float* y, int64_t
       }
       const int64_t at = p.at(row / kTile, g) + row % kTile;
       for (int64_t m = 0; m < a.rows; ++m)
-        total[m] += p.scale[at] * (acc[m] - static_cast<float>(p.zero[at]) * a.sums[m * p.groups + g]);
+        total[m] += static_cast<float>(p.scale[at]) *
+                    (acc[m] - static_cast<float>(p.zero[at]) * a.sums[m * p.groups + g]);
     }
     for (int64_t m = 0; m < a.rows; ++m) y[m * ldy + row] = total[m];
   }
@@ -239,6 +243,14 @@ inline void dequant_tiles_bf16(const Problem& p, at::BFloat16* out, int64_t begi
 // AVX-512 path.
 
 #ifdef QUEPT_AVX512
+
+// The 16 scales (float16) and zero-points (uint8) of one (tile, group) as floats.
+inline __m512 load_scales(const c10::Half* scale) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(scale)));
+}
+inline __m512 load_zeros(const uint8_t* zero) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(zero))));
+}
 
 // The gf2p8affine matrix that moves `width` bits of every byte from bit `from` to bit `to`, clearing the
 // others: output bit i takes the input bits selected by byte 7 - i of the matrix.
@@ -307,7 +319,7 @@ void tiled_rows(const Problem& p, const Activations& a, int64_t m0, float* y, in
   __m512 total[R];
   for (int m = 0; m < R; ++m) total[m] = _mm512_setzero_ps();
   for (int64_t g = 0; g < p.groups; ++g) {
-    const __m512 scale = _mm512_loadu_ps(p.scale + p.at(tile, g));
+    const __m512 scale = load_scales(p.scale + p.at(tile, g));
     const int64_t last = std::min((g + 1) * p.chunks_per_group, p.chunks);
     for (int64_t c = g * p.chunks_per_group; c < last; ++c) {
       const uint8_t* records[3];
@@ -332,9 +344,7 @@ void tiled_rows(const Problem& p, const Activations& a, int64_t m0, float* y, in
         total[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(scale, step), total[m]);
       }
     }
-    const __m512 zero = _mm512_cvtepi32_ps(
-        _mm512_cvtepi16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.zero + p.at(tile, g)))));
-    const __m512 zero_scale = _mm512_mul_ps(zero, scale);
+    const __m512 zero_scale = _mm512_mul_ps(load_zeros(p.zero + p.at(tile, g)), scale);
     for (int m = 0; m < R; ++m)
       total[m] = _mm512_fnmadd_ps(zero_scale, _mm512_set1_ps(a.sums[(m0 + m) * p.groups + g]), total[m]);
   }
@@ -398,7 +408,7 @@ void tiled_dequant(const Problem& p, uint16_t* out, int64_t begin, int64_t end) 
       transpose16(codes);
       const int64_t at = p.at(tile, c / p.chunks_per_group);
       for (int r = 0; r < kTile; ++r) {
-        const __m512 s = _mm512_set1_ps(p.scale[at + r]);
+        const __m512 s = _mm512_set1_ps(static_cast<float>(p.scale[at + r]));
         const __m512 z = _mm512_set1_ps(static_cast<float>(p.zero[at + r]));
         __m512 f[4];
         for (int i = 0; i < 4; ++i) {
