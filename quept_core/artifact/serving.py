@@ -211,7 +211,5 @@ def _write(staging: Path, weights: ServingWeights, tokenizer: PreTrainedTokenize
                 bar.update()
             save_tensors_atomic(staging / codes_file(bits), tensors)
     bar.close()
-    for path in staging.glob("*.safetensors"):
-        path.chmod(0o644)  # safetensors writes 0600; a server may run as another user than the writer
     config.save_pretrained(staging)
     tokenizer.save_pretrained(staging / TOKENIZER)

@@ -42,6 +42,7 @@ def write_json_atomic(path: Path, obj: object) -> None:
 def save_tensors_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     temporary = _temporary(path)
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(temporary), metadata=metadata)
+    temporary.chmod(0o644)  # safetensors writes 0600; a server may run as another user than the writer
     _commit(temporary, path)
 
 

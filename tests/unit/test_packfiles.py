@@ -86,6 +86,14 @@ def test_a_later_engine_reads_its_packs_and_computes_the_same(store, monkeypatch
     assert str(pack_folder(later)) not in Path("/proc/self/maps").read_text()  # no map outlives the reads
 
 
+def test_every_file_of_the_store_and_its_packs_is_readable_by_other_users(store):
+    """The cache may be written by one user (a calibration job, an image build) and served by another."""
+    first_engine(store)
+    files = list(store.folder.rglob("*.safetensors"))
+    assert any(pack_folder(engine_over(store)) in f.parents for f in files)
+    assert all(f.stat().st_mode & 0o044 == 0o044 for f in files), [oct(f.stat().st_mode) for f in files]
+
+
 def test_an_unreadable_pack_file_is_built_again_and_written_anew(store, caplog):
     _, logits = first_engine(store)
     later = engine_over(store)
