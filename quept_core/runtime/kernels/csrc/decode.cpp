@@ -95,7 +95,6 @@ class DecodeProgram : public torch::CustomClassHolder {
     sums_ = at::empty({max_rows_, deepest / quept::kChunk}, f32);
     bf16_in_ = at::empty({max_rows_, deepest}, at::TensorOptions().dtype(at::kBFloat16));
     scores_ = at::empty({0}, f32);
-    rotated_.resize(head_dim_);
   }
 
   int64_t add_planes(std::vector<at::Tensor> planes, int64_t bits, at::Tensor scale, at::Tensor zero, int64_t group,
@@ -311,18 +310,23 @@ class DecodeProgram : public torch::CustomClassHolder {
     }
   }
 
-  // RoPE on the q and k heads: x * cos + roll(x, d / 2) * sin (sin sign-folded, see runtime/model.py).
+  // RoPE on the q and k heads: x * cos + roll(x, d / 2) * sin (sin sign-folded, see runtime/model.py), in
+  // place, pairs (i, i + d / 2) at a time.
   void rope(const std::vector<int64_t>& positions, int64_t rows) {
     const int64_t width = qkv_.size(1), half = head_dim_ / 2;
     float* qkv = qkv_.data_ptr<float>();
-    float* rotated = rotated_.data();
     for (int64_t m = 0; m < rows; ++m) {
       const float* c = cos_.data_ptr<float>() + positions[m] * head_dim_;
       const float* s = sin_.data_ptr<float>() + positions[m] * head_dim_;
       for (int64_t head = 0; head < heads_ + kv_heads_; ++head) {
-        float* v = qkv + m * width + head * head_dim_;
-        for (int64_t i = 0; i < head_dim_; ++i) rotated[i] = v[i] * c[i] + v[(i + half) % head_dim_] * s[i];
-        std::memcpy(v, rotated, head_dim_ * sizeof(float));
+        float* low = qkv + m * width + head * head_dim_;
+        float* high = low + half;
+#pragma omp simd
+        for (int64_t i = 0; i < half; ++i) {
+          const float a = low[i], b = high[i];
+          low[i] = a * c[i] + b * s[i];
+          high[i] = b * c[half + i] + a * s[half + i];
+        }
       }
     }
   }
@@ -570,7 +574,6 @@ class DecodeProgram : public torch::CustomClassHolder {
   std::vector<Part> embedding_;
   std::vector<Weight> weights_;
   std::vector<at::Tensor> keep_;  // the storage the weights point into
-  std::vector<float> rotated_;  // RoPE scratch, one head
   at::Tensor x_, h_, qkv_, attn_, gate_up_, act_, delta_, gathered_in_, gathered_out_, quantized_, steps_, lut_weights_, sums_, bf16_in_, scores_;
 };
 
