@@ -140,6 +140,9 @@ def test_a_grid_the_packs_cannot_hold_exactly_takes_another_format():
     pack = pack_weight(qw, torch.bfloat16)
     assert not isinstance(pack, (BitPlanes, LutPlanes))
     assert relative_error(pack.dense(), qw.dequantize()) < 0.01
+    # The choice is this weight's, not its shape's: the next weight of the shape packs as usual.
+    usual = quantize(torch.randn(80, 320, generator=torch.Generator().manual_seed(1)) * 0.05, 4, 64)
+    assert isinstance(pack_weight(usual, torch.bfloat16), (BitPlanes, LutPlanes))
 
 
 @pytest.mark.parametrize("bits", [3, 5, 6, 7])

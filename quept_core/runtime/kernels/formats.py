@@ -574,6 +574,12 @@ def pack_weight(qw: QuantizedWeight, dtype: torch.dtype) -> PackedWeight:
     book = _book(qw.codes.device)
     shape = (qw.bits, qw.group_size, *qw.codes.shape, dtype)
     candidates = _candidates(qw)
+    if not _grid_fits_packs(qw):
+        # A property of this weight, not of its shape: chosen for it alone, and not recorded, so that the
+        # other weights of the shape keep the bit-plane formats.
+        log.warning("%d-bit [%d, %d] weights with a grid the bit-plane packs cannot hold exactly (a group of "
+                    "one sign): packed apart", qw.bits, *qw.codes.shape)
+        return _choose(qw, dtype, candidates)
     known = book.get(*shape)
     by_name = {fmt.__name__: fmt for fmt in candidates}
     if known is not None and (known.format in by_name or known.format == DenseWeight.__name__):
