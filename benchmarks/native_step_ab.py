@@ -55,8 +55,7 @@ def build_baseline(revision: str, folder: Path) -> type:
 @contextmanager
 def grid_dtypes(layout, dtypes: tuple[torch.dtype, torch.dtype] | None):
     """The layout's bit-plane packs with their scales and zero-points in `dtypes` while the block runs."""
-    sites = [site for block in layout.blocks for site in block.values()] + [layout.head]
-    packs = {id(p): p for site in sites for part in site.parts for p in part.packs if isinstance(p, (BitPlanes, LutPlanes))}
+    packs = {id(p): p for p in layout.packs() if isinstance(p, (BitPlanes, LutPlanes))}
     kept = {key: (p.scale, p.zero) for key, p in packs.items()}
     if dtypes is not None:
         for p in packs.values():

@@ -12,7 +12,7 @@ token of every running sequence, reading and writing the engine's KV pool by slo
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -137,6 +137,12 @@ class Layout:
     blocks: tuple[dict[str, SiteLayout], ...]
     head: SiteLayout
     embed: tuple[SitePart, ...]
+
+    def packs(self) -> Iterator[PackedWeight]:
+        """The packs of every part of every block's sites and of the head (one serving several parts, once per part)."""
+        for site in [*(site for block in self.blocks for site in block.values()), self.head]:
+            for part in site.parts:
+                yield from part.packs
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -41,8 +41,7 @@ def supports(layout: Layout, pool: KVPool) -> bool:
     """Whether the native step can run this layout over this pool."""
     if not available() or pool.k.device.type != "cpu" or pool.k.dtype != POOL_DTYPE:
         return False
-    sites = [site for block in layout.blocks for site in block.values()] + [layout.head]
-    return all(_native_pack(pack) for site in sites for part in site.parts for pack in part.packs)
+    return all(_native_pack(pack) for pack in layout.packs())
 
 
 class NativeStep:
