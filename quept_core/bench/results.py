@@ -35,6 +35,13 @@ class Speed:
     decode_tok_s_b32: float | None = None
     step_route: str | None = None  # the engine's decode route ("native" or "pytorch"); None for peers
 
+    @classmethod
+    def at_batch(cls, batch: int, decode_tok_s: float, prefill_tok_s: float | None = None,
+                 step_route: str | None = None) -> Speed:
+        """One measurement: decode tokens/s of a running set of `batch` sequences (and the prefill figure,
+        which comes with the batch-1 run)."""
+        return cls(prefill_tok_s=prefill_tok_s, **{f"decode_tok_s_b{batch}": decode_tok_s}, step_route=step_route)
+
     def best(self, other: Speed) -> Speed:
         """The faster of two measurements, figure by figure (other load on the machine only slows)."""
         figures = {f.name: _best(getattr(self, f.name), getattr(other, f.name))

@@ -101,12 +101,12 @@ def _generate_timed(engine: QueptEngine, prompts: torch.Tensor, plans: list[Plan
     return _Run(prefill, tokens, time.perf_counter() - start)
 
 
-def engine_speed(engine: QueptEngine, plan: Plan, prompts: torch.Tensor, config: BenchConfig) -> Speed:
-    """Prefill of one prompt, and decode tokens/s of the running set at every batch size in BATCHES."""
+def engine_speed(engine: QueptEngine, plan: Plan, prompts: torch.Tensor, config: BenchConfig, batch: int) -> Speed:
+    """Decode tokens/s of a running set of `batch` prompts at one plan (and, at batch 1, the prompt's prefill)."""
     with _fixed_length(engine):
-        runs = [_generate_timed(engine, prompts[:batch], [plan], config.new_tokens) for batch in BATCHES]
-    b1, b8, b32 = (run.decode_tok_s for run in runs)
-    return Speed(prompts.shape[1] / runs[0].prefill_s, b1, b8, b32, engine.step_route)
+        run = _generate_timed(engine, prompts[:batch], [plan], config.new_tokens)
+    prefill = prompts.shape[1] / run.prefill_s if batch == 1 else None
+    return Speed.at_batch(batch, run.decode_tok_s, prefill, engine.step_route)
 
 
 def mixed_set_speed(engine: QueptEngine, plans: list[Plan], prompts: torch.Tensor, config: BenchConfig
@@ -175,8 +175,9 @@ def run_bench(
     plans = [engine.plan(p) for p in precisions]
     rows = [BenchRow("hf", "fp", weight_bytes=sum(p.numel() * p.element_size() for p in baseline.parameters()))]
     rows += [BenchRow("quept", plan.name, weight_bytes=engine.weight_bytes(plan)) for plan in plans]
-    measures: list[Callable[[], Speed]] = [lambda: hf_speed(baseline, prompts, config)]
-    measures += [lambda plan=plan: engine_speed(engine, plan, prompts, config) for plan in plans]
+    # One measurement of a row at one batch size; None where the row has no such batch.
+    measures: list[Callable[[int], Speed | None]] = [lambda batch: hf_speed(baseline, prompts, config, batch)]
+    measures += [lambda batch, plan=plan: engine_speed(engine, plan, prompts, config, batch) for plan in plans]
     peer = None
     if gguf is None:
         notes.append("llama.cpp: the model is not a GGUF file")
@@ -185,18 +186,23 @@ def run_bench(
     else:
         peer = llamacpp.LlamaCppPeer(gguf, config.prompt_tokens, config.new_tokens)
         rows.append(BenchRow("llama.cpp", peer.precision, weight_bytes=gguf.stat().st_size))
-        measures.append(lambda: peer.speed(prompts, config.new_tokens))
+        measures.append(lambda batch: peer.speed(prompts, config.new_tokens) if batch == 1 else None)
     set_plans = [engine.plan(p) for p in config.mixed_set]
     mixed = MixedSetRow([p.name for p in set_plans], len(set_plans) * config.mixed_set_rows,
                         weight_bytes=resident_weight_bytes(engine, set_plans)) if set_plans else None
     _warm_up(engine, plans, set_plans, prompts, config)
-    # Rounds over every row, keeping each row's best: load from other processes only slows a row down.
+    # Rounds over every row, keeping each row's best: load from other processes only slows a row down. Within
+    # a round, one batch size at a time across all rows: this host's speed drifts by 10-25 % within minutes,
+    # and rows measured seconds apart (not a whole row's batches apart) are what the ratios compare.
     speeds = [Speed() for _ in measures]
     for round_index in range(config.repeats):
-        for index, measure in enumerate(measures):
-            log.info("round %d: %s %s", round_index + 1, rows[index].engine, rows[index].precision)
-            speeds[index] = speeds[index].best(measure())
-            rows[index].rss_bytes = resident_set_bytes()
+        for batch in BATCHES:
+            for index, measure in enumerate(measures):
+                log.info("round %d, batch %d: %s %s", round_index + 1, batch, rows[index].engine, rows[index].precision)
+                measured = measure(batch)
+                if measured is not None:
+                    speeds[index] = speeds[index].best(measured)
+                    rows[index].rss_bytes = resident_set_bytes()
         if mixed is not None:
             log.info("round %d: mixed running set %s", round_index + 1, "+".join(mixed.plans))
             mixed = mixed.best(replace(mixed_set_speed(engine, set_plans, prompts, config),

@@ -6,6 +6,7 @@ import pytest
 import torch
 from tiny_llama import tiny_elastic, tiny_loaded
 
+from quept_core.bench import runner
 from quept_core.bench.report import (
     SECTION_BEGIN,
     SECTION_END,
@@ -16,6 +17,7 @@ from quept_core.bench.report import (
     update_docs,
 )
 from quept_core.bench.runner import (
+    BATCHES,
     BenchConfig,
     BenchResult,
     BenchRow,
@@ -102,6 +104,38 @@ def test_bench_needs_an_engine_that_runs_batches_of_32(folder):
 
     with pytest.raises(ValueError, match="max_running"):
         run_bench(str(folder), make_engine, ["w4"], CONFIG, None, None)
+
+
+def test_rounds_measure_one_batch_size_across_every_row_at_a_time(folder, monkeypatch):
+    """Rows compared by a ratio are measured seconds apart: every row at batch 1, then every row at 8, ..."""
+    calls = []
+
+    def engine_speed(engine, plan, prompts, config, batch):
+        calls.append((batch, plan.name))
+        return Speed.at_batch(batch, 10.0 * len(calls), 5.0 if batch == 1 else None, "native")
+
+    def hf_speed(model, prompts, config, batch):
+        calls.append((batch, "hf"))
+        return Speed.at_batch(batch, 1.0, 2.0 if batch == 1 else None)
+
+    monkeypatch.setattr(runner, "engine_speed", engine_speed)
+    monkeypatch.setattr(runner, "hf_speed", hf_speed)
+    config = BenchConfig(prompt_tokens=16, new_tokens=4, switches=2, repeats=2, mixed_set=())
+
+    def make_engine(loaded):
+        return QueptEngine.from_elastic(loaded, tiny_elastic(loaded), device="cpu", max_running=32)
+
+    result = run_bench(str(folder), make_engine, ["w4", "w3"], config, None, None)
+    assert calls == [(batch, name) for _ in range(2) for batch in BATCHES for name in ("hf", "w4", "w3")]
+    w4 = result.rows[1]
+    # Each figure is the row's best over the rounds: here its second round's (the fakes speed up every call).
+    assert (w4.decode_tok_s_b1, w4.decode_tok_s_b8, w4.decode_tok_s_b32) == (110.0, 140.0, 170.0)
+    assert w4.prefill_tok_s == 5.0 and result.rows[0].prefill_tok_s == 2.0
+
+
+def test_a_measurement_at_one_batch_size_fills_only_its_figures():
+    assert Speed.at_batch(8, 30.0) == Speed(decode_tok_s_b8=30.0)
+    assert Speed.at_batch(1, 3.0, 40.0, "native") == Speed(40.0, 3.0, step_route="native")
 
 
 def test_resident_set_is_positive():

@@ -7,7 +7,7 @@ import time
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from quept_core.bench.results import BATCHES, BenchConfig, Speed
+from quept_core.bench.results import BenchConfig, Speed
 
 
 class _StepClock(LogitsProcessor):
@@ -32,8 +32,7 @@ def _hf_generate(model, prompts: torch.Tensor, new_tokens: int) -> tuple[float, 
 
 
 @torch.inference_mode()
-def hf_speed(model, prompts: torch.Tensor, config: BenchConfig) -> Speed:
-    """transformers' `generate` in full precision (the baseline)."""
-    runs = [_hf_generate(model, prompts[:batch], config.new_tokens) for batch in BATCHES]
-    b1, b8, b32 = (decode for _, decode in runs)
-    return Speed(prompts.shape[1] / runs[0][0], b1, b8, b32)
+def hf_speed(model, prompts: torch.Tensor, config: BenchConfig, batch: int) -> Speed:
+    """transformers' `generate` in full precision (the baseline), `batch` prompts at once."""
+    prefill_s, decode = _hf_generate(model, prompts[:batch], config.new_tokens)
+    return Speed.at_batch(batch, decode, prompts.shape[1] / prefill_s if batch == 1 else None)

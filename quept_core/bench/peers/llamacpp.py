@@ -37,7 +37,7 @@ class LlamaCppPeer:
         for _ in range(new_tokens - 1):
             llama.eval([token])
             token = int(np.argmax(llama.scores[llama.n_tokens - 1]))
-        return Speed(len(prompt) / prefill, (new_tokens - 1) / (time.perf_counter() - start))
+        return Speed.at_batch(1, (new_tokens - 1) / (time.perf_counter() - start), len(prompt) / prefill)
 
     def perplexity(self, tokens: torch.Tensor, seqlen: int) -> float:
         count = tokens.numel() // seqlen
