@@ -4,13 +4,19 @@
 
 A sequence holds one slot from its prefill to its end; leaving frees the slot and moves no other
 sequence's cache. The pool is allocated uninitialised, so the operating system commits its pages as
-sequences first write them: resident memory follows the positions used, not the pool's capacity.
+sequences first write them: resident memory follows the positions used, not the pool's capacity, and
+an idle pool can give its pages back (`release_pages`).
 A slot's length can be cut back (`truncate`), which a verifier of drafted tokens needs.
 """
 
 from __future__ import annotations
 
+import ctypes
+import mmap
+
 import torch
+
+MADV_DONTNEED = 4  # Linux and macOS
 
 
 class KVPoolFull(RuntimeError):
@@ -57,8 +63,27 @@ class KVPool:
             raise ValueError(f"KV slot {slot} holds {self.lengths[slot]} positions; cannot cut back to {length}")
         self.lengths[slot] = length
 
+    def release_pages(self) -> None:
+        """Give an idle pool's memory back to the system (CPU): its pages are committed again as sequences
+        write them. Without this, the positions warm-up wrote stay resident with no sequence to read them."""
+        if self.free != self.slots:
+            raise RuntimeError(f"KV slots in use: {self.slots - self.free}; their caches cannot be released")
+        if self.k.device.type == "cpu":
+            _discard_pages(self.k)
+            _discard_pages(self.v)
+
     def copy_prefix(self, source: int, target: int, length: int) -> None:
         """Give `target` the first `length` positions of `source` (sequences that share a prompt)."""
         self.k[:, target, :, :length] = self.k[:, source, :, :length]
         self.v[:, target, :, :length] = self.v[:, source, :, :length]
         self.lengths[target] = length
+
+
+def _discard_pages(tensor: torch.Tensor) -> None:
+    """madvise(MADV_DONTNEED) over the whole pages of a tensor's memory: they read as zeros until written.
+    Where the C library has no madvise, the memory stays resident."""
+    start = -(-tensor.data_ptr() // mmap.PAGESIZE) * mmap.PAGESIZE
+    end = (tensor.data_ptr() + tensor.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+    madvise = getattr(ctypes.CDLL(None), "madvise", None)
+    if madvise is not None and end > start:
+        madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_DONTNEED)

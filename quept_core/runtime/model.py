@@ -165,9 +165,9 @@ class CompactLlama:
         self.final_norm = weights.norm("model.norm").to(device, dtype)
         self.sites = [block_sites(i) for i in range(n)]
         self.embedding = None if self.tied else weights.dense(EMBEDDING).to(device, dtype)
-        # float32 tables for the native decode step; the compute dtype's for the PyTorch passes.
-        self.rope_f32 = self._rope_tables(config)
-        self.cos, self.sin = (t.to(device, dtype) for t in self.rope_f32)
+        # float32 tables of every position, as the native decode step reads them; the PyTorch passes convert
+        # the rows they use (holding a second copy in the compute dtype costs more memory than it saves time).
+        self.cos, self.sin = (t.to(device) for t in self._rope_tables(config))
 
     @property
     def norm_bytes(self) -> int:
@@ -220,7 +220,8 @@ class CompactLlama:
         return x + sites["down"](F.silu(gate) * up)
 
     def _rope_at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.cos[positions].unsqueeze(2), self.sin[positions].unsqueeze(2)  # [b, s, 1, d]
+        cos, sin = (table[positions].to(self.dtype).unsqueeze(2) for table in (self.cos, self.sin))
+        return cos, sin  # [b, s, 1, d]
 
     def _head(self, layout: Layout, x: torch.Tensor) -> torch.Tensor:
         return layout.head(rms_norm(x, self.final_norm, self.dims.eps)).float()

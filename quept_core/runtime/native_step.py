@@ -51,9 +51,8 @@ class NativeStep:
     def __init__(self, model: CompactLlama, layout: Layout, max_rows: int):
         d = model.dims
         norms = [n.float().contiguous() for n in (*model.attn_norms, *model.mlp_norms, model.final_norm)]
-        cos, sin = model.rope_f32
         self._program = decode_program_class()(
-            [d.n_layers, d.hidden, d.ffn, d.n_heads, d.n_kv_heads, d.head_dim, d.vocab, max_rows], d.eps, norms, cos, sin)
+            [d.n_layers, d.hidden, d.ffn, d.n_heads, d.n_kv_heads, d.head_dim, d.vocab, max_rows], d.eps, norms, model.cos, model.sin)
         self._layers = d.n_layers
         self._ids: dict[int, int] = {}  # id(pack) -> the program's weight index
         self._packs: list[PackedWeight] = []  # keeps every pack alive while the program points into it

@@ -41,7 +41,8 @@ class Backend(Protocol):
         """Nominal bits, resident weight bytes and measured quality of any servable plan."""
 
     def release_after_warmup(self) -> None:
-        """Drop the packs serving need not keep resident once every plan is measured; engine thread only."""
+        """Drop what serving need not keep resident once every plan is measured (packs, the KV pages warm-up
+        wrote); engine thread only."""
 
     def resident_bytes(self) -> dict[str, int]:
         """Weight bytes held in memory now, by precision label (fp, w2..w8); engine thread only."""

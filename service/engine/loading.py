@@ -100,8 +100,10 @@ class ModelBackend:
 
     def release_after_warmup(self) -> None:
         """The fp plan's packs (bf16, the largest plan and the one least asked for) are built again on
-        its first request, in about a second, instead of being held from the start."""
+        its first request, in about a second, instead of being held from the start; the KV positions
+        warm-up wrote are committed again by the requests that write them."""
         self.engine.release(self.engine.plan(FP))
+        self.engine.pool.release_pages()
         _return_freed_memory()
 
     def resident_bytes(self) -> dict[str, int]:

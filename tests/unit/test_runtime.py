@@ -396,6 +396,28 @@ def test_kv_bytes_per_token_matches_the_pool(engine):
     engine.abort(seq_id)
 
 
+def test_an_idle_pool_gives_its_pages_back_and_serves_on():
+    from quept_core.runtime.kvpool import KVPool
+
+    pool = KVPool(2, 4, 2, 4096, 64, torch.device("cpu"), torch.bfloat16)  # 8 MiB a tensor
+    pool.k.fill_(1.0)
+    pool.v.fill_(1.0)
+    slot = pool.allocate()
+    with pytest.raises(RuntimeError, match="KV slots in use: 1"):
+        pool.release_pages()
+    assert pool.k.sum() > 0  # refused: nothing released
+    pool.release(slot)
+    pool.release_pages()
+    # Whole pages read as zeros once the system took them back (a tensor's first and last page may
+    # be shared with other memory and stay).
+    assert pool.k[:, 1:3].abs().sum() == 0 and pool.v[:, 1:3].abs().sum() == 0
+    engine = make_engine(max_running=2)
+    plan = engine.plan("w4")
+    expected, _ = alone(engine, request(PROMPTS[0], plan))
+    engine.pool.release_pages()
+    assert alone(engine, request(PROMPTS[0], plan))[0] == expected
+
+
 def test_uninitialised_kv_positions_never_reach_a_sequence():
     """The pool is allocated uninitialised: garbage (here NaN) past a sequence's own positions, read
     because a longer sequence shares the step, must not change its logits."""
