@@ -80,7 +80,7 @@ class LevelResult:
     budget_met: list = field(default_factory=list)  # per answered request with a latency budget: within it?
     budget_choices: Counter = field(default_factory=Counter)  # budgeted auto requests by outcome (server's count)
     peak_rss_bytes: float = 0.0
-    records: list = field(default_factory=list)  # per answered request: what was asked, served and timed
+    records: list = field(default_factory=list)  # per request answered or refused: what was asked, served and timed
 
     def prediction_errors(self, steady: bool = False) -> list[float]:
         """|predicted / measured - 1| of each answered request's end-to-end latency. `steady`: only those
@@ -199,10 +199,14 @@ async def run_level(url: str, concurrency: int, total: int, max_new_tokens: int,
                 except httpx.HTTPError as error:
                     result.errors[type(error).__name__] += 1
                     continue
-                if response.status_code == 503 and "retry-after" in response.headers:
-                    result.rejected += 1
-                elif response.status_code == 422:
-                    result.invalid += 1
+                shed = response.status_code == 503 and "retry-after" in response.headers
+                if shed or response.status_code == 422:
+                    result.rejected += shed
+                    result.invalid += not shed
+                    result.records.append({"level": concurrency, "sent_at_s": round(sent_at - started, 3),
+                                           "requested": body["precision"], "budget_ms": body.get("latency_budget_ms"),
+                                           "refused": response.status_code,
+                                           "message": response.json().get("error", {}).get("message")})
                 elif response.status_code == 200:
                     data = response.json()
                     result.ok += 1
@@ -300,7 +304,7 @@ def main() -> None:
     parser.add_argument("--hog-procs", type=int, default=2, help="busy-loop processes of the hog")
     parser.add_argument("--hog-delay-s", type=float, default=5.0, help="seconds into each level the hog starts")
     parser.add_argument("--records", type=Path, default=None,
-                        help="write each answered request (precision asked and served, timing) here as JSON lines")
+                        help="write each request here as JSON lines: answered (precision asked and served, timing) or refused (status, message)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     check_loopback(args.url)
