@@ -82,8 +82,11 @@ class KVPool:
 def _discard_pages(tensor: torch.Tensor) -> None:
     """madvise(MADV_DONTNEED) over the whole pages of a tensor's memory: they read as zeros until written.
     Where the C library has no madvise, the memory stays resident."""
+    try:
+        madvise = ctypes.CDLL(None).madvise
+    except (OSError, TypeError, AttributeError):  # no C library with madvise (Windows)
+        return
     start = -(-tensor.data_ptr() // mmap.PAGESIZE) * mmap.PAGESIZE
     end = (tensor.data_ptr() + tensor.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
-    madvise = getattr(ctypes.CDLL(None), "madvise", None)
-    if madvise is not None and end > start:
+    if end > start:
         madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_DONTNEED)

@@ -3,6 +3,7 @@ plans in one step), the KV pool, sampling and log-probabilities."""
 
 import gc
 import random
+import sys
 import weakref
 
 import pytest
@@ -396,6 +397,7 @@ def test_kv_bytes_per_token_matches_the_pool(engine):
     engine.abort(seq_id)
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="pages given back read as zeros on Linux only")
 def test_an_idle_pool_gives_its_pages_back_and_serves_on():
     from quept_core.runtime.kvpool import KVPool
 
