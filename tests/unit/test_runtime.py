@@ -15,7 +15,7 @@ from tiny_llama import tiny_elastic, tiny_loaded
 from quept_core.planning.plan import Plan
 from quept_core.precision import Precision, PrecisionError
 from quept_core.runtime.engine import QueptEngine, prefill_batches
-from quept_core.runtime.kvpool import KVPoolFull
+from quept_core.runtime.kvpool import KVPool, KVPoolFull
 from quept_core.runtime.packcache import MemoryLimitError
 from quept_core.runtime.protocol import SamplingParams, SequenceRequest, StepThreads
 from quept_core.runtime.sampling import RequestError
@@ -399,8 +399,6 @@ def test_kv_bytes_per_token_matches_the_pool(engine):
 
 @pytest.mark.skipif(sys.platform != "linux", reason="pages given back read as zeros on Linux only")
 def test_an_idle_pool_gives_its_pages_back_and_serves_on():
-    from quept_core.runtime.kvpool import KVPool
-
     pool = KVPool(2, 4, 2, 4096, 64, torch.device("cpu"), torch.bfloat16)  # 8 MiB a tensor
     pool.k.fill_(1.0)
     pool.v.fill_(1.0)
