@@ -137,7 +137,8 @@ def load_backend(settings: Settings) -> ModelBackend:
             raise StoreError("the serving store or the mixed-precision extras just written could not be read back")
     store, extras = served
     allocator = Allocator(SensitivityTable.from_dict(extras["sensitivity"]), store.bit_config)
-    threading.Thread(target=allocator.solve, name="quept-allocator", daemon=True).start()  # while packs load
+    solver = threading.Thread(target=allocator.solve, name="quept-allocator", daemon=True)
+    solver.start()  # while packs load
     engine = QueptEngine(store, store.tokenizer(), model_name=store.model_name, device=device,
                          memory_limit_bytes=settings.memory_limit_bytes, mixed_resolver=allocator.plan,
                          max_running=settings.max_running, pack_dir=store.folder)
@@ -150,6 +151,9 @@ def load_backend(settings: Settings) -> ModelBackend:
     with store.kept_open():  # the backend builds every uniform plan's packs (read back after the first start)
         backend = ModelBackend(engine, store.artifact_id, front, quality, intervals)
     engine.store_packs()
+    # Done before warm-up times the plans and before ready: the programme's second of CPU would be in the
+    # figures and in the first requests' time, and its table (tens of MiB while it runs) in the memory at ready.
+    solver.join()
     return backend  # what start-up freed goes back to the system after warm-up (release_after_warmup)
 
 
