@@ -187,7 +187,9 @@ def bench(
     ppl_tokens: Annotated[int, typer.Option(min=2)] = 4096,
     seqlen: Annotated[int, typer.Option(min=2)] = 512,
     threads: Annotated[int, typer.Option(min=1, help="CPU threads")] = 2,
-    repeats: Annotated[int, typer.Option(min=1, help="rounds over every row; each row keeps its best")] = 1,
+    repeats: Annotated[int, typer.Option(min=1, help="rounds, each one batch size at a time across every row; "
+                                                     "each figure keeps its best (4 settle the ratios on a "
+                                                     "shared host)")] = 1,
     docs: Annotated[Path | None, typer.Option(help="update the runtime section of DOCS/benchmarks.md and "
                                                     "write its plot there (e.g. docs)")] = None,
 ) -> None:

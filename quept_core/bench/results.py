@@ -16,7 +16,7 @@ class BenchConfig:
     decode_ppl_tokens: int = 512  # teacher-forced through the decode step, one token per step
     seqlen: int = 512
     switches: int = 200
-    repeats: int = 1  # rounds over every row; each row keeps its best
+    repeats: int = 1  # rounds, each one batch size at a time across every row; each figure keeps its best
     mixed_set: tuple[str, ...] = ("w8", "w6", "w4", "w3")  # plans sharing one running set; () skips the row
     mixed_set_rows: int = 2  # sequences per plan in the mixed set
 
