@@ -17,6 +17,7 @@ import torch
 from quept_core.runtime.protocol import SamplingParams, TokenLogprob
 
 MAX_TOP_LOGPROBS = 20
+F64_MAX = torch.finfo(torch.float64).max
 
 
 class RequestError(ValueError):
@@ -115,16 +116,24 @@ class Sampler:
         if params.temperature == 0:
             token = int(logits.argmax())
         else:
-            logits = _filtered(logits / params.temperature, params)
-            token = int(torch.multinomial(logits.softmax(-1), 1, generator=self.generators[slot])[0])
+            # In float64, any temperature the API accepts (down to 5e-324, up to 1.8e308) divides the logits
+            # without a NaN, and what overflows is the largest finite value: the tokens that reach it share
+            # the draw, as a temperature near 0 would have them.
+            scaled = (logits.double() / params.temperature).nan_to_num(posinf=F64_MAX, neginf=-F64_MAX)
+            probs = _filtered(scaled, params).softmax(-1)
+            token = int(torch.multinomial(probs, 1, generator=self.generators[slot])[0])
         if params.logprobs is None:
             return Choice(token)
         return Choice(token, *_logprobs(raw, token, params.logprobs))
 
 
 def _penalised(logits: torch.Tensor, penalty: torch.Tensor | float) -> torch.Tensor:
-    """Repetition penalty (CTRL's): positive logits divided by it, negative ones multiplied."""
-    return torch.where(logits > 0, logits / penalty, logits * penalty)
+    """Repetition penalty (CTRL's): positive logits divided by it, negative ones multiplied. A penalty that
+    takes a logit out of the logits' range (one under about 1e-38, or over 1e38, in float32) leaves it at
+    the largest finite value or its negative instead of an infinity (or a NaN) the draw could not use."""
+    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    finite = torch.finfo(logits.dtype).max
+    return penalised.nan_to_num(posinf=finite, neginf=-finite)
 
 
 def _logprobs(raw: torch.Tensor, token: int, k: int) -> tuple[TokenLogprob, tuple[TokenLogprob, ...]]:

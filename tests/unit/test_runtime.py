@@ -261,6 +261,18 @@ def test_repetition_penalty_changes_greedy_choice(engine):
     assert len(set(penalised)) == len(penalised) and plain != penalised
 
 
+@pytest.mark.parametrize("extreme", [
+    {"temperature": 1.6e308, "top_p": 0.99999, "repetition_penalty": 2.2e-309},  # found by the fuzz test
+    {"temperature": 5e-324, "repetition_penalty": 1e300},
+    {"temperature": 1e-300, "top_k": 3, "repetition_penalty": 1e-40},
+])
+def test_sampling_at_the_ends_of_the_accepted_ranges_draws_real_tokens(engine, extreme):
+    """Temperatures and penalties the API accepts, however extreme, leave no infinity or NaN in the draw."""
+    plan = engine.plan("w4")
+    tokens, _ = alone(engine, request(PROMPTS[3], plan, 6, seed=1, **extreme))
+    assert len(tokens) == 6 and all(0 <= t < engine.model.dims.vocab for t in tokens)
+
+
 def test_sequences_finish_with_length_and_eos(engine):
     plan = engine.plan("fp")
     ids = [engine.add(request(PROMPTS[0], plan, 1))[0], engine.add(request(PROMPTS[1], plan, 3))[0]]
