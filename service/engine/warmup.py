@@ -11,8 +11,9 @@ The figures are relative costs: the cost model scales them by how fast the host 
 measured once per artifact and machine (CPU or GPU, thread count, torch and kernels) and kept in the
 QuEPT cache with the seconds each plan's packs took to build; a later start reads them (build times
 measured again where it builds) and only runs each resident plan once, for what first calls cost.
-Delete the file to measure again (for instance after a start under heavy load; a figure measured
-wrong also converges under traffic, see costs.py).
+A kept file whose decode figures are several times what the later start's own first decode steps take
+was measured while other work held the cores, and is measured again; delete the file to measure again
+in any case (a figure measured wrong also converges under traffic, see costs.py).
 """
 
 from __future__ import annotations
@@ -46,6 +47,9 @@ DECODE_STEPS = 3
 ROWS = 4  # the second running-set size of each decode measurement
 REPEATS = 3  # rounds of measurements; the fastest of each counts
 COSTS_VERSION = 3  # bump when what a plan's figures mean changes (3: two prefill lines, rounds across plans)
+# A kept decode figure this many times what a later start's own first decode step of the plan took was
+# measured while something else held the cores: the kept figures are measured again.
+KEPT_CONTRADICTED = 3.0
 
 
 def warmup_prompt(tokenizer, tokens: int = PROMPT_TOKENS) -> list[int]:
@@ -175,9 +179,10 @@ def _read_costs(path: Path, plans: list[Plan]) -> tuple[dict[str, PlanCost], flo
         return None
 
 
-def _first_calls(engine: Engine, plan: Plan, prompt_ids: list[int]) -> None:
-    """One short request of `plan`: its packs resident, its decode step built and its kernels called once."""
-    _run(engine, [(SequenceRequest(prompt_ids, plan, SamplingParams(max_new_tokens=2)), 1)])
+def _first_calls(engine: Engine, plan: Plan, prompt_ids: list[int]) -> float:
+    """One short request of `plan`: its packs resident, its decode step built and its kernels called once.
+    Returns the seconds of its decode step."""
+    return _decode_s(_run(engine, [(SequenceRequest(prompt_ids, plan, SamplingParams(max_new_tokens=2)), 1)]))
 
 
 def measure_costs(engine: Engine, plans: list[Plan], tokenizer, costs: CostModel,
@@ -189,14 +194,19 @@ def measure_costs(engine: Engine, plans: list[Plan], tokenizer, costs: CostModel
     known = _read_costs(kept, plans) if kept is not None else None
     if known is not None:
         figures, shared = known
-        for plan in plans:
-            if not engine.missing_shares(plan):  # a plan built on first use pays its first calls then
-                _first_calls(engine, plan, prompt_ids)
-            cost = figures[plan.name]
-            costs.record(plan, replace(cost, build_s=build_s.get(plan.name, cost.build_s)))
-        costs.record_shared(shared)
-        log.info("plan costs read", extra={"file": str(kept)})
-        return
+        # A plan built on first use pays its first calls then.
+        decode_s = {plan.name: _first_calls(engine, plan, prompt_ids) for plan in plans if not engine.missing_shares(plan)}
+        slow = {name: round(figures[name].decode_s(1) / seconds, 1) for name, seconds in decode_s.items()
+                if figures[name].decode_s(1) > KEPT_CONTRADICTED * seconds}
+        if not slow:
+            for plan in plans:
+                cost = figures[plan.name]
+                costs.record(plan, replace(cost, build_s=build_s.get(plan.name, cost.build_s)))
+            costs.record_shared(shared)
+            log.info("plan costs read", extra={"file": str(kept)})
+            return
+        log.warning("kept plan costs are several times what this start's first decode steps took (measured "
+                    "under load?); measuring again", extra={"file": str(kept), "kept_over_now": slow})
     measured = {plan: replace(cost, build_s=build_s.get(plan.name, 0.0))
                 for plan, cost in measure_plans(engine, plans, prompt_ids).items()}
     for plan, cost in measured.items():

@@ -64,6 +64,30 @@ def test_a_later_start_reads_the_kept_figures_and_only_runs_each_resident_plan_o
     assert later.decode_step_s(both) == pytest.approx(first.decode_step_s(both))  # the shared overhead too
 
 
+def test_kept_figures_measured_under_load_are_measured_again(tmp_path, caplog):
+    """A start under contention kept decode figures several times what the plans take: the next start's
+    own first decode steps contradict them, and it measures again and keeps what it measured."""
+    engine = engine_with(ROWS + 1)
+    plans = [engine.plan("w4"), engine.plan("w8")]
+    shapes, kept = dict(engine.linear_shapes), tmp_path / "costs.json"
+    measure_costs(engine, plans, engine.tokenizer, CostModel(shapes), {"w4": 1, "w8": 2}, {}, kept)
+    honest = json.loads(kept.read_text())
+    slowed = json.loads(kept.read_text())
+    slowed["plans"]["w4"]["decode"] = {key: 10 * value for key, value in slowed["plans"]["w4"]["decode"].items()}
+    kept.write_text(json.dumps(slowed))
+
+    steps = []
+    step = engine.step
+    engine.step = lambda: steps.append(1) or step()
+    later = CostModel(shapes)
+    with caplog.at_level("WARNING"):
+        measure_costs(engine, plans, engine.tokenizer, later, {"w4": 1, "w8": 2}, {}, kept)
+    assert len(steps) > 2 * len(plans) and "measuring again" in caplog.text
+    again = json.loads(kept.read_text())["plans"]["w4"]["decode"]
+    assert again["fixed"] + again["per_unit"] < 3 * sum(honest["plans"]["w4"]["decode"].values())
+    assert later.cost(plans[0]).decode_s(1) == pytest.approx(again["fixed"] + again["per_unit"])
+
+
 def test_unreadable_kept_figures_are_measured_again(tmp_path, caplog):
     engine = engine_with(2)
     plans = [engine.plan("w4")]
