@@ -23,7 +23,9 @@ class ServiceError(Exception):
     headers: Mapping[str, str] = field(default_factory=dict)
 
     def body(self) -> dict:
-        return {"error": {"type": self.type, "message": self.message, "param": self.param}}
+        # One line whatever the client sent: messages quote fields such as `model` as they came.
+        message = self.message.replace("\r", "\\r").replace("\n", "\\n")
+        return {"error": {"type": self.type, "message": message, "param": self.param}}
 
     def __str__(self) -> str:
         return self.message

@@ -38,3 +38,14 @@ def test_a_precision_with_spaces_and_capitals_is_echoed_as_parsed(make_client):
     response = make_client().post("/generate", json={"prompt": "hi", "max_new_tokens": 1, "precision": " W4 "})
     assert response.status_code == 200, response.text
     assert response.headers["x-precision-requested"] == "w4"
+
+
+@pytest.mark.parametrize("route", ["/v1/completions", "/v1/chat/completions"])
+def test_a_model_name_with_line_breaks_is_quoted_in_a_one_line_message(make_client, route):
+    body = {"model": "tiny\nsecond line\r", "max_tokens": 1,
+            **({"prompt": "hi"} if route == "/v1/completions" else {"messages": [{"role": "user", "content": "hi"}]})}
+    response = make_client().post(route, json=body)
+    assert response.status_code == 404, response.text
+    error = response.json()["error"]
+    assert error["param"] == "model" and "\n" not in error["message"] and "\r" not in error["message"]
+    assert "tiny\\nsecond line\\r" in error["message"]
