@@ -73,7 +73,9 @@ def test_kept_figures_measured_under_load_are_measured_again(tmp_path, caplog):
     measure_costs(engine, plans, engine.tokenizer, CostModel(shapes), {"w4": 1, "w8": 2}, {}, kept)
     honest = json.loads(kept.read_text())
     slowed = json.loads(kept.read_text())
-    slowed["plans"]["w4"]["decode"] = {key: 10 * value for key, value in slowed["plans"]["w4"]["decode"].items()}
+    # Far beyond KEPT_CONTRADICTED: a tiny model's steps take under a millisecond, and a busy test host
+    # can make one of them several times slower than the figure measured a moment before.
+    slowed["plans"]["w4"]["decode"] = {key: 1000 * value for key, value in slowed["plans"]["w4"]["decode"].items()}
     kept.write_text(json.dumps(slowed))
 
     steps = []
@@ -84,7 +86,7 @@ def test_kept_figures_measured_under_load_are_measured_again(tmp_path, caplog):
         measure_costs(engine, plans, engine.tokenizer, later, {"w4": 1, "w8": 2}, {}, kept)
     assert len(steps) > 2 * len(plans) and "measuring again" in caplog.text
     again = json.loads(kept.read_text())["plans"]["w4"]["decode"]
-    assert again["fixed"] + again["per_unit"] < 3 * sum(honest["plans"]["w4"]["decode"].values())
+    assert again["fixed"] + again["per_unit"] < 100 * sum(honest["plans"]["w4"]["decode"].values())  # not the kept
     assert later.cost(plans[0]).decode_s(1) == pytest.approx(again["fixed"] + again["per_unit"])
 
 
