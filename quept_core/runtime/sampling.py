@@ -17,7 +17,11 @@ import torch
 from quept_core.runtime.protocol import SamplingParams, TokenLogprob
 
 MAX_TOP_LOGPROBS = 20
-F64_MAX = torch.finfo(torch.float64).max
+# Any temperature and repetition penalty the API accepts (positive floats, 5e-324 to 1.8e308) are applied
+# within these bounds, which keep float32 logits finite (|logit| stays under about 1e3 * PENALTY_LIMIT /
+# MIN_TEMPERATURE = 1e30): beyond them the draw is already the same, greedy or uniform among the repeats.
+PENALTY_LIMIT = 1e20
+MIN_TEMPERATURE = 1e-7
 
 
 class RequestError(ValueError):
@@ -80,7 +84,7 @@ class Sampler:
         self._order = list(slots)
         params = [self.params[s] for s in slots]
         self._plain = all(p.temperature == 0 and p.repetition_penalty == 1.0 and p.logprobs is None for p in params)
-        penalties = [p.repetition_penalty for p in params]
+        penalties = [_bounded(p.repetition_penalty) for p in params]
         self._penalty = None
         if any(p != 1.0 for p in penalties):
             self._penalty = torch.tensor(penalties, device=self.device).unsqueeze(1)
@@ -91,7 +95,7 @@ class Sampler:
         params, raw = self.params[slot], logits[0]
         row = raw
         if params.repetition_penalty != 1.0:
-            row = torch.where(self.seen[slot], _penalised(raw, params.repetition_penalty), raw)
+            row = torch.where(self.seen[slot], _penalised(raw, _bounded(params.repetition_penalty)), raw)
         choice = self._choose(row, raw, slot)
         if params.repetition_penalty != 1.0:
             self.seen[slot, choice.token_id] = True
@@ -116,24 +120,20 @@ class Sampler:
         if params.temperature == 0:
             token = int(logits.argmax())
         else:
-            # In float64, any temperature the API accepts (down to 5e-324, up to 1.8e308) divides the logits
-            # without a NaN, and what overflows is the largest finite value: the tokens that reach it share
-            # the draw, as a temperature near 0 would have them.
-            scaled = (logits.double() / params.temperature).nan_to_num(posinf=F64_MAX, neginf=-F64_MAX)
-            probs = _filtered(scaled, params).softmax(-1)
-            token = int(torch.multinomial(probs, 1, generator=self.generators[slot])[0])
+            logits = _filtered(logits / max(params.temperature, MIN_TEMPERATURE), params)
+            token = int(torch.multinomial(logits.softmax(-1), 1, generator=self.generators[slot])[0])
         if params.logprobs is None:
             return Choice(token)
         return Choice(token, *_logprobs(raw, token, params.logprobs))
 
 
+def _bounded(penalty: float) -> float:
+    return min(max(penalty, 1 / PENALTY_LIMIT), PENALTY_LIMIT)
+
+
 def _penalised(logits: torch.Tensor, penalty: torch.Tensor | float) -> torch.Tensor:
-    """Repetition penalty (CTRL's): positive logits divided by it, negative ones multiplied. A penalty that
-    takes a logit out of the logits' range (one under about 1e-38, or over 1e38, in float32) leaves it at
-    the largest finite value or its negative instead of an infinity (or a NaN) the draw could not use."""
-    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
-    finite = torch.finfo(logits.dtype).max
-    return penalised.nan_to_num(posinf=finite, neginf=-finite)
+    """Repetition penalty (CTRL's): positive logits divided by it, negative ones multiplied."""
+    return torch.where(logits > 0, logits / penalty, logits * penalty)
 
 
 def _logprobs(raw: torch.Tensor, token: int, k: int) -> tuple[TokenLogprob, tuple[TokenLogprob, ...]]:
