@@ -185,6 +185,19 @@ def _first_calls(engine: Engine, plan: Plan, prompt_ids: list[int]) -> float:
     return _decode_s(_run(engine, [(SequenceRequest(prompt_ids, plan, SamplingParams(max_new_tokens=2)), 1)]))
 
 
+def _contradicted_by_first_calls(engine: Engine, plans: list[Plan], figures: Mapping[str, PlanCost],
+                                 prompt_ids: list[int]) -> dict[str, float]:
+    """Run each resident plan's first calls (a plan built on first use pays them then); the plans whose
+    kept decode figure is over KEPT_CONTRADICTED times what their first decode step took, with that ratio."""
+    slow = {}
+    for plan in plans:
+        if not engine.missing_shares(plan):
+            ratio = figures[plan.name].decode_s(1) / _first_calls(engine, plan, prompt_ids)
+            if ratio > KEPT_CONTRADICTED:
+                slow[plan.name] = round(ratio, 1)
+    return slow
+
+
 def measure_costs(engine: Engine, plans: list[Plan], tokenizer, costs: CostModel,
                   weight_bytes: Mapping[str, int], build_s: Mapping[str, float], kept: Path | None = None) -> None:
     """Record every uniform plan's figures (with the seconds its packs took to build, `build_s`), then
@@ -194,10 +207,7 @@ def measure_costs(engine: Engine, plans: list[Plan], tokenizer, costs: CostModel
     known = _read_costs(kept, plans) if kept is not None else None
     if known is not None:
         figures, shared = known
-        # A plan built on first use pays its first calls then.
-        decode_s = {plan.name: _first_calls(engine, plan, prompt_ids) for plan in plans if not engine.missing_shares(plan)}
-        slow = {name: round(figures[name].decode_s(1) / seconds, 1) for name, seconds in decode_s.items()
-                if figures[name].decode_s(1) > KEPT_CONTRADICTED * seconds}
+        slow = _contradicted_by_first_calls(engine, plans, figures, prompt_ids)
         if not slow:
             for plan in plans:
                 cost = figures[plan.name]
