@@ -40,14 +40,14 @@ from quept_core.layers import HEAD, linear_names
 from quept_core.quant.grid import QuantizedWeight
 from quept_core.runtime.model import CONFIG_KEYS
 from quept_core.runtime.tokenizer import ServingTokenizer
-from quept_core.runtime.weights import EMBEDDING, ServingWeights, norm_names
+from quept_core.runtime.weights import EMBEDDING, ServingWeights, group_size, norm_names
 
 if TYPE_CHECKING:  # only the first start, which writes the store, has transformers loaded
     from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2  # 2: scales rounded to float16 values (quant/grid.py)
+FORMAT_VERSION = 3  # 2: scales rounded to float16 values (quant/grid.py); 3: the head on its own grid (config.py)
 MANIFEST = "manifest.json"
 DENSE = "dense.safetensors"
 TOKENIZER = "tokenizer"
@@ -125,7 +125,7 @@ class ServingStore:
         if bits not in self.bit_config.bits:
             raise ValueError(f"bits {bits} is not in the store's bit set {self.bit_config.bits}")
         codes, scale, zero = self._read(codes_file(bits), [f"{name}.codes", f"{name}.scale", f"{name}.zero"])
-        return QuantizedWeight(codes, scale, zero, bits, self.bit_config.group_size_for(bits))
+        return QuantizedWeight(codes, scale, zero, bits, group_size(self.bit_config, name, bits))
 
     def dense(self, name: str) -> torch.Tensor:
         return self._read(DENSE, [HEAD if name == EMBEDDING and self.tied else name])[0]

@@ -56,7 +56,7 @@ from quept_core.runtime.protocol import (
     TokenEvent,
 )
 from quept_core.runtime.sampling import Choice, RequestError, Sampler, check_sampling
-from quept_core.runtime.weights import ElasticWeights, ServingWeights
+from quept_core.runtime.weights import ElasticWeights, ServingWeights, group_size
 
 PackKey = tuple[str, int | None]  # (weight name, bits); None: full precision
 # The output head (a fifth of the model's weights) runs at 8 bits in quantized plans unless a plan says otherwise.
@@ -318,7 +318,7 @@ class QueptEngine:
         pack = self.pack_files.read(name, bits)
         if pack is None or bits is None:
             return pack
-        choice = chosen(self.device, bits, self.bit_config.group_size_for(bits), pack.out_features,
+        choice = chosen(self.device, bits, group_size(self.bit_config, name, bits), pack.out_features,
                         pack.in_features, self.dtype)
         if choice is None or (choice.format, choice.prefill_dense) != (type(pack).__name__, pack.prefill_dense):
             self.pack_files.outdated(bits)

@@ -30,6 +30,17 @@ from quept_core.quant.grid import QuantizedWeight, quantize
 
 EMBEDDING = "model.embed_tokens"
 FINAL_NORM = "model.norm"
+# The output head's (and tied embedding's) group size at every width. It is rounded to nearest when a
+# store or an engine is built, never calibrated, so it is no setting of the bit config. Served at 8
+# bits, one group per row cost +0.06-0.07 perplexity at w6 and w8 against a full-precision head, groups
+# of 64 nothing measurable (docs/benchmarks.md, "The output head's grid"); serving stores of format 3
+# and later hold the head on this grid.
+HEAD_GROUP_SIZE = 64
+
+
+def group_size(bit_config: BitConfig, name: str, bits: int) -> int:
+    """The group size of a weight's grid at `bits`: the output head's, or a calibrated linear's."""
+    return HEAD_GROUP_SIZE if name == HEAD else bit_config.group_size_for(bits)
 
 
 def norm_names(n_layers: int) -> list[str]:
@@ -66,7 +77,7 @@ class ElasticWeights:
 
     def quantized(self, name: str, bits: int) -> QuantizedWeight:
         if name == HEAD:
-            return quantize(self.model.lm_head.weight.detach(), bits, self.bit_config.group_size_for(bits))
+            return quantize(self.model.lm_head.weight.detach(), bits, HEAD_GROUP_SIZE)
         return self.elastic[name].quantize(bits)
 
     def dense(self, name: str) -> torch.Tensor:

@@ -19,6 +19,7 @@ from quept_core.runtime.kernels.formats import (
     unpack_lut,
     unpack_planes,
 )
+from quept_core.runtime.weights import HEAD_GROUP_SIZE
 
 BITS = BitConfig().bits
 # bf16 activations and bf16 scales: relative error of a 128..256-term dot product stays under 2 %.
@@ -49,6 +50,19 @@ def test_packed_output_matches_fake_quant(bits, rows, in_features):
     x = torch.randn(rows, in_features)
     ref = F.linear(x.bfloat16().float(), reference_weight)
     assert relative_error(pack(x.bfloat16()), ref) < REL_TOL
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_the_output_heads_grid_packs_for_the_native_step_at_every_width(bits):
+    """The head's groups (config-independent, 8 bits included) in a format the native decode step reads."""
+    qw = quantize(torch.randn(320, 192) * 0.05, bits, HEAD_GROUP_SIZE)
+    pack = pack_weight(qw, torch.bfloat16)
+    assert isinstance(pack, (BitPlanes, LutPlanes))
+    reference = qw.dequantize()
+    x = torch.randn(2, 192)
+    assert relative_error(pack.linear(x.bfloat16(), torch.float32), x.bfloat16().float() @ reference.T) < REL_TOL
+    ids = torch.tensor([[0, 319], [64, 5]])
+    assert relative_error(pack.rows(ids), reference[ids]) < 0.01
 
 
 @pytest.mark.parametrize("fmt", [Int4Packed, Int8Channel, BitPlanes, LutPlanes])

@@ -23,7 +23,7 @@ from quept_core.artifact.serving import (
 from quept_core.layers import HEAD, linear_names
 from quept_core.runtime.engine import QueptEngine
 from quept_core.runtime.model import CONFIG_KEYS
-from quept_core.runtime.weights import EMBEDDING, ElasticWeights, norm_names
+from quept_core.runtime.weights import EMBEDDING, HEAD_GROUP_SIZE, ElasticWeights, norm_names
 
 TOKENS = torch.tensor([[5, 9, 17, 3, 44, 12, 200, 31, 7, 8, 100, 101]])
 
@@ -58,6 +58,17 @@ def test_every_linear_and_the_head_round_trip_bit_exactly_at_every_bits(elastic,
             for field in ("codes", "scale", "zero"):
                 assert torch.equal(getattr(got, field), getattr(want, field)), (name, bits, field)
             assert got.codes.dtype == torch.uint8
+
+
+def test_the_head_keeps_its_own_groups_at_every_width(elastic, store):
+    """8 bits included, where the linears have one group per row: the head's grid is not the bit config's."""
+    weights, _ = elastic
+    hidden = weights.config.hidden_size
+    for bits in weights.bit_config.bits:
+        head = store.quantized(HEAD, bits)
+        assert head.group_size == HEAD_GROUP_SIZE
+        assert head.scale.shape == (weights.config.vocab_size, -(-hidden // HEAD_GROUP_SIZE))
+    assert weights.bit_config.group_size_for(8) == -1
 
 
 def test_dense_weights_norms_config_and_tokenizer_come_back(elastic, store):
