@@ -115,7 +115,9 @@ def plan(
     typer.echo(f"{calibrated.artifact_dir}: sensitivity {extras['sensitivity']['kind']}, quality on "
                f"{extras['quality']['tokens']} held-out calibration tokens, on the serving engine")
     typer.echo(f"{'plan':<12} {'bits/weight':>11} {'head bits':>9} {'ppl':>9} {'vs fp':>8} {'± 95 %':>7}")
-    ordered = sorted(quality.items(), key=lambda item: (item[0] != "fp", item[1]["storage_bits"]))
+    # By bits; a mixed plan that is a uniform one (one width in every block) comes after it.
+    ordered = sorted(quality.items(), key=lambda item: (item[0] != "fp", item[1]["storage_bits"],
+                                                         item[0].startswith("mixed:")))
     for name, entry in ordered:
         head, interval = entry["lm_head_bits"] or "fp", entry["ppl_delta_interval_pct"]
         interval_text = "–" if interval is None else f"{interval:.2f}%"

@@ -47,8 +47,8 @@ Z95 = 1.96
 HELD_OUT_SEED_OFFSET = 1_000_003  # held-out windows come from another seed of the same data source
 SENSITIVITY_KINDS = ("proxy", "kl")
 # The layout of the stored `plans` and `quality` documents; a document of another format is measured again
-# (4: quality with the output head on its own grid, config.py).
-EXTRAS_FORMAT = 4
+# (4: quality with the output head on its own grid, runtime/weights.py; 5: plans of one width per block).
+EXTRAS_FORMAT = 5
 
 
 def measure_plan_quality(calibrated: CalibratedModel, plans: list[Plan], tokens: torch.Tensor

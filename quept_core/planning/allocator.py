@@ -1,12 +1,16 @@
-"""Mixed precision: the bit allocator over the quantized linears and its quality/cost front.
+"""Mixed precision: the bit allocator over the decoder blocks and its quality/cost front.
 
-Choose b_i for every linear i to minimise Σ S_i(b_i) subject to Σ cost_i(b_i) ≤ budget_bits × Σ numel_i,
-where cost_i(b) = numel_i × storage bits per weight (b bits plus a 16-bit scale and an 8-bit
-zero-point per group): a multiple-choice knapsack over linears only, weighted by parameter count
-(QuEPT A8 fixed). Costs are exact integers in bits; the dynamic programme runs them in units of
-their greatest common divisor, so "≤" holds exactly. One programme answers every budget: budgets
-come in hundredths of a bit (as `mixed:<budget>` names them), and the plan of every hundredth is read
-off the programme once, so its tables (about 50 MiB for SmolLM2-135M) are not kept.
+Choose b_k for every decoder block k, all its linears at that width, to minimise Σ S_i(b_k) over its
+linears subject to Σ cost_i(b_k) ≤ budget_bits × Σ numel_i, where cost_i(b) = numel_i × storage bits
+per weight (b bits plus a 16-bit scale and an 8-bit zero-point per group): a multiple-choice knapsack
+over blocks, weighted by parameter count (QuEPT A8 fixed). Blocks, not single linears, because
+calibration fits each block at one width at a time (block training, MB-ToMe): mixes inside a block are
+plans no block was fitted for, and the per-linear sensitivities, which add up errors measured one
+linear at a time, misjudged them (docs/benchmarks.md, "Mixed plans per block"). Costs are exact
+integers in bits; the dynamic programme runs them in units of their greatest common divisor, so "≤"
+holds exactly. One programme answers every budget: budgets come in hundredths of a bit (as
+`mixed:<budget>` names them), and the plan of every hundredth is read off the programme once, so its
+tables are not kept.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from functools import reduce
 import numpy as np
 
 from quept_core.config import BitConfig
-from quept_core.layers import linear_type
+from quept_core.layers import block_of, linear_type
 from quept_core.planning.bits import layer_storage_bits
 from quept_core.planning.plan import Plan
 from quept_core.planning.sensitivity import SensitivityTable
@@ -89,12 +93,27 @@ class FrontPoint:
         }
 
 
+def block_index(layers: tuple[str, ...]) -> np.ndarray:
+    """Each table row's decoder block, numbered 0.. in the order the blocks first appear."""
+    numbers: dict[int, int] = {}
+    return np.array([numbers.setdefault(block_of(name), len(numbers)) for name in layers], dtype=np.int64)
+
+
+def _block_sums(per_linear: np.ndarray, index: np.ndarray) -> np.ndarray:
+    sums = np.zeros((int(index.max()) + 1, per_linear.shape[1]), dtype=per_linear.dtype)
+    np.add.at(sums, index, per_linear)
+    return sums
+
+
 class Allocator:
     """Best plan for any budget of storage bits per weight, from one sensitivity table."""
 
     def __init__(self, table: SensitivityTable, bit_config: BitConfig):
         self.table = table
-        self.costs = cost_bits(table, bit_config)
+        self.block_index = block_index(table.layers)
+        # Per block and bit-width: the summed sensitivity and the exact cost in bits of its linears.
+        self.values = _block_sums(table.values, self.block_index)
+        self.costs = _block_sums(cost_bits(table, bit_config), self.block_index)
         self.total_weights = sum(table.shapes[name][0] * table.shapes[name][1] for name in table.layers)
         unit = reduce(math.gcd, self.costs.ravel().tolist())
         if int(self.costs.max(axis=1).sum()) // unit > MAX_UNITS:
@@ -110,11 +129,10 @@ class Allocator:
 
     def solve(self) -> tuple[int, np.ndarray]:
         """The picks of every budget in hundredths of a bit, from the cheapest plan's to the dearest's, and
-        the first such budget; computed on first use (about a second for SmolLM2-135M, which a server
-        spends in the background while it loads)."""
+        the first such budget; computed on first use (about 20 ms for SmolLM2-135M's 30 blocks)."""
         with self._lock:
             if self._plans is None:
-                best, choice = knapsack(self.table.values, self.unit_costs, self.capacity)
+                best, choice = knapsack(self.values, self.unit_costs, self.capacity)
                 budgets = range(math.floor(self.min_bits * 100), math.ceil(self.max_bits * 100) + 1)
                 capacities = np.array([self._capacity(h) for h in budgets])
                 reachable = np.isfinite(best[capacities])
@@ -124,7 +142,7 @@ class Allocator:
 
     @property
     def min_bits(self) -> float:
-        """The cheapest plan's storage bits per weight (every linear at the lowest bit-width)."""
+        """The cheapest plan's storage bits per weight (every block at the lowest bit-width)."""
         return float(self.unit_costs.min(axis=1).sum() * self.unit) / self.total_weights
 
     @property
@@ -143,12 +161,13 @@ class Allocator:
 
     def point(self, budget_bits: float) -> FrontPoint:
         picks = self._picks(budget_bits)
-        layer_bits = {name: self.table.bits[j] for name, j in zip(self.table.layers, picks, strict=True)}
-        rows = np.arange(len(picks))
+        choices = picks[self.block_index]  # every linear takes its block's pick
+        layer_bits = {name: self.table.bits[j] for name, j in zip(self.table.layers, choices, strict=True)}
+        blocks = np.arange(len(picks))
         return FrontPoint(
             Plan(Precision.mixed(budget_bits), layer_bits),
-            float(self.costs[rows, picks].sum()) / self.total_weights,
-            float(self.table.values[rows, picks].sum()),
+            float(self.costs[blocks, picks].sum()) / self.total_weights,
+            float(self.values[blocks, picks].sum()),
         )
 
     def plan(self, budget_bits: float) -> Plan:
@@ -162,7 +181,8 @@ class Allocator:
 
 
 def resolve_mixed(budget_bits: float, table: SensitivityTable, bit_config: BitConfig) -> Plan:
-    """The least-sensitive plan within `budget_bits` storage bits per weight, named `mixed:<budget>`."""
+    """The least-sensitive plan of one width per block within `budget_bits` storage bits per weight,
+    named `mixed:<budget>`."""
     return Allocator(table, bit_config).plan(budget_bits)
 
 

@@ -1,4 +1,5 @@
-"""The bit allocator: exact against brute force, within budget, and a monotone front."""
+"""The bit allocator: one width per decoder block, exact against brute force, within budget, and a monotone
+front."""
 
 import itertools
 import math
@@ -8,7 +9,14 @@ import pytest
 
 from quept_core.config import BitConfig
 from quept_core.planning import allocator as mixed
-from quept_core.planning.allocator import Allocator, backtrack, knapsack, pareto_front, resolve_mixed
+from quept_core.planning.allocator import (
+    Allocator,
+    backtrack,
+    block_index,
+    knapsack,
+    pareto_front,
+    resolve_mixed,
+)
 from quept_core.planning.bits import storage_bits
 from quept_core.planning.sensitivity import SensitivityTable
 from quept_core.precision import PrecisionError
@@ -16,10 +24,11 @@ from quept_core.precision import PrecisionError
 BIT_CONFIG = BitConfig()
 
 
-def toy_table(seed: int = 0, layers: int = 6) -> SensitivityTable:
+def toy_table(seed: int = 0, layers: int = 6, per_block: int = 1) -> SensitivityTable:
+    """`layers` linears, `per_block` of them in each decoder block."""
     rng = np.random.default_rng(seed)
     shapes = [(64, 64), (32, 64), (64, 128), (128, 64), (64, 64), (96, 128)][:layers]
-    names = tuple(f"model.layers.0.l{i}" for i in range(layers))
+    names = tuple(f"model.layers.{i // per_block}.l{i}" for i in range(layers))
     bits = BIT_CONFIG.bits
     # Sensitivity falls roughly 4x per extra bit, with per-layer scale and noise.
     values = np.array([[rng.uniform(0.5, 5) * 4.0 ** -(b - 3) * rng.uniform(0.7, 1.3) for b in bits]
@@ -68,6 +77,32 @@ def test_allocator_plan_is_the_brute_force_optimum_within_budget(seed):
         assert point.storage_bits == pytest.approx(storage_bits(point.plan, table.shapes, BIT_CONFIG))
 
 
+@pytest.mark.parametrize("seed", [0, 3])
+def test_every_linear_of_a_block_gets_the_blocks_width_the_brute_force_optimum_over_blocks(seed):
+    table = toy_table(seed, layers=6, per_block=2)
+    allocator = Allocator(table, BIT_CONFIG)
+    costs = mixed.cost_bits(table, BIT_CONFIG)
+    total = sum(o * i for o, i in table.shapes.values())
+    # Brute force over one width per block: the block's rows summed.
+    block_values = table.values.reshape(3, 2, -1).sum(1)
+    block_costs = costs.reshape(3, 2, -1).sum(1)
+    per_linear_optimum = []
+    for target in (3.6, 4.4, 5.3, 6.6, 7.5):
+        point = allocator.point(target)
+        widths = list(point.plan.layer_bits.values())
+        assert widths[0::2] == widths[1::2]  # the two linears of each block
+        expected, _ = brute_force(block_values, block_costs, target * total)
+        assert point.sensitivity == pytest.approx(expected)
+        assert point.storage_bits <= target
+        per_linear_optimum.append(brute_force(table.values, costs, target * total)[0] <= expected)
+    assert all(per_linear_optimum)  # one width per block can only cost sensitivity, never budget
+
+
+def test_blocks_are_numbered_in_the_order_they_first_appear():
+    names = ("model.layers.3.a", "model.layers.3.b", "model.layers.0.a", "model.layers.3.c")
+    assert block_index(names).tolist() == [0, 0, 1, 0]
+
+
 def test_coarse_cost_units_still_meet_the_budget(monkeypatch):
     monkeypatch.setattr(mixed, "MAX_UNITS", 500)
     table = toy_table(1)
@@ -82,6 +117,7 @@ def test_plans_are_kept_per_hundredth_of_a_bit_not_as_the_programme():
     allocator = Allocator(table, BIT_CONFIG)
     first, plans = allocator.solve()
     assert plans.dtype == np.int8 and plans.shape == (math.ceil(allocator.max_bits * 100) - first + 1, len(table.layers))
+    # (one linear per block here: a pick per block is a pick per linear)
     # a budget between hundredths gets the plan of the hundredth it is named after
     assert allocator.plan(4.567).name == "mixed:4.57"
     assert allocator.plan(4.567).layer_bits == allocator.plan(4.57).layer_bits != allocator.plan(4.52).layer_bits
