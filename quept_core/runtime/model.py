@@ -165,28 +165,16 @@ class CompactLlama:
         self.final_norm = weights.norm("model.norm").to(device, dtype)
         self.sites = [block_sites(i) for i in range(n)]
         self.embedding = None if self.tied else weights.dense(EMBEDDING).to(device, dtype)
-        # float32 tables of every position, as the native decode step reads them; the PyTorch passes convert
-        # the rows they use (holding a second copy in the compute dtype costs more memory than it saves time).
-        self.cos, self.sin = (t.to(device) for t in self._rope_tables(config))
+        # RoPE's inverse frequencies (float32 [head_dim / 2]) and attention scaling: each pass computes the
+        # angles of the positions it runs (a float32 table of every position held 4 MiB for 8,192 positions).
+        inv_freq, self.rope_scaling = _rope_frequencies(config, self.dims.head_dim)
+        self.inv_freq = inv_freq.to(device)
 
     @property
     def norm_bytes(self) -> int:
         norms = [*self.attn_norms, *self.mlp_norms, self.final_norm]
         embedding = 0 if self.embedding is None else self.embedding.numel() * self.embedding.element_size()
         return sum(t.numel() * t.element_size() for t in norms) + embedding
-
-    def _rope_tables(self, config) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sign-folded sin for every position, as transformers computes them (honours rope_scaling).
-
-        rotate_half(x) * sin == x.roll(d/2) * [-sin_1, sin_2], so the rotation is a roll and two products.
-        """
-        inv_freq, scaling = _rope_frequencies(config, self.dims.head_dim)
-        freqs = torch.arange(self.dims.max_positions, dtype=torch.float32)[:, None] * inv_freq[None, :]
-        angles = torch.cat([freqs, freqs], dim=-1)
-        cos, sin = angles.cos() * scaling, angles.sin() * scaling
-        half = self.dims.head_dim // 2
-        sin = torch.cat([-sin[:, :half], sin[:, half:]], dim=-1)
-        return cos.contiguous(), sin.contiguous()
 
     # ---- pieces shared by prefill and decode ----------------------------------------------------
 
@@ -220,8 +208,13 @@ class CompactLlama:
         return x + sites["down"](F.silu(gate) * up)
 
     def _rope_at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        cos, sin = (table[positions].to(self.dtype).unsqueeze(2) for table in (self.cos, self.sin))
-        return cos, sin  # [b, s, 1, d]
+        """cos and sign-folded sin at `positions` [b, s], as transformers computes them (float32 angles,
+        rope_scaling honoured): rotate_half(x) * sin == x.roll(d/2) * [-sin_1, sin_2], so the rotation is a
+        roll and two products. Returns [b, s, 1, d] in the compute dtype."""
+        angles = positions.to(torch.float32).unsqueeze(-1) * self.inv_freq
+        cos, sin = angles.cos() * self.rope_scaling, angles.sin() * self.rope_scaling
+        cos, sin = torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)
+        return cos.to(self.dtype).unsqueeze(2), sin.to(self.dtype).unsqueeze(2)
 
     def _head(self, layout: Layout, x: torch.Tensor) -> torch.Tensor:
         return layout.head(rms_norm(x, self.final_norm, self.dims.eps)).float()

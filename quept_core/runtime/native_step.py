@@ -52,7 +52,8 @@ class NativeStep:
         d = model.dims
         norms = [n.float().contiguous() for n in (*model.attn_norms, *model.mlp_norms, model.final_norm)]
         self._program = decode_program_class()(
-            [d.n_layers, d.hidden, d.ffn, d.n_heads, d.n_kv_heads, d.head_dim, d.vocab, max_rows], d.eps, norms, model.cos, model.sin)
+            [d.n_layers, d.hidden, d.ffn, d.n_heads, d.n_kv_heads, d.head_dim, d.vocab, max_rows], d.eps, norms,
+            model.inv_freq.float().contiguous(), model.rope_scaling)
         self._layers = d.n_layers
         self._ids: dict[int, int] = {}  # id(pack) -> the program's weight index
         self._packs: list[PackedWeight] = []  # keeps every pack alive while the program points into it

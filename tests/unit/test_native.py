@@ -1,6 +1,8 @@
 """The native kernels: bit planes on the vectorized path (this CPU's) and the portable path (other CPUs),
 and the dense bf16 kernel of the fp plan's decode step."""
 
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +12,15 @@ import torch
 
 from quept_core.quant.grid import quantize
 from quept_core.runtime.kernels.formats import PACK_REL_TOL, BitPlanes, Int4Packed, relative_error
-from quept_core.runtime.kernels.native import dense_gemv, planes_gemv
+from quept_core.runtime.kernels.native import decode_program_class, dense_gemv, planes_gemv
+
+
+def test_the_kernels_build_where_a_compiler_is_found():
+    """A server without its kernels falls back to dequantize-then-matmul with a warning, and every test
+    that needs them skips: so a kernel that no longer compiles must fail here, not pass as skipped tests."""
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        pytest.skip("no C++ compiler on PATH")
+    assert planes_gemv() is not None and decode_program_class() is not None
 
 
 @pytest.fixture(scope="module")

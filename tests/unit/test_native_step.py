@@ -61,11 +61,12 @@ def test_vectorized_attention_matches_the_pytorch_step(heads):
     tokens, logits = drain(native, arrivals)
     want_tokens, want_logits = drain(reference, arrivals)
     assert native.step_route == "native" and tokens == want_tokens
-    # The fp row runs bf16 weights and activations on both sides (0.5-0.8 % of the largest logit here);
-    # the w4 row's kernels take int8 activations per 64, whose error the 64x larger scores carry into the
-    # later tokens (up to 3.2 % by the eighth on a Zen 4 machine). A misplaced score moves the logits by
-    # a large part of the largest one.
-    bound = {0: 0.015, 1: 0.05}
+    # The fp row runs bf16 weights on both sides, bf16 activations and RoPE factors on the PyTorch side
+    # (0.8-1.5 % of the largest logit here: the 64x larger scores carry a one-ulp change of a float32
+    # cos from 1.41 to 1.51 % with one head); the w4 row's kernels take int8 activations per 64, whose
+    # error those scores carry into the later tokens (up to 3.2 % by the eighth on a Zen 4 machine). A
+    # misplaced score moves the logits by a large part of the largest one.
+    bound = {0: 0.02, 1: 0.05}
     for index in arrivals:
         for got, want in zip(logits[index], want_logits[index], strict=True):
             assert (got - want).abs().max() <= bound[index] * want.abs().max()

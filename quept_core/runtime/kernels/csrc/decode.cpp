@@ -67,15 +67,19 @@ class DecodeProgram : public torch::CustomClassHolder {
  public:
   // dims: n_layers, hidden, ffn, n_heads, n_kv_heads, head_dim, vocab, max_rows.
   // norms: the attention norms of every layer, then the MLP norms, then the final norm (float32).
-  DecodeProgram(std::vector<int64_t> dims, double eps, std::vector<at::Tensor> norms, at::Tensor cos, at::Tensor sin)
+  // inv_freq [head_dim / 2] and rope_scaling: RoPE's inverse frequencies and attention scaling (float32).
+  DecodeProgram(std::vector<int64_t> dims, double eps, std::vector<at::Tensor> norms, at::Tensor inv_freq,
+                double rope_scaling)
       : layers_(dims.at(0)), hidden_(dims.at(1)), ffn_(dims.at(2)), heads_(dims.at(3)), kv_heads_(dims.at(4)),
         head_dim_(dims.at(5)), vocab_(dims.at(6)), max_rows_(dims.at(7)), eps_(static_cast<float>(eps)),
-        norms_(std::move(norms)), cos_(cos.contiguous()), sin_(sin.contiguous()), sites_(layers_ * kRoles + 1) {
+        norms_(std::move(norms)), inv_freq_(inv_freq.contiguous()), rope_scaling_(static_cast<float>(rope_scaling)),
+        sites_(layers_ * kRoles + 1) {
     TORCH_CHECK(static_cast<int64_t>(norms_.size()) == 2 * layers_ + 1, "DecodeProgram: expected ", 2 * layers_ + 1,
                 " norms");
     for (const auto& t : norms_) TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous(), "norms: float32");
-    TORCH_CHECK(cos_.scalar_type() == at::kFloat && sin_.scalar_type() == at::kFloat, "rope tables: float32");
     TORCH_CHECK(head_dim_ % 2 == 0 && heads_ % kv_heads_ == 0, "DecodeProgram: bad head layout");
+    TORCH_CHECK(inv_freq_.scalar_type() == at::kFloat && inv_freq_.numel() == head_dim_ / 2, "inv_freq: float32 [",
+                head_dim_ / 2, "]");
     const auto f32 = at::TensorOptions().dtype(at::kFloat);
     const int64_t qkv = (heads_ + 2 * kv_heads_) * head_dim_, widest = std::max({qkv, 2 * ffn_, vocab_, hidden_});
     const int64_t deepest = std::max({hidden_, ffn_, heads_ * head_dim_});
@@ -94,6 +98,8 @@ class DecodeProgram : public torch::CustomClassHolder {
     lut_weights_ = at::empty({max_rows_, deepest / quept::kBlock * 8}, at::TensorOptions().dtype(at::kInt));
     sums_ = at::empty({max_rows_, deepest / quept::kChunk}, f32);
     bf16_in_ = at::empty({max_rows_, deepest}, at::TensorOptions().dtype(at::kBFloat16));
+    rope_cos_ = at::empty({max_rows_, head_dim_ / 2}, f32);
+    rope_sin_ = at::empty({max_rows_, head_dim_ / 2}, f32);
     scores_ = at::empty({0}, f32);
   }
 
@@ -179,11 +185,12 @@ class DecodeProgram : public torch::CustomClassHolder {
 
     float* x = x_.data_ptr<float>();
     embed(tokens, rows, x);
+    rope_angles(positions, rows);
     float* h = h_.data_ptr<float>();
     for (int64_t layer = 0; layer < layers_; ++layer) {
       rms_norm(x, norms_[layer].data_ptr<float>(), rows, h);
       run_site(layer * kRoles + kQkv, h, rows, hidden_, qkv_.data_ptr<float>(), qkv_.size(1));
-      rope(positions, rows);
+      rope(rows);
       attend(layer, positions, slots, rows, k_pool, v_pool);
       run_site(layer * kRoles + kO, attn_.data_ptr<float>(), rows, heads_ * head_dim_, delta_.data_ptr<float>(), hidden_);
       add_into(x, delta_.data_ptr<float>(), rows * hidden_);
@@ -310,22 +317,39 @@ class DecodeProgram : public torch::CustomClassHolder {
     }
   }
 
-  // RoPE on the q and k heads: x * cos + roll(x, d / 2) * sin (sin sign-folded, see runtime/model.py), in
-  // place, pairs (i, i + d / 2) at a time.
-  void rope(const std::vector<int64_t>& positions, int64_t rows) {
+  // Each row's RoPE cos and sin, once per step for every layer: angle = position * inv_freq[i], a float32
+  // product as the PyTorch passes form it (runtime/model.py), times the attention scaling. Computed, not
+  // read from a table of every position (4 MiB resident for 8,192 positions).
+  void rope_angles(const std::vector<int64_t>& positions, int64_t rows) {
+    const int64_t half = head_dim_ / 2;
+    const float* inv_freq = inv_freq_.data_ptr<float>();
+    float* c = rope_cos_.data_ptr<float>();
+    float* s = rope_sin_.data_ptr<float>();
+    for (int64_t m = 0; m < rows; ++m) {
+      const float position = static_cast<float>(positions[m]);
+      for (int64_t i = 0; i < half; ++i) {
+        const double angle = position * inv_freq[i];
+        c[m * half + i] = static_cast<float>(std::cos(angle)) * rope_scaling_;
+        s[m * half + i] = static_cast<float>(std::sin(angle)) * rope_scaling_;
+      }
+    }
+  }
+
+  // RoPE on the q and k heads, in place, pairs (i, i + d / 2) at a time: (a, b) -> (a cos - b sin, b cos + a sin).
+  void rope(int64_t rows) {
     const int64_t width = qkv_.size(1), half = head_dim_ / 2;
     float* qkv = qkv_.data_ptr<float>();
     for (int64_t m = 0; m < rows; ++m) {
-      const float* c = cos_.data_ptr<float>() + positions[m] * head_dim_;
-      const float* s = sin_.data_ptr<float>() + positions[m] * head_dim_;
+      const float* c = rope_cos_.data_ptr<float>() + m * half;
+      const float* s = rope_sin_.data_ptr<float>() + m * half;
       for (int64_t head = 0; head < heads_ + kv_heads_; ++head) {
         float* low = qkv + m * width + head * head_dim_;
         float* high = low + half;
 #pragma omp simd
         for (int64_t i = 0; i < half; ++i) {
           const float a = low[i], b = high[i];
-          low[i] = a * c[i] + b * s[i];
-          high[i] = b * c[half + i] + a * s[half + i];
+          low[i] = a * c[i] - b * s[i];
+          high[i] = b * c[i] + a * s[i];
         }
       }
     }
@@ -569,12 +593,13 @@ class DecodeProgram : public torch::CustomClassHolder {
   int64_t layers_, hidden_, ffn_, heads_, kv_heads_, head_dim_, vocab_, max_rows_;
   float eps_;
   std::vector<at::Tensor> norms_;
-  at::Tensor cos_, sin_;
+  at::Tensor inv_freq_;
+  float rope_scaling_;
   std::vector<std::vector<Part>> sites_;
   std::vector<Part> embedding_;
   std::vector<Weight> weights_;
   std::vector<at::Tensor> keep_;  // the storage the weights point into
-  at::Tensor x_, h_, qkv_, attn_, gate_up_, act_, delta_, gathered_in_, gathered_out_, quantized_, steps_, lut_weights_, sums_, bf16_in_, scores_;
+  at::Tensor x_, h_, qkv_, attn_, gate_up_, act_, delta_, gathered_in_, gathered_out_, quantized_, steps_, lut_weights_, sums_, bf16_in_, scores_, rope_cos_, rope_sin_;
 };
 
 }  // namespace
@@ -585,7 +610,7 @@ class DecodeProgram : public torch::CustomClassHolder {
 
 TORCH_LIBRARY_FRAGMENT(QUEPT_OPS, m) {
   m.class_<DecodeProgram>("DecodeProgram")
-      .def(torch::init<std::vector<int64_t>, double, std::vector<at::Tensor>, at::Tensor, at::Tensor>())
+      .def(torch::init<std::vector<int64_t>, double, std::vector<at::Tensor>, at::Tensor, double>())
       .def("add_planes", &DecodeProgram::add_planes)
       .def("add_lut", &DecodeProgram::add_lut)
       .def("add_dense", &DecodeProgram::add_dense)
