@@ -47,7 +47,7 @@ if TYPE_CHECKING:  # only the first start, which writes the store, has transform
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 3  # 2: scales rounded to float16 values (quant/grid.py); 3: the head on its own grid (config.py)
+FORMAT_VERSION = 3  # 2: scales rounded to float16 values (quant/grid.py); 3: the head on its own grid (runtime/weights.py)
 MANIFEST = "manifest.json"
 DENSE = "dense.safetensors"
 TOKENIZER = "tokenizer"

@@ -86,7 +86,6 @@ def test_every_linear_of_a_block_gets_the_blocks_width_the_brute_force_optimum_o
     # Brute force over one width per block: the block's rows summed.
     block_values = table.values.reshape(3, 2, -1).sum(1)
     block_costs = costs.reshape(3, 2, -1).sum(1)
-    per_linear_optimum = []
     for target in (3.6, 4.4, 5.3, 6.6, 7.5):
         point = allocator.point(target)
         widths = list(point.plan.layer_bits.values())
@@ -94,8 +93,6 @@ def test_every_linear_of_a_block_gets_the_blocks_width_the_brute_force_optimum_o
         expected, _ = brute_force(block_values, block_costs, target * total)
         assert point.sensitivity == pytest.approx(expected)
         assert point.storage_bits <= target
-        per_linear_optimum.append(brute_force(table.values, costs, target * total)[0] <= expected)
-    assert all(per_linear_optimum)  # one width per block can only cost sensitivity, never budget
 
 
 def test_blocks_are_numbered_in_the_order_they_first_appear():
@@ -116,8 +113,8 @@ def test_plans_are_kept_per_hundredth_of_a_bit_not_as_the_programme():
     table = toy_table(0)
     allocator = Allocator(table, BIT_CONFIG)
     first, plans = allocator.solve()
+    # one linear per block here: a pick per block is a pick per linear
     assert plans.dtype == np.int8 and plans.shape == (math.ceil(allocator.max_bits * 100) - first + 1, len(table.layers))
-    # (one linear per block here: a pick per block is a pick per linear)
     # a budget between hundredths gets the plan of the hundredth it is named after
     assert allocator.plan(4.567).name == "mixed:4.57"
     assert allocator.plan(4.567).layer_bits == allocator.plan(4.57).layer_bits != allocator.plan(4.52).layer_bits
