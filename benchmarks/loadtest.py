@@ -201,8 +201,10 @@ async def run_level(url: str, concurrency: int, total: int, max_new_tokens: int,
                     continue
                 shed = response.status_code == 503 and "retry-after" in response.headers
                 if shed or response.status_code == 422:
-                    result.rejected += shed
-                    result.invalid += not shed
+                    if shed:
+                        result.rejected += 1
+                    else:
+                        result.invalid += 1
                     result.records.append({"level": concurrency, "sent_at_s": round(sent_at - started, 3),
                                            "requested": body["precision"], "budget_ms": body.get("latency_budget_ms"),
                                            "refused": response.status_code,

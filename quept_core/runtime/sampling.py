@@ -10,7 +10,7 @@ penalty and no log-probabilities, is one argmax on the device and one transfer o
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -65,7 +65,7 @@ class Sampler:
 
     def add(self, slot: int, params: SamplingParams, prompt_ids: list[int]) -> None:
         check_sampling(params)
-        self.params[slot] = params
+        self.params[slot] = params = _within_bounds(params)
         sampled = params.temperature > 0
         self.generators[slot] = (torch.Generator(device=self.device).manual_seed(params.seed)
                                  if sampled and params.seed is not None else None)
@@ -84,7 +84,7 @@ class Sampler:
         self._order = list(slots)
         params = [self.params[s] for s in slots]
         self._plain = all(p.temperature == 0 and p.repetition_penalty == 1.0 and p.logprobs is None for p in params)
-        penalties = [_bounded(p.repetition_penalty) for p in params]
+        penalties = [p.repetition_penalty for p in params]
         self._penalty = None
         if any(p != 1.0 for p in penalties):
             self._penalty = torch.tensor(penalties, device=self.device).unsqueeze(1)
@@ -95,7 +95,7 @@ class Sampler:
         params, raw = self.params[slot], logits[0]
         row = raw
         if params.repetition_penalty != 1.0:
-            row = torch.where(self.seen[slot], _penalised(raw, _bounded(params.repetition_penalty)), raw)
+            row = torch.where(self.seen[slot], _penalised(raw, params.repetition_penalty), raw)
         choice = self._choose(row, raw, slot)
         if params.repetition_penalty != 1.0:
             self.seen[slot, choice.token_id] = True
@@ -120,15 +120,18 @@ class Sampler:
         if params.temperature == 0:
             token = int(logits.argmax())
         else:
-            logits = _filtered(logits / max(params.temperature, MIN_TEMPERATURE), params)
+            logits = _filtered(logits / params.temperature, params)
             token = int(torch.multinomial(logits.softmax(-1), 1, generator=self.generators[slot])[0])
         if params.logprobs is None:
             return Choice(token)
         return Choice(token, *_logprobs(raw, token, params.logprobs))
 
 
-def _bounded(penalty: float) -> float:
-    return min(max(penalty, 1 / PENALTY_LIMIT), PENALTY_LIMIT)
+def _within_bounds(params: SamplingParams) -> SamplingParams:
+    """`params` with the temperature (when sampling) and the repetition penalty inside the bounds above."""
+    penalty = min(max(params.repetition_penalty, 1 / PENALTY_LIMIT), PENALTY_LIMIT)
+    temperature = max(params.temperature, MIN_TEMPERATURE) if params.temperature > 0 else params.temperature
+    return replace(params, repetition_penalty=penalty, temperature=temperature)
 
 
 def _penalised(logits: torch.Tensor, penalty: torch.Tensor | float) -> torch.Tensor:
